@@ -1,0 +1,46 @@
+# The two commands a user needs are `make demo` and `make test`; the rest are their parts.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+VENV = $$(hack/venv.sh)
+PY = $(VENV)/bin/python
+STACK_DIR ?= $(CURDIR)/.stack
+export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
+
+.PHONY: demo test test-unit lint crds stack-build stack-up stack-down venv bench
+
+venv:
+	@hack/venv.sh >/dev/null
+
+stack-build:
+	@hack/build-stack.sh
+
+stack-up: stack-build venv
+	@$(PY) hack/localstack.py up --dir $(STACK_DIR)
+
+stack-down:
+	@python3 hack/localstack.py down --dir $(STACK_DIR)
+
+crds: venv
+	@$(PY) hack/gen_crd.py
+
+lint: venv
+	@py=$(PY); bin=$$(dirname $$py); \
+	$$bin/ruff check operator jobs tests hack bench && \
+	$$bin/ruff format --check operator jobs tests hack bench && \
+	$$bin/mypy && \
+	$$bin/lint-imports && \
+	$$py hack/gen_crd.py --check
+
+test-unit: venv
+	@$(PY) -m pytest -m unit -q
+
+# Everything from a fresh machine: Go programs and Python wheels are cached outside the clone.
+test: stack-build venv
+	@$(MAKE) --no-print-directory lint
+	@$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected" >&2; exit 1; }; exit $$rc
+
+demo: stack-build venv
+	@$(PY) hack/demo.py --dir $(STACK_DIR)
+
+bench: venv
+	@$(PY) bench/bench_packing.py && $(PY) bench/bench_data_pipeline.py

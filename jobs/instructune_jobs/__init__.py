@@ -1,0 +1,1 @@
+"""instructune tuning job."""

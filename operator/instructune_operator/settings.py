@@ -1,0 +1,74 @@
+"""Operator settings: what the platform team decides (GPU pools, images, endpoints, namespaces).
+
+Loaded from a YAML file (INSTRUCTUNE_SETTINGS, the Helm chart mounts one) with a few environment
+overrides; tenants only name a pool, they never set node selectors or tolerations themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Toleration(_Model):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class GpuPool(_Model):
+    """A set of nodes with one GPU type that tunes may name in spec.resources.gpuPool."""
+
+    node_selector: dict[str, str]
+    tolerations: list[Toleration] = Field(default_factory=list)
+    gpu_resource: str = "nvidia.com/gpu"
+    gpus_per_node: int = Field(default=8, ge=0)
+    max_workers: int = Field(default=16, ge=1)
+    cpus_per_node: int = Field(default=64, ge=1)
+    gpu_product: str | None = None
+
+
+class Settings(_Model):
+    pools: dict[str, GpuPool] = Field(default_factory=dict)
+    ray_image: str = "rayproject/ray:2.60.0-py311-gpu"
+    serving_image: str = "vllm/vllm-openai:v0.33.0"
+    s3_endpoint: str | None = None
+    # When set, jobs are submitted here instead of the RayCluster's head service: the local
+    # stack points it at its local Ray head, since a Ray cluster on fake nodes never runs.
+    ray_address_override: str | None = None
+    namespaces: list[str] = Field(default_factory=list, description="Watched namespaces; empty means all.")
+    delete_cluster_after_finish: bool = True
+    default_serving_runtime: Literal["vllm", "ray-serve"] = "vllm"
+
+
+ENV_OVERRIDES = {
+    "INSTRUCTUNE_S3_ENDPOINT": "s3_endpoint",
+    "INSTRUCTUNE_RAY_ADDRESS": "ray_address_override",
+    "INSTRUCTUNE_RAY_IMAGE": "ray_image",
+}
+
+
+def parse_settings(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+    settings = Settings.model_validate(dict(data))
+    updates: dict[str, Any] = {field: env[var] for var, field in ENV_OVERRIDES.items() if env.get(var)}
+    if env.get("INSTRUCTUNE_NAMESPACES"):
+        updates["namespaces"] = [n.strip() for n in env["INSTRUCTUNE_NAMESPACES"].split(",") if n.strip()]
+    return settings.model_copy(update=updates)
+
+
+def load_settings(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    path = path or env.get("INSTRUCTUNE_SETTINGS")
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    return parse_settings(data or {}, env)
