@@ -160,7 +160,7 @@ class TrainingSpec(Model):
             ]
         }
     )
-    epochs: float | None = Field(default=None, gt=0, le=1000, description="Passes over the training mix.")
+    epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the training mix.")
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs when set.")
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(

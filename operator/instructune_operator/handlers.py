@@ -8,11 +8,19 @@ from typing import Any
 import kopf
 
 from instructune_operator.api import GROUP, PLURAL, VERSION
-from instructune_operator.clock import now_rfc3339
-from instructune_operator.reconcile import Outcome, reconcile_tune
+from instructune_operator.clients.kube import Kube
+from instructune_operator.reconcile import Clients, Outcome, reconcile_tune, release_tune
 from instructune_operator.settings import Settings, load_settings
 
 SETTINGS: Settings = load_settings()
+_clients: Clients | None = None
+
+
+def clients() -> Clients:
+    global _clients
+    if _clients is None:
+        _clients = Clients(Kube(), SETTINGS)
+    return _clients
 
 
 @kopf.on.startup(id="configure")
@@ -20,8 +28,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Kopf's own bookkeeping goes to annotations: the status schema is ours and structural.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/cleanup"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 120
+    settings.execution.max_workers = 8
 
 
 def _write(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
@@ -35,4 +45,17 @@ def _write(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-create")
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-update", field="spec")
 def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _write(reconcile_tune(dict(body), SETTINGS, now_rfc3339()), body, patch)
+    _write(reconcile_tune(dict(body), clients()), body, patch)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, id="reconcile-timer", interval=SETTINGS.reconcile_interval_seconds,
+            initial_delay=SETTINGS.reconcile_interval_seconds)
+def reconcile_periodically(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    _write(reconcile_tune(dict(body), clients()), body, patch)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, id="release")
+def release(body: kopf.Body, **_: Any) -> None:
+    # Children go with the tune through their owner references; what they cannot take along
+    # (a job on a shared Ray head, artifacts when asked) is released here.
+    release_tune(dict(body), clients())

@@ -1,13 +1,33 @@
-"""Observe -> build -> apply -> compute status: the one module that mixes pure logic with I/O."""
+"""Observe -> decide -> act: the one module that mixes pure logic with I/O.
+
+Level-based: every pass reads the world, asks the pure `lifecycle.decide` what should be, applies
+that (server-side apply of deterministic children, an idempotent job submission) and returns the
+status keys that changed. Running a pass twice, or after an operator restart, changes nothing.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import shlex
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from instructune_operator.api import API_VERSION, KIND, InstructionTuneSpec
+from instructune_operator.builders.children import build_config_map, build_job_identity, build_ray_cluster
+from instructune_operator.builders.train_config import build_train_config
+from instructune_operator.clients.kube import Kube
+from instructune_operator.clients.ray_jobs import RayJobs
+from instructune_operator.lifecycle import Decision, Observation, decide
+from instructune_operator.naming import job_identity_name, ray_cluster_name
 from instructune_operator.settings import Settings
-from instructune_operator.status import compute_validation_status, status_changes, transitions
+from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
+
+log = logging.getLogger(__name__)
+TOKEN_SECONDS = 48 * 3600
 
 
 @dataclass
@@ -18,13 +38,152 @@ class Outcome:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
 
 
-def reconcile_tune(body: dict[str, Any], settings: Settings, now: str) -> Outcome:
-    old_status: dict[str, Any] = dict(body.get("status") or {})
-    generation = body.get("metadata", {}).get("generation")
-    _, errors = validate_spec(dict(body.get("spec") or {}), settings)
-    new_status = compute_validation_status(old_status, generation, errors, now)
+class Clients:
+    """The I/O a pass needs; one per operator process (Ray clients cached per address)."""
+
+    def __init__(self, kube: Kube, settings: Settings) -> None:
+        self.kube, self.settings = kube, settings
+        self._ray: dict[str, RayJobs] = {}
+
+    def ray(self, address: str) -> RayJobs:
+        if address not in self._ray:
+            self._ray[address] = RayJobs(address)
+        return self._ray[address]
+
+
+def ray_address(settings: Settings, namespace: str, tune: str) -> str:
+    if settings.ray_address_override:
+        return settings.ray_address_override
+    return f"http://{ray_cluster_name(tune)}-head-svc.{namespace}.svc:8265"
+
+
+def observe(body: dict[str, Any], clients: Clients, now: datetime) -> Observation:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    status = dict(body.get("status") or {})
+    spec, errors = validate_spec(dict(body.get("spec") or {}), clients.settings)
+    if spec is not None:
+        errors = _train_config_errors(spec, meta)
+    spec = spec if not errors else None
+    obs: dict[str, Any] = {}
+    if spec is not None:
+        kube = clients.kube
+        obs["cluster"] = kube.get("ray.io/v1", "RayCluster", ns, ray_cluster_name(name))
+        if obs["cluster"] is not None and obs["cluster"].get("status", {}).get("state") != "ready":
+            obs["pods"] = kube.list("v1", "Pod", ns, f"ray.io/cluster={ray_cluster_name(name)}")
+        job_id = status.get("jobId")
+        if job_id:
+            ray = clients.ray(ray_address(clients.settings, ns, name))
+            try:
+                info = ray.get(job_id)
+            except Exception as err:  # the head may be starting or gone; the next pass looks again
+                log.info("Ray job %s not observable yet: %s", job_id, err)
+                info = None
+                obs["job_status"] = "RUNNING" if status.get("phase") in ("Training", "Evaluating") else None
+            if info is not None:
+                obs["job_status"], obs["job_message"] = info.status, info.message
+                if info.status in ("FAILED", "STOPPED"):
+                    obs["job_log_tail"] = ray.logs_tail(job_id)
+        if status.get("phase") == "Deploying":
+            from instructune_operator.serving import observe_serving
+
+            obs["serving_ready_replicas"] = observe_serving(clients, body, spec)
+    return Observation(
+        namespace=ns, name=name, uid=meta["uid"], generation=meta.get("generation"), spec=spec,
+        spec_errors=errors, status=status, now=now, **obs,
+    )
+
+
+def _train_config_errors(spec: InstructionTuneSpec, meta: dict[str, Any]) -> list[str]:
+    try:
+        build_train_config(spec, meta["namespace"], meta["name"], meta["uid"], 1)
+    except ValueError as err:
+        return [f"spec: {err}"]
+    return []
+
+
+def act(decision: Decision, body: dict[str, Any], clients: Clients) -> None:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    spec = InstructionTuneSpec.model_validate(body["spec"])
+    kube, settings = clients.kube, clients.settings
+    address = ray_address(settings, ns, name)
+    if decision.stop_job:
+        clients.ray(address).stop(decision.stop_job)
+    if decision.ensure_children:
+        config = build_train_config(spec, ns, name, meta["uid"], max(decision.attempt, 1))
+        for manifest in [*build_job_identity(meta), build_config_map(meta, config), build_ray_cluster(meta, spec, settings)]:
+            kube.apply(manifest)
+        decision.status["rayCluster"] = {"name": ray_cluster_name(name), "dashboardUrl": address}
+    if decision.submit:
+        config = build_train_config(spec, ns, name, meta["uid"], decision.attempt)
+        entrypoint = f"python -m instructune_jobs --config-json {shlex.quote(config.to_json())}"
+        clients.ray(address).submit(
+            decision.submit, entrypoint, env_vars=_job_env(clients, ns, name),
+            metadata={"tune": f"{ns}/{name}", "attempt": str(decision.attempt)},
+        )
+    if decision.deploy:
+        from instructune_operator.serving import apply_serving
+
+        decision.status["serving"] = {**(decision.status.get("serving") or {}), **apply_serving(clients, body, spec)}
+    if decision.delete_cluster:
+        kube.delete("ray.io/v1", "RayCluster", ns, ray_cluster_name(name))
+    if decision.delete_tune:
+        kube.delete(API_VERSION, KIND, ns, name)
+
+
+def _job_env(clients: Clients, namespace: str, name: str) -> dict[str, str]:
+    """Non-secret environment of the job. In a cluster the pods carry credentials (secretKeyRef) and
+    the tune's ServiceAccount token; a job on the local stack's Ray head gets a token file instead."""
+    env: dict[str, str] = {"INSTRUCTUNE_TUNE": f"{namespace}/{name}"}
+    settings = clients.settings
+    if settings.s3_endpoint:
+        env.update(INSTRUCTUNE_S3_ENDPOINT=settings.s3_endpoint, AWS_ENDPOINT_URL=settings.s3_endpoint)
+    if settings.local_job_identity_dir:
+        token = clients.kube.request_token(namespace, job_identity_name(name), TOKEN_SECONDS)
+        folder = Path(settings.local_job_identity_dir)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token_file = folder / f"{namespace}.{name}.token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
+        env.update(INSTRUCTUNE_K8S_SERVER=clients.kube.server, INSTRUCTUNE_K8S_TOKEN_FILE=str(token_file))
+        if clients.kube.ca_file:
+            env["INSTRUCTUNE_K8S_CA_FILE"] = os.path.abspath(clients.kube.ca_file)
+    return env
+
+
+def reconcile_tune(body: dict[str, Any], clients: Clients, now: datetime | None = None) -> Outcome:
+    now = now or datetime.now(UTC)
+    obs = observe(body, clients, now)
+    decision = decide(obs, cleanup_cluster=clients.settings.delete_cluster_after_finish)
+    if obs.spec is not None:
+        act(decision, body, clients)
+    old = obs.status
+    new = decision.status
     events = [
-        ("Normal" if c["status"] == "True" else "Warning", c["reason"], f"{c['type']}={c['status']}: {c['message']}")
-        for c in transitions(old_status, new_status)
+        ("Normal" if c["status"] == "True" or c["reason"] in ("Submitted", "Completed") else "Warning",
+         c["reason"], f"{c['type']}={c['status']}: {c['message']}")
+        for c in transitions(old, new)
     ]
-    return Outcome(status_patch=status_changes(old_status, new_status), events=events)
+    if old.get("phase") != new.get("phase"):
+        events.append(("Normal", "Phase", f"phase {old.get('phase') or 'None'} -> {new.get('phase')}"))
+    return Outcome(status_patch=status_changes(old, new), events=events)
+
+
+
+def release_tune(body: dict[str, Any], clients: Clients) -> None:
+    meta, status = body["metadata"], body.get("status") or {}
+    job_id = status.get("jobId")
+    if job_id:
+        try:
+            clients.ray(ray_address(clients.settings, meta["namespace"], meta["name"])).stop(job_id)
+        except Exception as err:  # the cluster may already be gone with the job
+            log.info("could not stop Ray job %s on delete: %s", job_id, err)
+    if clients.settings.local_job_identity_dir:
+        Path(clients.settings.local_job_identity_dir, f"{meta['namespace']}.{meta['name']}.token").unlink(
+            missing_ok=True
+        )
+    if (body.get("spec") or {}).get("deleteArtifactsOnDelete"):
+        from instructune_operator.clients.s3 import delete_prefix
+
+        delete_prefix(body["spec"]["checkpointing"]["uri"])

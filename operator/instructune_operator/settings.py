@@ -47,7 +47,13 @@ class Settings(_Model):
     # When set, jobs are submitted here instead of the RayCluster's head service: the local
     # stack points it at its local Ray head, since a Ray cluster on fake nodes never runs.
     ray_address_override: str | None = None
+    # The local stack's jobs run on a Ray head outside any pod, so they get the tune's
+    # ServiceAccount token as a file here instead of a projected volume.
+    local_job_identity_dir: str | None = None
     namespaces: list[str] = Field(default_factory=list, description="Watched namespaces; empty means all.")
+    reconcile_interval_seconds: float = Field(default=3.0, gt=0)
+    # Port of Ray Serve's HTTP proxy for runtime ray-serve (the embedded local serving).
+    ray_serve_http_port: int = 8000
     delete_cluster_after_finish: bool = True
     default_serving_runtime: Literal["vllm", "ray-serve"] = "vllm"
 
@@ -56,6 +62,8 @@ ENV_OVERRIDES = {
     "INSTRUCTUNE_S3_ENDPOINT": "s3_endpoint",
     "INSTRUCTUNE_RAY_ADDRESS": "ray_address_override",
     "INSTRUCTUNE_RAY_IMAGE": "ray_image",
+    "INSTRUCTUNE_LOCAL_JOB_IDENTITY_DIR": "local_job_identity_dir",
+    "INSTRUCTUNE_RAY_SERVE_HTTP_PORT": "ray_serve_http_port",
 }
 
 

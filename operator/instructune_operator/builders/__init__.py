@@ -1,0 +1,1 @@
+"""Pure builders: a tune and the operator settings in, Kubernetes manifests out."""

@@ -1,0 +1,933 @@
+#!/usr/bin/env python3
+"""The local stack: real upstream programs started on 127.0.0.1, no containers.
+
+    python hack/localstack.py up|down|status [--dir DIR]
+
+Starts etcd, kube-apiserver (TLS, RBAC), kube-controller-manager, kube-scheduler, KWOK (fake GPU
+and CPU nodes), the KubeRay operator with its CRDs, MinIO with the project's buckets, and a local Ray
+head. Every process runs in its own process group; its pid is recorded in ``<dir>/stack.json`` and
+``down`` stops exactly those processes (and their descendants), never anything found by name.
+
+Files in the state dir: ``kubeconfig`` (admin), ``env`` (shell-sourceable; the only place the MinIO
+credentials are written), ``stack.json`` (ports, pids, paths), ``logs/<component>.log``.
+Programs come from ``hack/build-stack.sh`` (run automatically when one is missing); ``ray`` comes from
+the project's virtual environment (``hack/venv.sh``). Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HACK = Path(__file__).resolve().parent
+REPO = HACK.parent
+DEFAULT_DIR = REPO / ".stack"
+CACHE = Path(os.environ.get("INSTRUCTUNE_CACHE", str(Path.home() / ".cache" / "instructune")))
+HOST = "127.0.0.1"
+SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_IP = "10.96.0.1"
+REGION = "us-east-1"
+BUCKETS = ("models", "datasets", "artifacts")
+POOL_LABEL = "instructune.io/pool"
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+STOP_GRACE_S = 10.0
+# State-dir entries that `up` owns and may delete; nothing else in the directory is touched.
+OWNED_ENTRIES = ("etcd", "minio", "pki", "logs", "kwok", "bin", "kubeconfig", "env", "stack.json")
+
+
+class StackError(RuntimeError):
+    """A component failed to start or the state dir is in a state `up` cannot handle."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    nodes: int
+    cpu: str
+    memory: str
+    gpus: int = 0
+    gpu_product: str = ""
+    gpu_memory_mib: int = 0
+
+
+POOLS = (
+    Pool("a100-80g", 2, cpu="96", memory="1Ti", gpus=8, gpu_product="NVIDIA-A100-SXM4-80GB", gpu_memory_mib=81920),
+    Pool("l4", 2, cpu="16", memory="64Gi", gpus=1, gpu_product="NVIDIA-L4", gpu_memory_mib=23034),
+    Pool("cpu", 2, cpu="32", memory="128Gi"),
+)
+
+# program name -> (build-stack.sh component, versions.env key)
+PROGRAMS = {
+    "etcd": ("etcd", "ETCD_VERSION"),
+    "kube-apiserver": ("kubernetes", "K8S_VERSION"),
+    "kube-controller-manager": ("kubernetes", "K8S_VERSION"),
+    "kube-scheduler": ("kubernetes", "K8S_VERSION"),
+    "kubectl": ("kubernetes", "K8S_VERSION"),
+    "kwok": ("kwok", "KWOK_VERSION"),
+    "kuberay-operator": ("kuberay", "KUBERAY_VERSION"),
+    "minio": ("minio", "MINIO_VERSION"),
+}
+
+
+@dataclass
+class Proc:
+    """One started process: enough to find it again and to know it is still the same process."""
+
+    name: str
+    pid: int
+    start_ticks: int
+    log: str
+    argv: list[str] = field(default_factory=list)
+
+
+def log(msg: str) -> None:
+    print(f"localstack: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Programs
+
+
+def versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in (HACK / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def program(name: str) -> Path:
+    return CACHE / "bin" / f"{name}-{versions()[PROGRAMS[name][1]]}"
+
+
+def ensure_programs() -> None:
+    """Builds (once, cached outside the clone) every pinned program that is missing."""
+    missing = sorted({PROGRAMS[n][0] for n in PROGRAMS if not os.access(program(n), os.X_OK)})
+    if missing:
+        log(f"building missing programs ({' '.join(missing)}) with hack/build-stack.sh ...")
+        rc = subprocess.run(["bash", str(HACK / "build-stack.sh"), *missing], check=False).returncode
+        if rc != 0:
+            raise StackError(f"hack/build-stack.sh {' '.join(missing)} failed (exit {rc}); see its output above")
+
+
+def ray_program() -> Path:
+    """`ray` from this interpreter's environment, $INSTRUCTUNE_VENV, or the project venv (hack/venv.sh)."""
+    candidates = [Path(sys.executable).parent / "ray"]
+    if os.environ.get("INSTRUCTUNE_VENV"):
+        candidates.append(Path(os.environ["INSTRUCTUNE_VENV"]) / "bin" / "ray")
+    for c in candidates:
+        if os.access(c, os.X_OK):
+            return c
+    log("no `ray` next to this interpreter: locating the project venv with hack/venv.sh ...")
+    res = subprocess.run(["bash", str(HACK / "venv.sh")], stdout=subprocess.PIPE, text=True, check=False)
+    venv_ray = Path(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "/nonexistent") / "bin" / "ray"
+    if res.returncode != 0 or not os.access(venv_ray, os.X_OK):
+        raise StackError("ray: no `ray` program found (hack/venv.sh failed or the venv lacks ray)")
+    return venv_ray
+
+
+def crd_dir() -> Path:
+    """KubeRay's CRDs, read from the Go module cache (never copied into the repository)."""
+    gomodcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=False)
+    base = Path(gomodcache.stdout.strip() or Path.home() / "go" / "pkg" / "mod")
+    d = base / f"github.com/ray-project/kuberay/ray-operator@{versions()['KUBERAY_VERSION']}/config/crd/bases"
+    if not d.is_dir():
+        raise StackError(f"kuberay CRDs: {d} not found (hack/build-stack.sh kuberay fetches the module)")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) of a live process, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def alive(p: Proc) -> bool:
+    """True while the recorded process runs (a zombie or a reused pid counts as gone)."""
+    _reap(p.pid)
+    st = _stat(p.pid)
+    return st is not None and st[0] not in ("Z", "X") and st[1] == p.start_ticks
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+            kids.setdefault(ppid, []).append(int(entry.name))
+    return kids
+
+
+def descendants(pids: Sequence[int]) -> list[Proc]:
+    """Every live descendant of the given pids, with its start time (so a later kill hits only it)."""
+    kids, out, todo = _children_map(), [], list(pids)
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            st = _stat(child)
+            if st is not None:
+                out.append(Proc("descendant", child, st[1], ""))
+                todo.append(child)
+    return out
+
+
+def start(name: str, argv: list[str], state_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    logfile = logs / f"{name}.log"
+    with logfile.open("ab") as out:
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=state_dir,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    st = _stat(popen.pid)
+    proc = Proc(name, popen.pid, st[1] if st else 0, str(logfile), argv)
+    # Keep the Popen object alive: its destructor must not warn, and `alive` reaps it when it exits.
+    _POPENS.append(popen)
+    return proc
+
+
+_POPENS: list[subprocess.Popen[bytes]] = []
+
+
+def tail(path: str | Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def failure(component: str, reason: str, logfile: str | Path) -> StackError:
+    return StackError(f"{component}: {reason}\n--- last lines of {logfile} ---\n{tail(logfile)}")
+
+
+def stop(procs: Sequence[Proc], grace_s: float = STOP_GRACE_S) -> list[Proc]:
+    """SIGTERM each process group and every descendant, SIGKILL after the grace period.
+
+    Returns the processes still alive at the end (expected: none)."""
+    live = [p for p in procs if alive(p)]
+    targets = live + descendants([p.pid for p in live])
+    for p in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if p in live:
+                os.killpg(p.pid, signal.SIGTERM)  # started with start_new_session: pgid == pid
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(alive(p) for p in targets):
+        time.sleep(0.1)
+    for p in targets:
+        if alive(p):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if p in live:
+                    os.killpg(p.pid, signal.SIGKILL)
+                os.kill(p.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in targets):
+        time.sleep(0.1)
+    return [p for p in targets if alive(p)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Waiting
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 3.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def insecure_ctx() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def admin_ctx(state_dir: Path) -> ssl.SSLContext:
+    pki = state_dir / "pki"
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    return ctx
+
+
+def wait_until(component: str, proc: Proc | None, check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Polls `check` until it is true; fails naming the component (with its log tail) on timeout or exit."""
+    deadline = time.monotonic() + timeout_s
+    last_err = ""
+    while True:
+        if proc is not None and not alive(proc):
+            raise failure(component, f"exited while waiting for {what}", proc.log)
+        try:
+            if check():
+                return
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            last_err = f" (last error: {e})"
+        if time.monotonic() > deadline:
+            logfile = proc.log if proc else "(no log)"
+            raise failure(component, f"not ready after {timeout_s:.0f}s waiting for {what}{last_err}", logfile)
+        time.sleep(0.25)
+
+
+def http_ok(url: str, ctx: ssl.SSLContext | None = None, expect: bytes | None = None) -> Callable[[], bool]:
+    def check() -> bool:
+        status, body = http_get(url, ctx)
+        return status == 200 and (expect is None or expect in body)
+
+    return check
+
+
+# ---------------------------------------------------------------------------------------------------
+# Certificates (openssl CLI; ECDSA P-256)
+
+
+def _openssl(*args: str, stdin: bytes | None = None) -> bytes:
+    res = subprocess.run(["openssl", *args], input=stdin, capture_output=True, check=False)
+    if res.returncode != 0:
+        raise StackError(f"pki: openssl {args[0]} failed: {res.stderr.decode(errors='replace')}")
+    return res.stdout
+
+
+def _key(path: Path) -> None:
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path))
+    path.chmod(0o600)
+
+
+def _sign(pki: Path, name: str, subject: str, ext: str) -> tuple[Path, Path]:
+    key, crt, extfile = pki / f"{name}.key", pki / f"{name}.crt", pki / f"{name}.ext"
+    _key(key)
+    csr = _openssl("req", "-new", "-key", str(key), "-subj", subject)
+    extfile.write_text(ext)
+    _openssl(
+        "x509", "-req", "-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"), "-set_serial",
+        str(secrets.randbits(63)), "-days", "3650", "-extfile", str(extfile), "-out", str(crt), stdin=csr,
+    )  # fmt: skip
+    extfile.unlink()
+    return crt, key
+
+
+def issue_client_cert(state_dir: Path, user: str, groups: Sequence[str] = ()) -> tuple[Path, Path]:
+    """A client certificate (cert, key) for `user` in `groups`, signed by the stack's CA."""
+    subject = "".join(f"/O={g}" for g in groups) + f"/CN={user}"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
+    ext = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+    return _sign(state_dir / "pki", f"client-{safe}", subject, ext)
+
+
+def make_pki(pki: Path) -> None:
+    pki.mkdir(parents=True, exist_ok=True)
+    _key(pki / "ca.key")
+    _openssl(
+        "req", "-x509", "-new", "-key", str(pki / "ca.key"), "-subj", "/CN=instructune-local-ca", "-days", "3650",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-out", str(pki / "ca.crt"),
+    )  # fmt: skip
+    sans = ",".join(
+        [f"IP:{HOST}", f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default"]
+        + ["DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"]
+    )
+    _sign(
+        pki, "apiserver", "/CN=kube-apiserver",
+        f"keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={sans}\n",
+    )  # fmt: skip
+    client = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+    _sign(pki, "admin", "/O=system:masters/CN=instructune-admin", client)
+    _sign(pki, "controller-manager", "/CN=system:kube-controller-manager", client)
+    _sign(pki, "scheduler", "/CN=system:kube-scheduler", client)
+    _key(pki / "sa.key")
+    _openssl("pkey", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+
+
+def write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "instructune", "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}],
+        "users": [{"name": user, "user": {"client-certificate": str(pki / f"{user}.crt"), "client-key": str(pki / f"{user}.key")}}],
+        "contexts": [{"name": "instructune", "context": {"cluster": "instructune", "user": user}}],
+        "current-context": "instructune",
+    }
+    path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is YAML
+    path.chmod(0o600)
+
+
+# ---------------------------------------------------------------------------------------------------
+# S3 (a tiny SigV4 client: enough to create buckets without boto3)
+
+
+def s3_request(endpoint: str, access: str, secret: str, method: str, path: str) -> int:
+    host = endpoint.split("://", 1)[1]
+    now = dt.datetime.now(dt.UTC)
+    amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    payload = hashlib.sha256(b"").hexdigest()
+    headers = {"host": host, "x-amz-content-sha256": payload, "x-amz-date": amz_date}
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join(
+        [method, path, "", *(f"{k}:{headers[k]}" for k in sorted(headers)), "", signed, payload]
+    )
+    scope = f"{day}/{REGION}/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = f"AWS4{secret}".encode()
+    for part in (day, REGION, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    req = urllib.request.Request(endpoint + path, method=method, headers=headers)
+    req.add_header(
+        "Authorization", f"AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders={signed}, Signature={signature}"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kubernetes objects
+
+
+def kubectl(state_dir: Path, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [str(program("kubectl")), "--kubeconfig", str(state_dir / "kubeconfig"), *args],
+        input=input, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if check and res.returncode != 0:
+        raise StackError(f"kubectl {' '.join(args)} failed: {res.stderr.strip()}")
+    return res
+
+
+def node_manifests() -> dict[str, Any]:
+    items = []
+    for pool in POOLS:
+        for i in range(pool.nodes):
+            name = f"kwok-{pool.name}-{i}"
+            labels = {
+                POOL_LABEL: pool.name,
+                "type": "kwok",
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+            }
+            capacity = {"cpu": pool.cpu, "memory": pool.memory, "pods": "110", "ephemeral-storage": "1Ti"}
+            taints = []
+            if pool.gpus:
+                labels |= {
+                    "nvidia.com/gpu.present": "true",
+                    "nvidia.com/gpu.product": pool.gpu_product,
+                    "nvidia.com/gpu.count": str(pool.gpus),
+                    "nvidia.com/gpu.memory": str(pool.gpu_memory_mib),
+                }
+                capacity["nvidia.com/gpu"] = str(pool.gpus)
+                taints.append(GPU_TAINT)
+            items.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": name, "labels": labels, "annotations": {KWOK_ANNOTATION: "fake"}},
+                    "spec": {"taints": taints},
+                    "status": {"capacity": capacity, "allocatable": capacity},
+                }
+            )
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+# ---------------------------------------------------------------------------------------------------
+# State
+
+
+def _load(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((state_dir / "stack.json").read_text())
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def _procs(state: dict[str, Any]) -> list[Proc]:
+    return [Proc(**p) for p in state.get("processes", [])]
+
+
+def _save(state_dir: Path, state: dict[str, Any]) -> None:
+    tmp = state_dir / "stack.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(state_dir / "stack.json")
+
+
+def read_env(state_dir: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in (state_dir / "env").read_text().splitlines():
+            if line.startswith("export ") and "=" in line:
+                k, _, v = line[len("export ") :].partition("=")
+                env[k] = v.strip("'")
+    return env
+
+
+def _write_env(state_dir: Path, env: dict[str, str]) -> None:
+    path = state_dir / "env"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    lines = ["# Source me: . " + str(path)]
+    lines += [f"export {k}='{v}'" for k, v in env.items()]
+    lines.append(f'export PATH="{state_dir / "bin"}:$PATH"')
+    path.write_text("\n".join(lines) + "\n")
+
+
+def ray_temp_dir(state_dir: Path) -> Path:
+    # Ray's unix socket paths must stay short (~107 bytes): keep its temp dir at a short fixed path.
+    return Path("/tmp") / f"itr-{hashlib.sha1(str(state_dir).encode()).hexdigest()[:8]}"
+
+
+def _clean(state_dir: Path) -> None:
+    for name in OWNED_ENTRIES:
+        p = state_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# up / down / status
+
+
+def healthy(state_dir: Path, state: dict[str, Any]) -> list[str]:
+    """Names of the components that do not answer their health check (empty: all healthy)."""
+    ports = state["ports"]
+    checks: dict[str, Callable[[], bool]] = {
+        "etcd": http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
+        "kube-apiserver": http_ok(f"https://{HOST}:{ports['apiserver']}/readyz", admin_ctx(state_dir)),
+        "kube-controller-manager": http_ok(f"https://{HOST}:{ports['controller_manager']}/healthz", insecure_ctx()),
+        "kube-scheduler": http_ok(f"https://{HOST}:{ports['scheduler']}/healthz", insecure_ctx()),
+        "kwok": http_ok(f"http://{HOST}:{ports['kwok']}/healthz"),
+        "kuberay-operator": http_ok(f"http://{HOST}:{ports['kuberay_probe']}/readyz"),
+        "minio": http_ok(f"http://{HOST}:{ports['minio']}/minio/health/live"),
+        "ray": http_ok(f"http://{HOST}:{ports['ray_dashboard']}/api/version"),
+    }
+    bad = []
+    for name, check in checks.items():
+        try:
+            ok = check()
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+def _result(state_dir: Path, state: dict[str, Any], reused: bool) -> dict[str, Any]:
+    return {**state, "env": read_env(state_dir), "reused": reused}
+
+
+def up(state_dir: Path) -> dict[str, Any]:
+    """Starts the stack in `state_dir` (or reuses a healthy running one) and returns its description.
+
+    The result is stack.json's content plus ``env`` (the variables of ``<dir>/env``, credentials
+    included) and ``reused`` (True when a running stack was found and left as it was)."""
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    old = _load(state_dir)
+    if old is not None:
+        procs = _procs(old)
+        running = [p.name for p in procs if alive(p)]
+        if running and len(running) == len(procs) and old.get("complete"):
+            bad = healthy(state_dir, old)
+            if not bad:
+                log(f"reusing the running stack in {state_dir}")
+                return _result(state_dir, old, reused=True)
+            raise StackError(
+                f"the stack in {state_dir} runs but is unhealthy ({', '.join(bad)}); "
+                f"run `python hack/localstack.py down --dir {state_dir}` first"
+            )
+        if running:
+            dead = sorted({p.name for p in procs} - set(running))
+            raise StackError(
+                f"the stack in {state_dir} is partly running (stopped: {', '.join(dead) or 'none'}; "
+                f"incomplete start: {not old.get('complete')}); run `python hack/localstack.py down --dir {state_dir}`"
+            )
+        log(f"cleaning the stale state of a stack that no longer runs in {state_dir}")
+    _clean(state_dir)
+
+    ensure_programs()
+    ray_bin = ray_program()
+    crds = crd_dir()
+
+    state: dict[str, Any] = {"dir": str(state_dir), "complete": False, "processes": [], "timings": {}}
+    procs: list[Proc] = []
+    t0 = time.monotonic()
+
+    def launch(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        p = start(name, argv, state_dir, env)
+        procs.append(p)
+        state["processes"] = [asdict(x) for x in procs]
+        _save(state_dir, state)  # recorded at once: a crash during `up` leaves nothing unaccounted for
+        return p
+
+    def mark(phase: str) -> None:
+        state["timings"][phase] = round(time.monotonic() - t0, 1)
+        log(f"{phase} ready ({state['timings'][phase]}s)")
+
+    try:
+        _up(state_dir, state, launch, mark, ray_bin, crds)
+    except BaseException:
+        log("start failed: stopping what was started")
+        stop(procs)
+        state["processes"] = [asdict(p) for p in procs]
+        _save(state_dir, state)
+        raise
+    state["complete"] = True
+    state["timings"]["total"] = round(time.monotonic() - t0, 1)
+    _save(state_dir, state)
+    log(f"stack up in {state['timings']['total']}s: . {state_dir / 'env'}")
+    return _result(state_dir, state, reused=False)
+
+
+def _up(
+    state_dir: Path,
+    state: dict[str, Any],
+    launch: Callable[..., Proc],
+    mark: Callable[[str], None],
+    ray_bin: Path,
+    crds: Path,
+) -> None:
+    pki = state_dir / "pki"
+    names = [
+        "etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok", "kuberay_metrics",
+        "kuberay_probe", "minio", "minio_console", "ray_gcs", "ray_dashboard", "ray_client", "ray_agent",
+        "ray_node_manager", "ray_object_manager", "ray_metrics", "ray_runtime_env_agent", "ray_dashboard_agent_grpc",
+    ]  # fmt: skip
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    state["ports"] = ports
+    ray_tmp = ray_temp_dir(state_dir)
+    api = f"https://{HOST}:{ports['apiserver']}"
+    s3 = f"http://{HOST}:{ports['minio']}"
+    access, secret = "instructune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+    kubeconfig = state_dir / "kubeconfig"
+    state["paths"] = {
+        "kubeconfig": str(kubeconfig),
+        "env": str(state_dir / "env"),
+        "logs": str(state_dir / "logs"),
+        "pki": str(pki),
+        "ray_temp_dir": str(ray_tmp),
+        "crds": str(crds),
+    }
+    state["endpoints"] = {
+        "apiserver": api,
+        "s3": s3,
+        "minio_console": f"http://{HOST}:{ports['minio_console']}",
+        "ray_dashboard": f"http://{HOST}:{ports['ray_dashboard']}",
+        "ray_gcs": f"{HOST}:{ports['ray_gcs']}",
+    }
+    state["versions"] = versions()
+
+    # Processes that do not need the API server start first, so their start-up overlaps with it.
+    minio_dir = state_dir / "minio" / "data"
+    minio_dir.mkdir(parents=True)
+    minio = launch(
+        "minio",
+        [str(program("minio")), "server", str(minio_dir), "--address", f"{HOST}:{ports['minio']}",
+         "--console-address", f"{HOST}:{ports['minio_console']}", "--quiet"],
+        {"MINIO_ROOT_USER": access, "MINIO_ROOT_PASSWORD": secret, "MINIO_BROWSER": "on",
+         "MINIO_UPDATE": "off", "MINIO_API_REQUESTS_MAX": "200", "HOME": str(state_dir / "minio")},
+    )  # fmt: skip
+    ray_tmp.mkdir(parents=True, exist_ok=True)
+    ray = launch(
+        "ray",
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(ports["ray_gcs"]),
+         "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(ports["ray_dashboard"]),
+         "--ray-client-server-port", str(ports["ray_client"]),
+         "--dashboard-agent-listen-port", str(ports["ray_agent"]),
+         "--dashboard-agent-grpc-port", str(ports["ray_dashboard_agent_grpc"]),
+         "--node-manager-port", str(ports["ray_node_manager"]),
+         "--object-manager-port", str(ports["ray_object_manager"]),
+         "--metrics-export-port", str(ports["ray_metrics"]),
+         "--runtime-env-agent-port", str(ports["ray_runtime_env_agent"]),
+         "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(1 << 30),
+         "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
+        {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )  # fmt: skip
+
+    make_pki(pki)
+    write_kubeconfig(kubeconfig, api, pki, "admin")
+    write_kubeconfig(pki / "controller-manager.kubeconfig", api, pki, "controller-manager")
+    write_kubeconfig(pki / "scheduler.kubeconfig", api, pki, "scheduler")
+    bindir = state_dir / "bin"
+    bindir.mkdir(exist_ok=True)
+    for tool in ("kubectl", "helm"):
+        (bindir / tool).unlink(missing_ok=True)
+        (bindir / tool).symlink_to(CACHE / "bin" / f"{tool}-{versions()['K8S_VERSION' if tool == 'kubectl' else 'HELM_VERSION']}")
+    (bindir / "ray").unlink(missing_ok=True)
+    (bindir / "ray").symlink_to(ray_bin)
+    mark("pki")
+
+    etcd = launch(
+        "etcd",
+        [str(program("etcd")), "--name", "default", "--data-dir", str(state_dir / "etcd"),
+         "--listen-client-urls", f"http://{HOST}:{ports['etcd']}",
+         "--advertise-client-urls", f"http://{HOST}:{ports['etcd']}",
+         "--listen-peer-urls", f"http://{HOST}:{ports['etcd_peer']}",
+         "--initial-advertise-peer-urls", f"http://{HOST}:{ports['etcd_peer']}",
+         "--initial-cluster", f"default=http://{HOST}:{ports['etcd_peer']}",
+         "--quota-backend-bytes", str(2 << 30), "--snapshot-count", "10000",
+         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "10m",
+         "--unsafe-no-fsync", "--log-level", "warn"],
+    )  # fmt: skip
+    wait_until("etcd", etcd, http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'), 60, "/health")
+    mark("etcd")
+
+    apiserver = launch(
+        "kube-apiserver",
+        [str(program("kube-apiserver")), f"--etcd-servers=http://{HOST}:{ports['etcd']}",
+         f"--bind-address={HOST}", f"--advertise-address={HOST}", f"--secure-port={ports['apiserver']}",
+         f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+         f"--client-ca-file={pki / 'ca.crt'}",
+         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+         f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+         f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
+         "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
+         f"--cert-dir={pki / 'apiserver-generated'}", "--profiling=false",
+         "--max-requests-inflight=150", "--max-mutating-requests-inflight=50", "--event-ttl=30m",
+         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none"],
+        {"GOMAXPROCS": "2", "GOMEMLIMIT": "1500MiB"},
+    )  # fmt: skip
+    wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
+    mark("kube-apiserver")
+
+    kcm = launch(
+        "kube-controller-manager",
+        [str(program("kube-controller-manager")),
+         f"--kubeconfig={pki / 'controller-manager.kubeconfig'}",
+         f"--authentication-kubeconfig={pki / 'controller-manager.kubeconfig'}",
+         f"--authorization-kubeconfig={pki / 'controller-manager.kubeconfig'}",
+         f"--bind-address={HOST}", f"--secure-port={ports['controller_manager']}", "--leader-elect=false",
+         "--use-service-account-credentials=true", f"--service-account-private-key-file={pki / 'sa.key'}",
+         f"--root-ca-file={pki / 'ca.crt'}", f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+         f"--cluster-signing-key-file={pki / 'ca.key'}", f"--service-cluster-ip-range={SERVICE_CIDR}",
+         f"--cert-dir={pki / 'controller-manager-generated'}", "--profiling=false"],
+        {"GOMAXPROCS": "2"},
+    )  # fmt: skip
+    scheduler = launch(
+        "kube-scheduler",
+        [str(program("kube-scheduler")), f"--kubeconfig={pki / 'scheduler.kubeconfig'}",
+         f"--authentication-kubeconfig={pki / 'scheduler.kubeconfig'}",
+         f"--authorization-kubeconfig={pki / 'scheduler.kubeconfig'}",
+         f"--bind-address={HOST}", f"--secure-port={ports['scheduler']}", "--leader-elect=false",
+         f"--cert-dir={pki / 'scheduler-generated'}", "--profiling=false"],
+        {"GOMAXPROCS": "2"},
+    )  # fmt: skip
+    kwok_home = state_dir / "kwok"
+    kwok_home.mkdir(exist_ok=True)
+    (kwok_home / "kwok.yaml").write_text(
+        "apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions:\n  nodeLeaseDurationSeconds: 40\n"
+    )
+    # No Stage objects are configured, so kwok uses its default stages: nodes become Ready (with
+    # node leases) and pods Running/Ready; pods owned by a Job complete.
+    kwok = launch(
+        "kwok",
+        [str(program("kwok")), f"--kubeconfig={kubeconfig}", f"--config={kwok_home / 'kwok.yaml'}",
+         f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+         f"--server-address={HOST}:{ports['kwok']}", "--node-lease-duration-seconds=40"],
+        {"HOME": str(kwok_home), "GOMAXPROCS": "2"},
+    )  # fmt: skip
+
+    crd_files = sorted(crds.glob("*.yaml"))
+    kubectl(state_dir, "apply", "--server-side", "--field-manager=instructune-localstack",
+            *(x for f in crd_files for x in ("-f", str(f))))  # fmt: skip
+    kubectl(state_dir, "create", "-f", "-", input=json.dumps(node_manifests()))
+    wait_until(
+        "kuberay CRDs", None,
+        lambda: kubectl(state_dir, "wait", "--for=condition=Established", "--timeout=5s",
+                        *(f"crd/{f.name.split('_', 1)[1].removesuffix('.yaml')}.ray.io" for f in crd_files),
+                        check=False).returncode == 0,
+        60, "CRDs Established",
+    )  # fmt: skip
+    kuberay = launch(
+        "kuberay-operator",
+        [str(program("kuberay-operator")), "--enable-leader-election=false",
+         f"--metrics-addr={HOST}:{ports['kuberay_metrics']}",
+         f"--health-probe-bind-address={HOST}:{ports['kuberay_probe']}", "--log-stdout-encoder=console"],
+        {"KUBECONFIG": str(kubeconfig), "GOMAXPROCS": "2"},
+    )  # fmt: skip
+
+    wait_until("kube-scheduler", scheduler, http_ok(f"https://{HOST}:{ports['scheduler']}/healthz", insecure_ctx()),
+               90, "/healthz")  # fmt: skip
+    wait_until("kube-controller-manager", kcm,
+               http_ok(f"https://{HOST}:{ports['controller_manager']}/healthz", insecure_ctx()), 90, "/healthz")  # fmt: skip
+    # The token and root-CA publisher controllers run: pods can be admitted in the default namespace.
+    wait_until(
+        "kube-controller-manager", kcm,
+        lambda: kubectl(state_dir, "get", "serviceaccount/default", "configmap/kube-root-ca.crt",
+                        check=False).returncode == 0,
+        90, "the default ServiceAccount and kube-root-ca.crt",
+    )  # fmt: skip
+    mark("controllers")
+    wait_until("kwok", kwok, http_ok(f"http://{HOST}:{ports['kwok']}/healthz"), 60, "/healthz")
+    wait_until(
+        "kwok", kwok,
+        lambda: kubectl(state_dir, "wait", "--for=condition=Ready", "--timeout=5s", "node", "-l", POOL_LABEL,
+                        check=False).returncode == 0,
+        90, "every fake node Ready",
+    )  # fmt: skip
+    mark("kwok nodes")
+    wait_until("kuberay-operator", kuberay, http_ok(f"http://{HOST}:{ports['kuberay_probe']}/readyz"), 90, "/readyz")
+    mark("kuberay-operator")
+
+    wait_until("minio", minio, http_ok(f"{s3}/minio/health/ready"), 60, "/minio/health/ready")
+    for bucket in BUCKETS:
+        status = s3_request(s3, access, secret, "PUT", f"/{bucket}")
+        if status not in (200, 409):
+            raise failure("minio", f"creating bucket {bucket!r} answered HTTP {status}", minio.log)
+    mark("minio")
+    wait_until("ray", ray, http_ok(f"http://{HOST}:{ports['ray_dashboard']}/api/version"), 180, "/api/version")
+    mark("ray")
+
+    _write_env(
+        state_dir,
+        {
+            "INSTRUCTUNE_STACK_DIR": str(state_dir),
+            "KUBECONFIG": str(kubeconfig),
+            "AWS_ENDPOINT_URL": s3,
+            "INSTRUCTUNE_S3_ENDPOINT": s3,
+            "AWS_ACCESS_KEY_ID": access,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": REGION,
+            "RAY_ADDRESS": f"http://{HOST}:{ports['ray_dashboard']}",
+            "INSTRUCTUNE_RAY_GCS_ADDRESS": f"{HOST}:{ports['ray_gcs']}",
+        },
+    )
+
+
+def down(state_dir: Path) -> None:
+    """Stops every process recorded in `state_dir` (and its descendants); keeps logs and data."""
+    state_dir = Path(state_dir).resolve()
+    state = _load(state_dir)
+    if state is None:
+        log(f"no stack recorded in {state_dir}")
+        return
+    procs = _procs(state)
+    # Stop in reverse start order: clients before the API server, the API server before etcd.
+    left = stop(list(reversed(procs)))
+    shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
+    if left:
+        raise StackError(f"still running after SIGKILL: {', '.join(f'{p.name}[{p.pid}]' for p in left)}")
+    state["complete"] = False
+    state["stopped"] = True
+    _save(state_dir, state)
+    log(f"stopped {sum(1 for _ in procs)} processes of {state_dir}")
+
+
+def status(state_dir: Path) -> dict[str, Any]:
+    """Per component: pid, whether it runs, and (when the stack is complete) whether it is healthy."""
+    state_dir = Path(state_dir).resolve()
+    state = _load(state_dir)
+    if state is None:
+        return {"dir": str(state_dir), "running": False, "components": {}}
+    bad = healthy(state_dir, state) if state.get("complete") and "ports" in state else []
+    comps = {
+        p.name: {"pid": p.pid, "alive": alive(p), "healthy": alive(p) and p.name not in bad, "log": p.log}
+        for p in _procs(state)
+    }
+    return {
+        "dir": str(state_dir),
+        "running": bool(comps) and all(c["alive"] for c in comps.values()),
+        "complete": bool(state.get("complete")),
+        "components": comps,
+        "endpoints": state.get("endpoints", {}),
+    }
+
+
+@contextlib.contextmanager
+def running(state_dir: Path) -> Iterator[dict[str, Any]]:
+    """`with running(dir) as info:` brings the stack up and always takes it down (unless it was reused)."""
+    info = up(state_dir)
+    try:
+        yield info
+    finally:
+        if not info["reused"]:
+            down(state_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("INSTRUCTUNE_STACK_DIR", DEFAULT_DIR)))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            info = up(args.dir)
+            print(json.dumps({k: info[k] for k in ("dir", "endpoints", "paths", "timings", "reused")}, indent=2))
+            print(f"# . {info['paths']['env']}")
+        elif args.command == "down":
+            down(args.dir)
+        else:
+            st = status(args.dir)
+            print(json.dumps(st, indent=2))
+            return 0 if st["running"] else 3
+    except StackError as e:
+        print(f"localstack: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Where a tune's files live, how they are read and written, and the lineage manifest.
+
+Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared with evaluate.py:
+
+    <root>/checkpoints/checkpoint_step_<N>/   Ray Train checkpoints (last `keep_last` kept)
+        instructune_state.json              step, epoch, config hash, loss: read to find and
+                                            verify the checkpoint to resume from
+    <root>/final/adapter/                   PEFT save_pretrained (lora, qlora)
+    <root>/final/model/                     full fine-tune, or base+adapter merged (output.merge)
+    <root>/final/tokenizer/                 tokenizer with the chat template trained with
+    <root>/final/manifest.json              copy of manifest.json, so final/ describes itself
+    <root>/manifest.json                    lineage: base model + revision, data ETags, hashes,
+                                            package versions
+    <root>/metrics.jsonl                    one line per optimizer step (all attempts)
+    <root>/progress.json                    latest progress and checkpoints
+    <root>/eval/report.json                 written by evaluate.py
+
+Roots are s3:// prefixes (credentials and endpoint from the process environment only) or local
+directories (tests, the offline demo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from instructune_jobs.config import TrainConfig
+from instructune_jobs.data import s3_client_from_env, split_s3_uri
+
+STATE_FILE = "instructune_state.json"
+CHECKPOINT_PREFIX = "checkpoint_step_"
+RUN_NAME = "checkpoints"  # Ray Train's run name: the checkpoints' folder under the root
+MODEL_CACHE = Path(os.environ.get("INSTRUCTUNE_MODEL_CACHE", str(Path(tempfile.gettempdir()) / "instructune-models")))
+LINEAGE_PACKAGES = ("instructune", "torch", "transformers", "peft", "deepspeed", "ray", "tokenizers",
+                    "safetensors", "bitsandbytes", "accelerate")
+
+
+def join_uri(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *(part.strip("/") for part in parts if part)])
+
+
+def _local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArtifactLayout:
+    root: str
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, fallback_root: str | None = None) -> ArtifactLayout:
+        root = cfg.checkpointing.uri or cfg.output.uri or fallback_root
+        if not root:
+            raise ValueError("nowhere to put checkpoints and artifacts: set checkpointing.uri")
+        return cls(root.rstrip("/"))
+
+    def _at(self, *parts: str) -> str:
+        return join_uri(self.root, *parts)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._at(RUN_NAME)
+
+    def checkpoint(self, step: int) -> str:
+        return self._at(RUN_NAME, checkpoint_dir_name(step))
+
+    @property
+    def final(self) -> str:
+        return self._at("final")
+
+    @property
+    def final_adapter(self) -> str:
+        return self._at("final", "adapter")
+
+    @property
+    def final_model(self) -> str:
+        return self._at("final", "model")
+
+    @property
+    def final_tokenizer(self) -> str:
+        return self._at("final", "tokenizer")
+
+    @property
+    def final_manifest(self) -> str:
+        return self._at("final", "manifest.json")
+
+    @property
+    def manifest(self) -> str:
+        return self._at("manifest.json")
+
+    @property
+    def metrics(self) -> str:
+        return self._at("metrics.jsonl")
+
+    @property
+    def progress(self) -> str:
+        return self._at("progress.json")
+
+    @property
+    def eval_report(self) -> str:
+        return self._at("eval", "report.json")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    # Zero-padded so that lexical order (S3 listings) is step order.
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Object I/O: s3:// or local
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    uri: str
+    etag: str
+    size: int
+
+
+class Storage:
+    """Small object I/O for s3:// and local roots; one S3 client, created on first use."""
+
+    def __init__(self, client: Any | None = None):
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = s3_client_from_env()
+        return self._client
+
+    def write_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        if uri.startswith("s3://"):
+            bucket, key = split_s3_uri(uri)
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+            return
+        path = _local(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # readers never see half a file
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object."""
+        if uri.startswith("s3://"):
+            bucket, key = split_s3_uri(uri)
+            try:
+                body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                return None
+            return body
+        path = _local(uri)
+        return path.read_bytes() if path.is_file() else None
+
+    def list(self, prefix_uri: str) -> list[StoredObject]:
+        """Every object under a prefix (recursively), sorted by uri."""
+        if prefix_uri.startswith("s3://"):
+            bucket, key = split_s3_uri(prefix_uri)
+            key = key.rstrip("/") + "/" if key else ""
+            found = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                for item in page.get("Contents", []):
+                    found.append(StoredObject(f"s3://{bucket}/{item['Key']}", item["ETag"].strip('"'), item["Size"]))
+            return sorted(found, key=lambda o: o.uri)
+        root = _local(prefix_uri)
+        if not root.is_dir():
+            return []
+        return [StoredObject(str(p), _file_md5(p), p.stat().st_size) for p in sorted(root.rglob("*")) if p.is_file()]
+
+    def upload_directory(self, local_dir: Path, uri: str) -> list[str]:
+        written = []
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            target = join_uri(uri, path.relative_to(local_dir).as_posix())
+            if target.startswith("s3://"):
+                bucket, key = split_s3_uri(target)
+                self.client.upload_file(str(path), bucket, key)
+            else:
+                _local(target).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, _local(target))
+            written.append(target)
+        return written
+
+    def download_prefix(self, uri: str, dest: Path) -> list[StoredObject]:
+        objects = self.list(uri)
+        if not objects:
+            raise FileNotFoundError(f"no objects under {uri}")
+        base = uri.rstrip("/") + "/"
+        for obj in objects:
+            target = dest / obj.uri[len(base):] if uri.startswith("s3://") else dest / Path(obj.uri).relative_to(_local(uri))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if uri.startswith("s3://"):
+                bucket, key = split_s3_uri(obj.uri)
+                self.client.download_file(bucket, key, str(target))
+            else:
+                shutil.copyfile(obj.uri, target)
+        return objects
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ray_storage(root: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig. For S3: a pyarrow
+    S3FileSystem on the configured endpoint; pyarrow reads the credentials from the environment
+    itself, so they never pass through the config or Ray's job info."""
+    if not root.startswith("s3://"):
+        return str(_local(root)), None
+    from pyarrow import fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("INSTRUCTUNE_S3_ENDPOINT")
+    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                              or "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    bucket, key = split_s3_uri(root)
+    return f"{bucket}/{key}".rstrip("/"), fs.S3FileSystem(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: finding the one to resume from
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """What instructune_state.json in a checkpoint says."""
+
+    step: int
+    epoch: float
+    config_hash: str
+    loss: float | None
+    time: str
+    uri: str
+
+    def to_json(self) -> str:
+        return json.dumps({"step": self.step, "epoch": self.epoch, "config_hash": self.config_hash,
+                           "loss": self.loss, "time": self.time}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, uri: str) -> CheckpointState:
+        raw = json.loads(text)
+        return cls(int(raw["step"]), float(raw["epoch"]), str(raw["config_hash"]), raw.get("loss"),
+                   str(raw.get("time", "")), uri)
+
+
+class ConfigMismatchError(RuntimeError):
+    """The checkpoints under the root belong to a different training configuration."""
+
+
+_STATE_KEY = re.compile(rf"/{CHECKPOINT_PREFIX}(\d+)/{re.escape(STATE_FILE)}$")
+
+
+def list_checkpoints(layout: ArtifactLayout, storage: Storage) -> list[CheckpointState]:
+    """Checkpoints under the root, oldest first. A checkpoint counts once its state file exists:
+    rank 0 writes that file only after every worker's shards are persisted."""
+    found = []
+    for obj in storage.list(layout.checkpoints):
+        match = _STATE_KEY.search(obj.uri.replace(os.sep, "/"))
+        if match:
+            body = storage.read_bytes(obj.uri)
+            if body is not None:
+                found.append(CheckpointState.from_json(body, obj.uri.rsplit("/", 1)[0]))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(layout: ArtifactLayout, storage: Storage, config_hash: str) -> CheckpointState | None:
+    """The newest complete checkpoint, after checking it was written by this configuration."""
+    checkpoints = list_checkpoints(layout, storage)
+    if not checkpoints:
+        return None
+    latest = checkpoints[-1]
+    if latest.config_hash != config_hash:
+        raise ConfigMismatchError(
+            f"the checkpoint at {latest.uri} was written by config {latest.config_hash[:12]}, this job's "
+            f"config is {config_hash[:12]}: refusing to resume another run (use a new checkpointing.uri)"
+        )
+    return latest
+
+
+# ---------------------------------------------------------------------------------------------
+# Base model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    path: Path
+    source: str
+    revision: str  # hub commit, or "sha256:<digest of the objects' names and ETags/contents>"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Workers on one node share a download: the first downloads, the others wait for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def content_revision(objects: list[StoredObject], base_uri: str) -> str:
+    base = base_uri.rstrip("/") + "/"
+    listing = "\n".join(f"{o.uri.removeprefix(base)} {o.etag}" for o in sorted(objects, key=lambda o: o.uri))
+    return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+
+
+def fetch_base_model(cfg: TrainConfig, storage: Storage | None = None, cache_dir: Path = MODEL_CACHE) -> LocalModel:
+    """A local copy of the base model and its revision. s3:// prefixes are downloaded once per
+    node (keyed by content), hf:// through the hub client at the pinned revision, local paths used
+    as they are."""
+    storage = storage or Storage()
+    uri = cfg.base_model.uri
+    if cfg.base_model.scheme == "hf":
+        from huggingface_hub import HfApi, snapshot_download
+
+        repo, revision = cfg.base_model.hf_repo, cfg.base_model.hf_revision or "main"
+        assert repo is not None
+        commit = HfApi().model_info(repo, revision=revision).sha or revision
+        path = snapshot_download(repo, revision=commit)
+        return LocalModel(Path(path), uri, commit)
+    prefix = uri if uri.endswith("/") else uri + "/"
+    objects = storage.list(prefix)
+    if not objects:
+        raise FileNotFoundError(f"no model files under {uri}")
+    revision = content_revision(objects, prefix)
+    if not uri.startswith("s3://"):
+        return LocalModel(_local(uri), uri, revision)
+    target = cache_dir / revision.removeprefix("sha256:")[:32]
+    with _file_lock(target.with_suffix(".lock")):
+        if not (target / ".complete").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            storage.download_prefix(prefix, target)
+            (target / ".complete").touch()
+    return LocalModel(target, uri, revision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LINEAGE_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
+def build_lineage_status(cfg: TrainConfig, base_revision: str, data_etags: dict[str, str]) -> dict[str, Any]:
+    """The tune's `status.lineage` (camelCase, operator/api.py's Lineage)."""
+    return {
+        "baseModelRevision": base_revision,
+        "dataEtags": dict(sorted(data_etags.items())),
+        "configHash": cfg.config_hash(),
+        "image": os.environ.get("INSTRUCTUNE_IMAGE") or None,
+        "version": package_versions().get("instructune"),
+    }
+
+
+def build_manifest(cfg: TrainConfig, *, base: LocalModel, data_stats: dict[str, Any], data_etags: dict[str, str],
+                   template_hash: str, outputs: dict[str, str], training: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to reproduce (and trust) the trained weights."""
+    return {
+        "kind": "InstructionTuneManifest",
+        "tune": {"namespace": cfg.run.namespace, "name": cfg.run.name, "uid": cfg.run.uid,
+                 "attempt": cfg.run.attempt},
+        "baseModel": {"uri": base.source, "revision": base.revision},
+        "data": {"etags": dict(sorted(data_etags.items())), **data_stats},
+        "configHash": cfg.config_hash(),
+        "templateHash": template_hash,
+        "method": cfg.method.type,
+        "outputs": outputs,
+        "training": training,
+        "packages": package_versions(),
+        "image": os.environ.get("INSTRUCTUNE_IMAGE") or None,
+        "config": json.loads(cfg.to_json()),
+    }

@@ -1,0 +1,169 @@
+"""Pure: a tune -> the Kubernetes objects it owns (RayCluster, job identity, config)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from instructune_jobs.config import TrainConfig
+from instructune_operator.api import API_VERSION, GROUP, KIND, PLURAL, InstructionTuneSpec
+from instructune_operator.naming import config_map_name, job_identity_name, labels, ray_cluster_name
+from instructune_operator.settings import GpuPool, Settings
+
+RAY_VERSION = "2.60.0"
+RAY_UID = 1000  # the `ray` user of the rayproject images
+CONFIG_KEY = "train-config.json"
+CONFIG_MOUNT = "/etc/instructune"
+
+
+def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(meta: dict[str, Any], name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"], component),
+        "ownerReferences": [owner_reference(meta)],
+    }
+
+
+def restricted_security_context() -> dict[str, Any]:
+    """Pod Security Standards 'restricted' for every container the operator creates."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def job_env(spec: InstructionTuneSpec, settings: Settings) -> list[dict[str, Any]]:
+    """Environment of Ray pods: endpoints in clear, credentials only by secretKeyRef."""
+    env: list[dict[str, Any]] = [{"name": "INSTRUCTUNE_CONFIG_FILE", "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"}]
+    if settings.s3_endpoint:
+        env += [
+            {"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint},
+            {"name": "INSTRUCTUNE_S3_ENDPOINT", "value": settings.s3_endpoint},
+        ]
+    secret = spec.credentials.s3_secret_ref
+    if secret is not None:
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
+    hf = spec.credentials.hf_token_secret_ref
+    if hf is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf.name, "key": "HF_TOKEN"}}})
+    return env
+
+
+def _pod_template(
+    spec: InstructionTuneSpec, settings: Settings, pool: GpuPool, meta: dict[str, Any], role: str, gpus: int
+) -> dict[str, Any]:
+    res = spec.resources
+    requests: dict[str, Any] = {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker}
+    if gpus:
+        requests[pool.gpu_resource] = str(gpus)
+    return {
+        "metadata": {"labels": labels(meta["name"], f"ray-{role}")},
+        "spec": {
+            "serviceAccountName": job_identity_name(meta["name"]),
+            "nodeSelector": dict(pool.node_selector),
+            "tolerations": [t.model_dump(exclude_none=True) for t in pool.tolerations],
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": f"ray-{role}",
+                    "image": res.image or settings.ray_image,
+                    "env": job_env(spec, settings),
+                    "resources": {"requests": requests, "limits": dict(requests)},
+                    "securityContext": restricted_security_context(),
+                    "volumeMounts": [
+                        {"name": "dshm", "mountPath": "/dev/shm"},
+                        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+                    ],
+                }
+            ],
+            "volumes": [
+                # NCCL and DeepSpeed need far more shared memory than the 64 MiB default.
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi" if gpus else "1Gi"}},
+                {"name": "config", "configMap": {"name": config_map_name(meta["name"])}},
+            ],
+        },
+    }
+
+
+def build_ray_cluster(meta: dict[str, Any], spec: InstructionTuneSpec, settings: Settings) -> dict[str, Any]:
+    pool = settings.pools[spec.resources.gpu_pool]
+    workers = spec.resources.workers
+    head = _pod_template(spec, settings, pool, meta, "head", gpus=0)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": _metadata(meta, ray_cluster_name(meta["name"]), "ray-cluster"),
+        "spec": {
+            "rayVersion": RAY_VERSION,
+            "enableInTreeAutoscaling": False,
+            "headGroupSpec": {
+                # The head runs the driver only: no training work is scheduled on it.
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
+                "template": head,
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "train",
+                    "replicas": workers,
+                    "minReplicas": workers,
+                    "maxReplicas": workers,
+                    "rayStartParams": {},
+                    "template": _pod_template(spec, settings, pool, meta, "worker", spec.resources.gpus_per_worker),
+                }
+            ],
+        },
+    }
+
+
+def build_job_identity(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """ServiceAccount + Role + RoleBinding: the job may get and patch its own tune's status, no more."""
+    name = job_identity_name(meta["name"])
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(meta, name, "job-identity")},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(meta, name, "job-identity"),
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "resources": [f"{PLURAL}/status"],
+                    "resourceNames": [meta["name"]],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(meta, name, "job-identity"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": meta["namespace"]}],
+        },
+    ]
+
+
+def build_config_map(meta: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(meta, config_map_name(meta["name"]), "train-config"),
+        "data": {CONFIG_KEY: config.to_json()},
+    }

@@ -1,0 +1,245 @@
+"""Pure lifecycle decision: what the tune's status should say and what the operator must do next.
+
+`decide` looks at one observation (spec, current status, the Ray cluster and its pods, the Ray
+job) and returns the new status plus the actions to take. It never talks to anything, so every
+transition is unit-tested, and running it twice on the same observation gives the same answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.gate import evaluate_gate
+from instructune_operator.naming import submission_id
+from instructune_operator.status import compute_validation_status, get_condition, set_condition
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+JOB_RUNNING = ("PENDING", "RUNNING")
+
+
+@dataclass(frozen=True)
+class Observation:
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+    spec: InstructionTuneSpec | None
+    spec_errors: list[str]
+    status: dict[str, Any]
+    now: datetime
+    cluster: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    job_status: str | None = None  # Ray job status of status.jobId; None: unknown to Ray
+    job_message: str = ""
+    job_log_tail: str = ""
+    serving_ready_replicas: int | None = None  # None: no serving Deployment observed
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    ensure_children: bool = False
+    delete_cluster: bool = False
+    submit: str | None = None  # submission id to submit (idempotent)
+    attempt: int = 0
+    stop_job: str | None = None
+    delete_tune: bool = False
+    deploy: bool = False
+
+
+def _ts(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class _Status:
+    """Small helper that keeps condition bookkeeping readable in `decide`."""
+
+    def __init__(self, obs: Observation, status: dict[str, Any]) -> None:
+        self.obs, self.s = obs, status
+
+    def cond(self, type_: str, status: str, reason: str, message: str = "") -> None:
+        self.s["conditions"] = set_condition(
+            self.s.get("conditions", []), type_, status, reason, message, _ts(self.obs.now), self.obs.generation
+        )
+
+    def phase(self, phase: str) -> None:
+        self.s["phase"] = phase
+
+    def finish(self, phase: str, reason: str, message: str) -> None:
+        self.phase(phase)
+        self.s.setdefault("finishedAt", _ts(self.obs.now))
+        self.cond("Ready", "True" if phase == "Succeeded" else "False", reason, message)
+        self.cond("Succeeded", "True" if phase == "Succeeded" else "False", reason, message)
+
+
+def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The first reason a Ray pod cannot run, as (reason, message), e.g. unschedulable in the pool."""
+    for pod in pods:
+        name = pod.get("metadata", {}).get("name", "?")
+        for cond in pod.get("status", {}).get("conditions", []):
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return "Unschedulable", f"pod {name}: {cond.get('message', cond.get('reason', ''))}"
+        for cs in pod.get("status", {}).get("containerStatuses", []):
+            waiting = cs.get("state", {}).get("waiting") or {}
+            if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+                return "ImagePullBackOff", f"pod {name}: {waiting.get('message', waiting['reason'])}"
+            if waiting.get("reason") == "CrashLoopBackOff":
+                return "CrashLoopBackOff", f"pod {name}: container {cs.get('name')} keeps crashing"
+            terminated = cs.get("lastState", {}).get("terminated") or cs.get("state", {}).get("terminated") or {}
+            if terminated.get("reason") == "OOMKilled":
+                return "OOMKilled", f"pod {name}: container {cs.get('name')} was killed for exceeding its memory"
+    return None
+
+
+def cluster_ready(cluster: dict[str, Any] | None) -> bool:
+    return bool(cluster) and (cluster or {}).get("status", {}).get("state") == "ready"
+
+
+def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
+    status = compute_validation_status(obs.status, obs.generation, obs.spec_errors, _ts(obs.now))
+    st = _Status(obs, status)
+    decision = Decision(status=status)
+    spec = obs.spec
+    if spec is None:
+        return decision
+    job_id = status.get("jobId")
+    job_active = job_id is not None and obs.job_status in JOB_RUNNING
+
+    # Finished tunes keep their status; the cluster goes, and the tune itself after its TTL.
+    if status.get("phase") in TERMINAL_PHASES:
+        decision.delete_cluster = cleanup_cluster and obs.cluster is not None
+        if job_active:
+            decision.stop_job = job_id
+        ttl, finished = spec.ttl_seconds_after_finished, status.get("finishedAt")
+        if ttl is not None and finished and obs.now >= _parse_ts(finished) + timedelta(seconds=ttl):
+            decision.delete_tune = True
+        return decision
+
+    if spec.suspend:
+        st.phase("Suspended")
+        st.cond("Training", "False", "Suspended", "suspended: the Ray cluster is removed, checkpoints are kept")
+        st.cond("ClusterReady", "False", "Suspended", "suspended")
+        decision.delete_cluster = obs.cluster is not None
+        if job_active:
+            decision.stop_job = job_id
+        return decision
+
+    started = status.get("startedAt")
+    deadline = spec.active_deadline_seconds
+    if started and deadline and obs.now >= _parse_ts(started) + timedelta(seconds=deadline):
+        st.cond("Training", "False", "DeadlineExceeded", f"activeDeadlineSeconds={deadline} exceeded")
+        st.finish("Failed", "DeadlineExceeded", f"the run exceeded activeDeadlineSeconds={deadline}")
+        decision.stop_job = job_id if job_active else None
+        decision.delete_cluster = cleanup_cluster
+        return decision
+
+    if status.get("phase") == "Deploying":
+        return _deploying(obs, st, decision, spec, cleanup_cluster)
+
+    decision.ensure_children = True
+    status.setdefault("startedAt", _ts(obs.now))
+    if not cluster_ready(obs.cluster):
+        problem = diagnose_pods(obs.pods)
+        reason, message = problem or ("Provisioning", "waiting for the Ray cluster to become ready")
+        st.cond("ClusterReady", "False", reason, message)
+        if not job_active:
+            st.phase("Provisioning")
+            return decision
+    else:
+        st.cond("ClusterReady", "True", "RayClusterReady", "the Ray cluster is ready")
+
+    attempts = int(status.get("attempts") or 0)
+    if attempts == 0 or job_id is None:
+        return _submit(obs, st, decision, attempts + 1)
+
+    if obs.job_status is None or obs.job_status in JOB_RUNNING:
+        if obs.job_status is None:
+            # Unknown to Ray (lost head, or the submission never landed): the same id again.
+            decision.submit, decision.attempt = job_id, attempts
+        progress = status.get("progress") or {}
+        evaluating = progress.get("totalSteps") and (progress.get("step") or 0) >= progress["totalSteps"]
+        st.phase("Evaluating" if evaluating else "Training")
+        st.cond("Training", "True", "Running", f"attempt {attempts} of {spec.backoff_limit + 1}: job {job_id}")
+        return decision
+
+    if obs.job_status == "SUCCEEDED":
+        return _after_success(obs, st, decision, spec, cleanup_cluster)
+
+    # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows.
+    why = _failure_message(obs)
+    if attempts <= spec.backoff_limit:
+        st.cond("Training", "False", "Retrying", f"attempt {attempts} failed ({why}); resuming from checkpoint")
+        return _submit(obs, st, decision, attempts + 1)
+    st.cond("Training", "False", "JobFailed", why)
+    st.finish("Failed", "BackoffLimitExceeded", f"{attempts} attempts failed; last: {why}")
+    decision.delete_cluster = cleanup_cluster
+    return decision
+
+
+def _failure_message(obs: Observation) -> str:
+    parts = [obs.job_message.strip(), obs.job_log_tail.strip()]
+    return " | ".join(p for p in parts if p)[-1500:] or f"job {obs.job_status}"
+
+
+def _submit(obs: Observation, st: _Status, decision: Decision, attempt: int) -> Decision:
+    job_id = submission_id(obs.namespace, obs.name, obs.uid, attempt)
+    st.s["attempts"], st.s["jobId"] = attempt, job_id
+    st.phase("Training")
+    st.cond("Training", "True", "Submitted", f"attempt {attempt}: job {job_id} submitted")
+    decision.submit, decision.attempt = job_id, attempt
+    return decision
+
+
+def _after_success(
+    obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool
+) -> Decision:
+    st.cond("Training", "False", "Completed", "training finished")
+    evaluation = dict(st.s.get("evaluation") or {})
+    metrics = evaluation.get("metrics") or {}
+    if spec.evaluation.datasets or spec.evaluation.general_probe:
+        if not metrics:
+            st.cond("Evaluated", "False", "NoMetrics", "the job finished without reporting evaluation metrics")
+            st.finish("Failed", "NoMetrics", "the job finished without reporting evaluation metrics")
+            decision.delete_cluster = cleanup
+            return decision
+        st.cond("Evaluated", "True", "Evaluated", f"{len(metrics)} metrics reported")
+    verdict = evaluate_gate(spec.evaluation.gate, metrics, evaluation.get("baseMetrics") or {})
+    evaluation["passed"], evaluation["summary"] = verdict.passed, verdict.summary
+    st.s["evaluation"] = evaluation
+    if spec.evaluation.gate:
+        st.cond("EvalPassed", "True" if verdict.passed else "False", "GatePassed" if verdict.passed else "GateFailed",
+                verdict.message)
+    decision.delete_cluster = cleanup
+    if not verdict.passed:
+        st.finish("Failed", "GateFailed", verdict.message)
+        return decision
+    if spec.serving.enabled:
+        decision.deploy = True
+        st.phase("Deploying")
+        st.cond("Serving", "False", "RollingOut", "the serving deployment is rolling out")
+        return decision
+    st.finish("Succeeded", "Completed", "training and evaluation finished")
+    return decision
+
+
+def _deploying(obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool) -> Decision:
+    """After a passed gate: keep the serving objects applied until they are available."""
+    decision.deploy = spec.serving.enabled
+    decision.delete_cluster = cleanup and obs.cluster is not None
+    ready = obs.serving_ready_replicas or 0
+    serving = dict(st.s.get("serving") or {})
+    serving["readyReplicas"] = ready
+    st.s["serving"] = serving
+    if not spec.serving.enabled:
+        st.finish("Succeeded", "Completed", "serving was disabled before it rolled out")
+    elif ready >= max(1, min(spec.serving.replicas, 1)):
+        st.cond("Serving", "True", "Available", f"{ready} serving replica(s) ready at {serving.get('endpoint', '?')}")
+        st.finish("Succeeded", "Serving", "tuned, evaluated and serving")
+    return decision

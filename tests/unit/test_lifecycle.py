@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.lifecycle import Observation, decide, diagnose_pods
+from instructune_operator.naming import submission_id
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
+READY = {"status": {"state": "ready"}}
+
+
+def _spec(**changes: Any) -> InstructionTuneSpec:
+    spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]
+    spec.update(changes)
+    return InstructionTuneSpec.model_validate(spec)
+
+
+def _obs(status: dict[str, Any] | None = None, spec: InstructionTuneSpec | None = None, **kw: Any) -> Observation:
+    return Observation(namespace="ns", name="tune", uid="0123456789ab", generation=1, spec=spec or _spec(),
+                       spec_errors=[], status=status or {}, now=kw.pop("now", NOW), **kw)
+
+
+def _cond(status: dict[str, Any], type_: str) -> tuple[str, str]:
+    c = next(c for c in status["conditions"] if c["type"] == type_)
+    return c["status"], c["reason"]
+
+
+def test_new_tune_creates_children_and_waits_for_the_cluster() -> None:
+    d = decide(_obs())
+    assert d.ensure_children and d.submit is None
+    assert d.status["phase"] == "Provisioning"
+    assert _cond(d.status, "ClusterReady") == ("False", "Provisioning")
+
+
+def test_ready_cluster_gets_exactly_one_deterministic_submission() -> None:
+    d = decide(_obs(cluster=READY))
+    assert d.submit == submission_id("ns", "tune", "0123456789ab", 1)
+    assert d.status["attempts"] == 1 and d.status["jobId"] == d.submit
+    again = decide(_obs(status=d.status, cluster=READY, job_status="RUNNING"))
+    assert again.submit is None
+    assert again.status["phase"] == "Training"
+
+
+def test_job_unknown_to_ray_is_resubmitted_under_the_same_id() -> None:
+    first = decide(_obs(cluster=READY))
+    lost = decide(_obs(status=first.status, cluster=READY, job_status=None))
+    assert lost.submit == first.submit and lost.status["attempts"] == 1
+
+
+def test_unschedulable_worker_surfaces_the_scheduler_message() -> None:
+    pods = [{"metadata": {"name": "w-0"}, "status": {"conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/6 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}]
+    d = decide(_obs(cluster={"status": {}}, pods=pods))
+    status, reason = _cond(d.status, "ClusterReady")
+    assert (status, reason) == ("False", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in next(c for c in d.status["conditions"] if c["type"] == "ClusterReady")["message"]
+
+
+def test_image_pull_and_oom_are_diagnosed() -> None:
+    pull = {"metadata": {"name": "h"}, "status": {"containerStatuses": [
+        {"name": "ray-head", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}}
+    oom = {"metadata": {"name": "w"}, "status": {"containerStatuses": [
+        {"name": "ray-worker", "state": {"running": {}}, "lastState": {"terminated": {"reason": "OOMKilled"}}}]}}
+    assert diagnose_pods([pull]) == ("ImagePullBackOff", "pod h: not found")
+    assert diagnose_pods([oom])[0] == "OOMKilled"  # type: ignore[index]
+
+
+def test_failed_job_is_retried_from_checkpoint_until_the_backoff_limit_then_fails_with_the_reason() -> None:
+    spec = _spec(backoffLimit=1)
+    d = decide(_obs(spec=spec, cluster=READY))
+    d = decide(_obs(status=d.status, spec=spec, cluster=READY, job_status="FAILED", job_message="boom"))
+    assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
+    assert _cond(d.status, "Training") == ("True", "Submitted")
+    d = decide(_obs(status=d.status, spec=spec, cluster=READY, job_status="FAILED", job_message="boom again",
+                    job_log_tail="Traceback: ValueError: bad row"))
+    assert d.submit is None
+    assert d.status["phase"] == "Failed"
+    assert _cond(d.status, "Succeeded") == ("False", "BackoffLimitExceeded")
+    assert "ValueError: bad row" in next(c for c in d.status["conditions"] if c["type"] == "Training")["message"]
+    assert d.delete_cluster
+
+
+def test_suspend_tears_the_cluster_down_and_stops_the_job() -> None:
+    running = decide(_obs(cluster=READY)).status
+    d = decide(_obs(status=running, spec=_spec(suspend=True), cluster=READY, job_status="RUNNING"))
+    assert d.status["phase"] == "Suspended"
+    assert d.delete_cluster and d.stop_job == running["jobId"] and not d.ensure_children
+
+
+def test_resume_after_suspend_submits_the_next_attempt() -> None:
+    running = decide(_obs(cluster=READY)).status
+    suspended = decide(_obs(status=running, spec=_spec(suspend=True), job_status="STOPPED")).status
+    d = decide(_obs(status=suspended, cluster=READY, job_status="STOPPED"))
+    assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
+
+
+def test_active_deadline_fails_the_tune() -> None:
+    running = decide(_obs(cluster=READY, spec=_spec(activeDeadlineSeconds=600))).status
+    later = NOW + timedelta(seconds=601)
+    d = decide(_obs(status=running, spec=_spec(activeDeadlineSeconds=600), cluster=READY, job_status="RUNNING",
+                    now=later))
+    assert d.status["phase"] == "Failed" and d.stop_job == running["jobId"]
+    assert _cond(d.status, "Succeeded") == ("False", "DeadlineExceeded")
+
+
+def _succeeded(metrics: dict[str, float], spec: InstructionTuneSpec | None = None) -> dict[str, Any]:
+    status = decide(_obs(cluster=READY, spec=spec)).status
+    status["evaluation"] = {"metrics": metrics, "baseMetrics": {"heldout.jsonSchema": 0.0}}
+    return decide(_obs(status=status, cluster=READY, job_status="SUCCEEDED", spec=spec)).status
+
+
+def test_failed_gate_never_deploys() -> None:
+    status = _succeeded({"heldout.jsonSchema": 0.5})
+    assert status["phase"] == "Failed"
+    assert _cond(status, "EvalPassed") == ("False", "GateFailed")
+    assert "heldout.jsonSchema=0.5 (needs >= 0.8) FAIL" in next(
+        c for c in status["conditions"] if c["type"] == "EvalPassed")["message"]
+
+
+def test_passed_gate_deploys_then_succeeds_when_serving_is_available() -> None:
+    status = _succeeded({"heldout.jsonSchema": 0.95})
+    assert status["phase"] == "Deploying" and status["evaluation"]["passed"] is True
+    d = decide(_obs(status=status, serving_ready_replicas=0))
+    assert d.deploy and d.status["phase"] == "Deploying"
+    d = decide(_obs(status=d.status, serving_ready_replicas=1))
+    assert d.status["phase"] == "Succeeded"
+    assert _cond(d.status, "Serving") == ("True", "Available")
+
+
+def test_finished_tune_is_deleted_after_its_ttl() -> None:
+    spec = _spec(ttlSecondsAfterFinished=60, serving={"enabled": False})
+    status = _succeeded({"heldout.jsonSchema": 0.95}, spec)
+    assert status["phase"] == "Succeeded"
+    assert not decide(_obs(status=status, spec=spec, now=NOW + timedelta(seconds=30))).delete_tune
+    assert decide(_obs(status=status, spec=spec, now=NOW + timedelta(seconds=61))).delete_tune

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+
+from instructune_operator.status import compute_validation_status, set_condition, status_changes, transitions
+
+pytestmark = pytest.mark.unit
+
+
+def test_condition_keeps_its_transition_time_while_status_is_unchanged() -> None:
+    first = set_condition([], "Validated", "True", "SpecValid", "ok", "2026-01-01T00:00:00Z", 1)
+    again = set_condition(first, "Validated", "True", "SpecValid", "ok", "2026-01-02T00:00:00Z", 2)
+    assert again[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert again[0]["observedGeneration"] == 2
+
+
+def test_condition_moves_its_transition_time_when_status_flips() -> None:
+    first = set_condition([], "Validated", "True", "SpecValid", "ok", "2026-01-01T00:00:00Z", 1)
+    flipped = set_condition(first, "Validated", "False", "InvalidSpec", "bad", "2026-01-02T00:00:00Z", 2)
+    assert flipped == [
+        {
+            "type": "Validated",
+            "status": "False",
+            "reason": "InvalidSpec",
+            "message": "bad",
+            "lastTransitionTime": "2026-01-02T00:00:00Z",
+            "observedGeneration": 2,
+        }
+    ]
+
+
+def test_invalid_spec_fails_the_tune_with_every_reason() -> None:
+    status = compute_validation_status({}, 3, ["spec.a: x", "spec.b: y"], "t")
+    assert status["phase"] == "Failed"
+    assert status["observedGeneration"] == 3
+    assert status["conditions"][0]["message"] == "spec.a: x; spec.b: y"
+
+
+def test_fixed_spec_leaves_the_failed_phase_it_caused() -> None:
+    failed = compute_validation_status({}, 1, ["spec.a: x"], "t1")
+    fixed = compute_validation_status(failed, 2, [], "t2")
+    assert fixed["phase"] == "Pending"
+    assert fixed["conditions"][0]["status"] == "True"
+
+
+def test_reconciling_an_unchanged_tune_writes_nothing() -> None:
+    status = compute_validation_status({}, 1, [], "t1")
+    again = compute_validation_status(status, 1, [], "t2")
+    assert status_changes(status, again) == {}
+    assert transitions(status, again) == []
+
+
+def test_a_condition_flip_is_one_transition() -> None:
+    ok = compute_validation_status({}, 1, [], "t1")
+    bad = compute_validation_status(ok, 2, ["spec.a: x"], "t2")
+    assert [(c["type"], c["status"]) for c in transitions(ok, bad)] == [("Validated", "False")]
