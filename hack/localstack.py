@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
@@ -71,7 +72,15 @@ class Pool:
 
 
 POOLS = (
-    Pool("a100-80g", 2, cpu="96", memory="1Ti", gpus=8, gpu_product="NVIDIA-A100-SXM4-80GB", gpu_memory_mib=81920),
+    Pool(
+        "a100-80g",
+        2,
+        cpu="96",
+        memory="1Ti",
+        gpus=8,
+        gpu_product="NVIDIA-A100-SXM4-80GB",
+        gpu_memory_mib=81920,
+    ),
     Pool("l4", 2, cpu="16", memory="64Gi", gpus=1, gpu_product="NVIDIA-L4", gpu_memory_mib=23034),
     Pool("cpu", 2, cpu="32", memory="128Gi"),
 )
@@ -129,7 +138,9 @@ def ensure_programs() -> None:
         log(f"building missing programs ({' '.join(missing)}) with hack/build-stack.sh ...")
         rc = subprocess.run(["bash", str(HACK / "build-stack.sh"), *missing], check=False).returncode
         if rc != 0:
-            raise StackError(f"hack/build-stack.sh {' '.join(missing)} failed (exit {rc}); see its output above")
+            raise StackError(
+                f"hack/build-stack.sh {' '.join(missing)} failed (exit {rc}); see its output above"
+            )
 
 
 def ray_program() -> Path:
@@ -142,7 +153,9 @@ def ray_program() -> Path:
             return c
     log("no `ray` next to this interpreter: locating the project venv with hack/venv.sh ...")
     res = subprocess.run(["bash", str(HACK / "venv.sh")], stdout=subprocess.PIPE, text=True, check=False)
-    venv_ray = Path(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "/nonexistent") / "bin" / "ray"
+    venv_ray = (
+        Path(res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "/nonexistent") / "bin" / "ray"
+    )
     if res.returncode != 0 or not os.access(venv_ray, os.X_OK):
         raise StackError("ray: no `ray` program found (hack/venv.sh failed or the venv lacks ray)")
     return venv_ray
@@ -309,7 +322,9 @@ def admin_ctx(state_dir: Path) -> ssl.SSLContext:
     return ctx
 
 
-def wait_until(component: str, proc: Proc | None, check: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_until(
+    component: str, proc: Proc | None, check: Callable[[], bool], timeout_s: float, what: str
+) -> None:
     """Polls `check` until it is true; fails naming the component (with its log tail) on timeout or exit."""
     deadline = time.monotonic() + timeout_s
     last_err = ""
@@ -323,7 +338,9 @@ def wait_until(component: str, proc: Proc | None, check: Callable[[], bool], tim
             last_err = f" (last error: {e})"
         if time.monotonic() > deadline:
             logfile = proc.log if proc else "(no log)"
-            raise failure(component, f"not ready after {timeout_s:.0f}s waiting for {what}{last_err}", logfile)
+            raise failure(
+                component, f"not ready after {timeout_s:.0f}s waiting for {what}{last_err}", logfile
+            )
         time.sleep(0.25)
 
 
@@ -381,8 +398,15 @@ def make_pki(pki: Path) -> None:
         "-out", str(pki / "ca.crt"),
     )  # fmt: skip
     sans = ",".join(
-        [f"IP:{HOST}", f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default"]
-        + ["DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"]
+        [
+            f"IP:{HOST}",
+            f"IP:{SERVICE_IP}",
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
+            "DNS:kubernetes.default.svc.cluster.local",
+        ]
     )
     _sign(
         pki, "apiserver", "/CN=kube-apiserver",
@@ -400,8 +424,21 @@ def write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "instructune", "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")}}],
-        "users": [{"name": user, "user": {"client-certificate": str(pki / f"{user}.crt"), "client-key": str(pki / f"{user}.key")}}],
+        "clusters": [
+            {
+                "name": "instructune",
+                "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "client-certificate": str(pki / f"{user}.crt"),
+                    "client-key": str(pki / f"{user}.key"),
+                },
+            }
+        ],
         "contexts": [{"name": "instructune", "context": {"cluster": "instructune", "user": user}}],
         "current-context": "instructune",
     }
@@ -431,20 +468,23 @@ def s3_request(endpoint: str, access: str, secret: str, method: str, path: str) 
     signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
     req = urllib.request.Request(endpoint + path, method=method, headers=headers)
     req.add_header(
-        "Authorization", f"AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders={signed}, Signature={signature}"
+        "Authorization",
+        f"AWS4-HMAC-SHA256 Credential={access}/{scope}, SignedHeaders={signed}, Signature={signature}",
     )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
+            return int(resp.status)
     except urllib.error.HTTPError as e:
-        return e.code
+        return int(e.code)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Kubernetes objects
 
 
-def kubectl(state_dir: Path, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    state_dir: Path, *args: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
         [str(program("kubectl")), "--kubeconfig", str(state_dir / "kubeconfig"), *args],
         input=input, capture_output=True, text=True, check=False,
@@ -557,7 +597,9 @@ def healthy(state_dir: Path, state: dict[str, Any]) -> list[str]:
     checks: dict[str, Callable[[], bool]] = {
         "etcd": http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
         "kube-apiserver": http_ok(f"https://{HOST}:{ports['apiserver']}/readyz", admin_ctx(state_dir)),
-        "kube-controller-manager": http_ok(f"https://{HOST}:{ports['controller_manager']}/healthz", insecure_ctx()),
+        "kube-controller-manager": http_ok(
+            f"https://{HOST}:{ports['controller_manager']}/healthz", insecure_ctx()
+        ),
         "kube-scheduler": http_ok(f"https://{HOST}:{ports['scheduler']}/healthz", insecure_ctx()),
         "kwok": http_ok(f"http://{HOST}:{ports['kwok']}/healthz"),
         "kuberay-operator": http_ok(f"http://{HOST}:{ports['kuberay_probe']}/readyz"),
@@ -586,6 +628,16 @@ def up(state_dir: Path) -> dict[str, Any]:
     included) and ``reused`` (True when a running stack was found and left as it was)."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(state_dir):
+        running = _running_stack(state_dir)
+        if running is not None:
+            log(f"reusing the running stack in {state_dir}")
+            return _result(state_dir, running, reused=True)
+        return _start(state_dir)
+
+
+def _running_stack(state_dir: Path) -> dict[str, Any] | None:
+    """The recorded stack if it runs and is healthy; None (after cleaning stale state) if nothing runs."""
     old = _load(state_dir)
     if old is not None:
         procs = _procs(old)
@@ -593,8 +645,7 @@ def up(state_dir: Path) -> dict[str, Any]:
         if running and len(running) == len(procs) and old.get("complete"):
             bad = healthy(state_dir, old)
             if not bad:
-                log(f"reusing the running stack in {state_dir}")
-                return _result(state_dir, old, reused=True)
+                return old
             raise StackError(
                 f"the stack in {state_dir} runs but is unhealthy ({', '.join(bad)}); "
                 f"run `python hack/localstack.py down --dir {state_dir}` first"
@@ -603,11 +654,15 @@ def up(state_dir: Path) -> dict[str, Any]:
             dead = sorted({p.name for p in procs} - set(running))
             raise StackError(
                 f"the stack in {state_dir} is partly running (stopped: {', '.join(dead) or 'none'}; "
-                f"incomplete start: {not old.get('complete')}); run `python hack/localstack.py down --dir {state_dir}`"
+                f"incomplete start: {not old.get('complete')}); "
+                f"run `python hack/localstack.py down --dir {state_dir}`"
             )
         log(f"cleaning the stale state of a stack that no longer runs in {state_dir}")
     _clean(state_dir)
+    return None
 
+
+def _start(state_dir: Path) -> dict[str, Any]:
     ensure_programs()
     ray_bin = ray_program()
     crds = crd_dir()
@@ -715,7 +770,9 @@ def _up(
     bindir.mkdir(exist_ok=True)
     for tool in ("kubectl", "helm"):
         (bindir / tool).unlink(missing_ok=True)
-        (bindir / tool).symlink_to(CACHE / "bin" / f"{tool}-{versions()['K8S_VERSION' if tool == 'kubectl' else 'HELM_VERSION']}")
+        (bindir / tool).symlink_to(
+            CACHE / "bin" / f"{tool}-{versions()['K8S_VERSION' if tool == 'kubectl' else 'HELM_VERSION']}"
+        )
     (bindir / "ray").unlink(missing_ok=True)
     (bindir / "ray").symlink_to(ray_bin)
     mark("pki")
@@ -732,7 +789,13 @@ def _up(
          "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "10m",
          "--unsafe-no-fsync", "--log-level", "warn"],
     )  # fmt: skip
-    wait_until("etcd", etcd, http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'), 60, "/health")
+    wait_until(
+        "etcd",
+        etcd,
+        http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
+        60,
+        "/health",
+    )
     mark("etcd")
 
     apiserver = launch(
@@ -829,7 +892,9 @@ def _up(
         90, "every fake node Ready",
     )  # fmt: skip
     mark("kwok nodes")
-    wait_until("kuberay-operator", kuberay, http_ok(f"http://{HOST}:{ports['kuberay_probe']}/readyz"), 90, "/readyz")
+    wait_until(
+        "kuberay-operator", kuberay, http_ok(f"http://{HOST}:{ports['kuberay_probe']}/readyz"), 90, "/readyz"
+    )
     mark("kuberay-operator")
 
     wait_until("minio", minio, http_ok(f"{s3}/minio/health/ready"), 60, "/minio/health/ready")
@@ -838,7 +903,9 @@ def _up(
         if status not in (200, 409):
             raise failure("minio", f"creating bucket {bucket!r} answered HTTP {status}", minio.log)
     mark("minio")
-    wait_until("ray", ray, http_ok(f"http://{HOST}:{ports['ray_dashboard']}/api/version"), 180, "/api/version")
+    wait_until(
+        "ray", ray, http_ok(f"http://{HOST}:{ports['ray_dashboard']}/api/version"), 180, "/api/version"
+    )
     mark("ray")
 
     _write_env(
@@ -897,6 +964,17 @@ def status(state_dir: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serializes up/down on one state dir (a second `up` waits, then reuses the first one's stack)."""
+    with (state_dir / ".lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def running(state_dir: Path) -> Iterator[dict[str, Any]]:
     """`with running(dir) as info:` brings the stack up and always takes it down (unless it was reused)."""
     info = up(state_dir)
@@ -910,12 +988,16 @@ def running(state_dir: Path) -> Iterator[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("INSTRUCTUNE_STACK_DIR", DEFAULT_DIR)))
+    parser.add_argument(
+        "--dir", type=Path, default=Path(os.environ.get("INSTRUCTUNE_STACK_DIR", DEFAULT_DIR))
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
             info = up(args.dir)
-            print(json.dumps({k: info[k] for k in ("dir", "endpoints", "paths", "timings", "reused")}, indent=2))
+            print(
+                json.dumps({k: info[k] for k in ("dir", "endpoints", "paths", "timings", "reused")}, indent=2)
+            )
             print(f"# . {info['paths']['env']}")
         elif args.command == "down":
             down(args.dir)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack"))
-import localstack  # noqa: E402
+import localstack
 
 
 @dataclass(frozen=True)

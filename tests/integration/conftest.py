@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -28,6 +27,12 @@ def crd_installed(stack: Any) -> Any:
 def namespace(crd_installed: Any) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     crd_installed.kubectl("create", "namespace", name)
+    env = crd_installed.env
+    crd_installed.kubectl(
+        "create", "secret", "generic", "quickstart-s3", "-n", name,
+        f"--from-literal=AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}",
+    )
     yield name
     crd_installed.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
@@ -35,7 +40,9 @@ def namespace(crd_installed: Any) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def operator(crd_installed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {**os.environ, **crd_installed.env, "INSTRUCTUNE_SETTINGS": str(ROOT / "hack" / "local-settings.yaml")}
+    from demo import operator_env  # hack/ is on sys.path through tests/conftest.py
+
+    env = operator_env(crd_installed.env, crd_installed.dir)
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "instructune_operator"], env=env, stdout=out, stderr=out)
     time.sleep(1)

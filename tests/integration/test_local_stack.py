@@ -29,7 +29,9 @@ def api_get(stack: Stack, path: str, cert: tuple[Path, Path] | None) -> tuple[in
     if cert:
         ctx.load_cert_chain(str(cert[0]), str(cert[1]))
     try:
-        with urllib.request.urlopen(stack.info["endpoints"]["apiserver"] + path, context=ctx, timeout=10) as r:
+        with urllib.request.urlopen(
+            stack.info["endpoints"]["apiserver"] + path, context=ctx, timeout=10
+        ) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -63,7 +65,9 @@ def test_api_server_denies_anonymous_and_ungranted_users_because_rbac_is_on(stac
     assert (status, body["reason"]) == (403, "Forbidden")
     assert "system:anonymous" in body["message"]
 
-    nobody = localstack.issue_client_cert(stack.dir, f"nobody-{uuid.uuid4().hex[:6]}", groups=["instructune:none"])
+    nobody = localstack.issue_client_cert(
+        stack.dir, f"nobody-{uuid.uuid4().hex[:6]}", groups=["instructune:none"]
+    )
     status, body = api_get(stack, "/api/v1/namespaces/default/pods", cert=nobody)
     assert (status, body["reason"]) == (403, "Forbidden")
     assert "nobody-" in body["message"]
@@ -109,9 +113,13 @@ def gpu_pod(name: str, tolerate: bool) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
 
 
-def test_scheduler_places_a_tolerating_gpu_pod_on_its_pool_and_kwok_runs_it(stack: Stack, namespace: str) -> None:
+def test_scheduler_places_a_tolerating_gpu_pod_on_its_pool_and_kwok_runs_it(
+    stack: Stack, namespace: str
+) -> None:
     stack.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_pod("tolerates", tolerate=True)))
-    stack.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_pod("untolerated", tolerate=False)))
+    stack.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_pod("untolerated", tolerate=False))
+    )
     stack.kubectl("wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s", "pod/tolerates")
 
     pod = get_json(stack, "pod", "tolerates", "-n", namespace)
@@ -132,7 +140,9 @@ def test_scheduler_places_a_tolerating_gpu_pod_on_its_pool_and_kwok_runs_it(stac
     assert "untolerated taint" in untolerated["status"]["conditions"][0]["message"]
 
 
-def test_kuberay_operator_reconciles_a_raycluster_into_a_running_head_pod(stack: Stack, namespace: str) -> None:
+def test_kuberay_operator_reconciles_a_raycluster_into_a_running_head_pod(
+    stack: Stack, namespace: str
+) -> None:
     for crd in ("rayclusters.ray.io", "rayjobs.ray.io", "rayservices.ray.io"):
         conds = {c["type"]: c["status"] for c in get_json(stack, "crd", crd)["status"]["conditions"]}
         assert conds["Established"] == "True", crd
@@ -213,7 +223,14 @@ def test_down_leaves_no_recorded_process_or_port_alive(stack: Stack, tmp_path: P
     info = stack.info if stack.owned else localstack.up(state_dir)
     recorded = [localstack.Proc(**p) for p in info["processes"]]
     tree = recorded + localstack.descendants([p.pid for p in recorded])
-    assert {p.name for p in recorded} >= {"etcd", "kube-apiserver", "kwok", "kuberay-operator", "minio", "ray"}
+    assert {p.name for p in recorded} >= {
+        "etcd",
+        "kube-apiserver",
+        "kwok",
+        "kuberay-operator",
+        "minio",
+        "ray",
+    }
     assert all(localstack.alive(p) for p in recorded)
 
     localstack.down(state_dir)
