@@ -15,6 +15,7 @@ Run: python bench/bench_data_pipeline.py [--rows 20000] [--max-seq-length 1024]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -63,8 +64,8 @@ def run_ours(objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, bat
     started = time.perf_counter()
     examples = []
     for name, data in objects.items():
-        rows, unreadable = parse_object_bytes(data, name)
-        conversations, invalid, _ = rows_to_conversations(rows)
+        rows, _unreadable = parse_object_bytes(data, name)
+        conversations, _invalid, _ = rows_to_conversations(rows)
         accepted, _too_long = tokenize_conversations(conversations, tokenizer, None, max_seq_length)
         examples += accepted
     packs = pack_examples(examples, max_seq_length, seed=0)
@@ -125,17 +126,25 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
 
     tokenizer = build_tokenizer(tokenizer_corpus(args.seed), vocab_size=2000)
     objects = mix_objects(args.rows, args.seed)
     result: dict[str, Any] = {"bench": "data_pipeline", "rows": args.rows, "max_seq_length": args.max_seq_length,
-                              "batch_size": args.batch_size, "jsonl_bytes": sum(map(len, objects.values()))}
-    result["ours"] = run_ours(objects, tokenizer, args.max_seq_length, args.batch_size)
-    try:
-        result["datasets"] = run_datasets(objects, tokenizer, args.max_seq_length, args.batch_size)
+                              "batch_size": args.batch_size, "repeat": args.repeat, "jsonl_bytes": sum(map(len, objects.values()))}
+    # Alternate the two pipelines and keep each one's fastest run: the machine may be shared.
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    for _ in range(args.repeat):
+        ours.append(run_ours(objects, tokenizer, args.max_seq_length, args.batch_size))
+        with contextlib.suppress(ImportError):  # datasets is an optional peer
+            theirs.append(run_datasets(objects, tokenizer, args.max_seq_length, args.batch_size))
+    result["ours"] = min(ours, key=lambda run: run["seconds"])
+    if theirs:
+        result["datasets"] = min(theirs, key=lambda run: run["seconds"])
         result["speedup"] = round(result["ours"]["tokens_per_s"] / result["datasets"]["tokens_per_s"], 2)
-    except ImportError:
+    else:
         result["datasets"] = "not installed (pip install datasets==5.2.0)"
     result["machine"] = machine()
     print(json.dumps(result))

@@ -11,6 +11,12 @@ BIN=$CACHE/bin
 SRC=$CACHE/src
 LOGS=$CACHE/build-logs
 mkdir -p "$BIN" "$SRC" "$LOGS"
+# One build at a time per cache: a second caller waits, then finds the programs already built.
+exec 9>"$CACHE/.build.lock"
+if ! flock -n 9; then
+  echo "build-stack: another build is running in $CACHE; waiting for it ..." >&2
+  flock 9
+fi
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 
 die() { echo "build-stack: $*" >&2; exit 1; }

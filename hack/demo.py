@@ -8,6 +8,7 @@ its status, evaluation and, when it is served, the answer to a held-out question
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -64,8 +65,13 @@ def operator_env(env: dict[str, str], state_dir: Path) -> dict[str, str]:
 
 def start_operator(env: dict[str, str], state_dir: Path) -> subprocess.Popen[bytes]:
     log = (state_dir / "logs" / "operator.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "instructune_operator"], env=operator_env(env, state_dir),
-                            stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "instructune_operator"],
+        env=operator_env(env, state_dir),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     (state_dir / "operator.pid").write_text(str(proc.pid))
     return proc
 
@@ -73,10 +79,8 @@ def start_operator(env: dict[str, str], state_dir: Path) -> subprocess.Popen[byt
 def stop_previous_operator(state_dir: Path) -> None:
     pid_file = state_dir / "operator.pid"
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
             os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError, PermissionError):
-            pass
         pid_file.unlink()
 
 
@@ -86,23 +90,35 @@ def follow(state_dir: Path, timeout_s: float) -> dict[str, Any]:
         tune = yaml.safe_load(kubectl(state_dir, "get", "itune", TUNE, "-n", NAMESPACE, "-o", "yaml"))
         status = tune.get("status") or {}
         progress = status.get("progress") or {}
-        line = f"phase={status.get('phase')} step={progress.get('step')}/{progress.get('totalSteps')} " \
-               f"loss={progress.get('loss')}"
+        line = (
+            f"phase={status.get('phase')} step={progress.get('step')}/{progress.get('totalSteps')} "
+            f"loss={progress.get('loss')}"
+        )
         if line != last:
             print("   ", line, flush=True)
             last = line
         if status.get("phase") in ("Succeeded", "Failed"):
             return tune
         time.sleep(3)
-    raise SystemExit(f"the quickstart did not finish within {timeout_s:.0f}s; see {state_dir}/logs/operator.log")
+    raise SystemExit(
+        f"the quickstart did not finish within {timeout_s:.0f}s; see {state_dir}/logs/operator.log"
+    )
 
 
 def ask(endpoint: str, model: str) -> None:
     row = held_out_question()
     question = f"{row['instruction']}\n\n{row['input']}"
     say(f"asking the served model a held-out question:\n    {question!r}")
-    response = httpx.post(f"{endpoint}/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 48, "temperature": 0})
+    response = httpx.post(
+        f"{endpoint}/chat/completions",
+        timeout=120,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 48,
+            "temperature": 0,
+        },
+    )
     response.raise_for_status()
     answer = response.json()["choices"][0]["message"]["content"]
     print(f"    answer:   {answer}\n    expected: {row['output']}")
@@ -134,23 +150,38 @@ def main() -> int:
     kubectl(state_dir, "wait", "--for=condition=Established", "crd/instructiontunes.instructune.io")
     kubectl(state_dir, "create", "namespace", NAMESPACE, check=False)
     kubectl(state_dir, "delete", "itune", TUNE, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "quickstart-s3", "namespace": NAMESPACE},
-              "stringData": {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
-                             "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"]}}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "quickstart-s3", "namespace": NAMESPACE},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"],
+        },
+    }
     kubectl(state_dir, "apply", "-f", "-", input=json.dumps(secret))
     stop_previous_operator(state_dir)
     start_operator(env, state_dir)
 
     say("kubectl apply -f examples/quickstart.yaml")
-    print(kubectl(state_dir, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "quickstart.yaml")).strip())
+    print(
+        kubectl(state_dir, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "quickstart.yaml")).strip()
+    )
     tune = follow(state_dir, args.timeout)
 
     say("kubectl get itune")
     print(kubectl(state_dir, "get", "itune", "-n", NAMESPACE))
     status = tune["status"]
     say("status")
-    print(yaml.safe_dump({k: status.get(k) for k in ("phase", "attempts", "data", "checkpoints", "evaluation",
-                                                     "lineage", "serving")}, sort_keys=False))
+    print(
+        yaml.safe_dump(
+            {
+                k: status.get(k)
+                for k in ("phase", "attempts", "data", "checkpoints", "evaluation", "lineage", "serving")
+            },
+            sort_keys=False,
+        )
+    )
     for c in status.get("conditions", []):
         print(f"    {c['type']:<14} {c['status']:<6} {c['reason']:<22} {c['message'][:120]}")
     serving = status.get("serving") or {}

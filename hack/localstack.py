@@ -197,29 +197,38 @@ def alive(p: Proc) -> bool:
     return st is not None and st[0] not in ("Z", "X") and st[1] == p.start_ticks
 
 
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
+def _proc_table() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (ppid, pgid, start ticks, command name) of every process."""
+    table: dict[int, tuple[int, int, int, str]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 raw = (entry / "stat").read_text()
             except OSError:
                 continue
-            ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
-            kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
+            fields = raw[raw.rindex(")") + 2 :].split()
+            comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[19]), comm)
+    return table
 
 
 def descendants(pids: Sequence[int]) -> list[Proc]:
-    """Every live descendant of the given pids, with its start time (so a later kill hits only it)."""
-    kids, out, todo = _children_map(), [], list(pids)
+    """Live descendants and process-group members of the given pids (each a group leader here), with
+    their start times so that a later kill hits only them."""
+    table = _proc_table()
+    found: dict[int, Proc] = {}
+    todo = list(pids)
+    for pid, (_, pgid, ticks, comm) in table.items():
+        if pgid in pids and pid not in pids:
+            found[pid] = Proc(f"{comm}", pid, ticks, "")
+            todo.append(pid)
     while todo:
-        for child in kids.get(todo.pop(), []):
-            st = _stat(child)
-            if st is not None:
-                out.append(Proc("descendant", child, st[1], ""))
-                todo.append(child)
-    return out
+        parent = todo.pop()
+        for pid, (ppid, _, ticks, comm) in table.items():
+            if ppid == parent and pid not in found and pid not in pids:
+                found[pid] = Proc(f"{comm}", pid, ticks, "")
+                todo.append(pid)
+    return list(found.values())
 
 
 def start(name: str, argv: list[str], state_dir: Path, env: dict[str, str] | None = None) -> Proc:
@@ -257,30 +266,39 @@ def failure(component: str, reason: str, logfile: str | Path) -> StackError:
     return StackError(f"{component}: {reason}\n--- last lines of {logfile} ---\n{tail(logfile)}")
 
 
-def stop(procs: Sequence[Proc], grace_s: float = STOP_GRACE_S) -> list[Proc]:
-    """SIGTERM each process group and every descendant, SIGKILL after the grace period.
-
-    Returns the processes still alive at the end (expected: none)."""
-    live = [p for p in procs if alive(p)]
-    targets = live + descendants([p.pid for p in live])
-    for p in targets:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if p in live:
-                os.killpg(p.pid, signal.SIGTERM)  # started with start_new_session: pgid == pid
-            os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(alive(p) for p in targets):
-        time.sleep(0.1)
-    for p in targets:
+def _signal_all(procs: Sequence[Proc], sig: signal.Signals) -> None:
+    for p in procs:
         if alive(p):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                if p in live:
-                    os.killpg(p.pid, signal.SIGKILL)
-                os.kill(p.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(alive(p) for p in targets):
+                os.kill(p.pid, sig)
+
+
+def _wait_gone(procs: Sequence[Proc], timeout_s: float) -> list[Proc]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(alive(p) for p in procs):
         time.sleep(0.1)
-    return [p for p in targets if alive(p)]
+    return [p for p in procs if alive(p)]
+
+
+def stop(procs: Sequence[Proc], grace_s: float = STOP_GRACE_S) -> list[Proc]:
+    """Stops the recorded processes and everything they started; returns what is still alive (expected: none).
+
+    SIGTERM goes to each recorded process first (so `ray start --block` can drain and stop its own
+    children in order), then to its remaining descendants; SIGKILL ends whatever is left after the
+    grace period. Processes are signalled by pid and start time only, never by name."""
+    live = [p for p in procs if alive(p)]
+    tree = descendants([p.pid for p in live])  # snapshot before anything exits and is reparented
+    _signal_all(live, signal.SIGTERM)
+    _wait_gone(live + tree, grace_s)
+    rest = [p for p in tree if alive(p)]
+    if rest:
+        _signal_all(rest, signal.SIGTERM)
+        _wait_gone(rest, 3)
+    stubborn = [p for p in live + tree if alive(p)]
+    if stubborn:
+        log(f"SIGKILL after {grace_s:.0f}s: {', '.join(f'{p.name}[{p.pid}]' for p in stubborn)}")
+        _signal_all(stubborn, signal.SIGKILL)
+    return _wait_gone(live + tree, 5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,9 +318,12 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def http_get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 3.0) -> tuple[int, bytes]:
+def http_get(
+    url: str, ctx: ssl.SSLContext | None = None, timeout: float = 3.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -344,9 +365,14 @@ def wait_until(
         time.sleep(0.25)
 
 
-def http_ok(url: str, ctx: ssl.SSLContext | None = None, expect: bytes | None = None) -> Callable[[], bool]:
+def http_ok(
+    url: str,
+    ctx: ssl.SSLContext | None = None,
+    expect: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Callable[[], bool]:
     def check() -> bool:
-        status, body = http_get(url, ctx)
+        status, body = http_get(url, ctx, headers=headers)
         return status == 200 and (expect is None or expect in body)
 
     return check
@@ -571,6 +597,11 @@ def _write_env(state_dir: Path, env: dict[str, str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def ray_auth(env: dict[str, str]) -> dict[str, str]:
+    """The HTTP header that Ray's token authentication wants (Ray clients send it from RAY_AUTH_TOKEN)."""
+    return {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"} if env.get("RAY_AUTH_TOKEN") else {}
+
+
 def ray_temp_dir(state_dir: Path) -> Path:
     # Ray's unix socket paths must stay short (~107 bytes): keep its temp dir at a short fixed path.
     return Path("/tmp") / f"itr-{hashlib.sha1(str(state_dir).encode()).hexdigest()[:8]}"
@@ -604,7 +635,9 @@ def healthy(state_dir: Path, state: dict[str, Any]) -> list[str]:
         "kwok": http_ok(f"http://{HOST}:{ports['kwok']}/healthz"),
         "kuberay-operator": http_ok(f"http://{HOST}:{ports['kuberay_probe']}/readyz"),
         "minio": http_ok(f"http://{HOST}:{ports['minio']}/minio/health/live"),
-        "ray": http_ok(f"http://{HOST}:{ports['ray_dashboard']}/api/version"),
+        "ray": http_ok(
+            f"http://{HOST}:{ports['ray_dashboard']}/api/version", headers=ray_auth(read_env(state_dir))
+        ),
     }
     bad = []
     for name, check in checks.items():
@@ -686,7 +719,8 @@ def _start(state_dir: Path) -> dict[str, Any]:
         _up(state_dir, state, launch, mark, ray_bin, crds)
     except BaseException:
         log("start failed: stopping what was started")
-        stop(procs)
+        stop(list(reversed(procs)))
+        shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
         state["processes"] = [asdict(p) for p in procs]
         _save(state_dir, state)
         raise
@@ -718,6 +752,21 @@ def _up(
     s3 = f"http://{HOST}:{ports['minio']}"
     access, secret = "instructune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
     kubeconfig = state_dir / "kubeconfig"
+    # The only copy of the credentials on disk is <dir>/env (mode 0600); stack.json holds none.
+    env = {
+        "INSTRUCTUNE_STACK_DIR": str(state_dir),
+        "KUBECONFIG": str(kubeconfig),
+        "AWS_ENDPOINT_URL": s3,
+        "INSTRUCTUNE_S3_ENDPOINT": s3,
+        "AWS_ACCESS_KEY_ID": access,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": REGION,
+        "RAY_ADDRESS": f"http://{HOST}:{ports['ray_dashboard']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "INSTRUCTUNE_RAY_GCS_ADDRESS": f"{HOST}:{ports['ray_gcs']}",
+    }
     state["paths"] = {
         "kubeconfig": str(kubeconfig),
         "env": str(state_dir / "env"),
@@ -759,7 +808,10 @@ def _up(
          "--runtime-env-agent-port", str(ports["ray_runtime_env_agent"]),
          "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(1 << 30),
          "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
-        {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        # Ray 2.60 enables token authentication by default; the token is ours, not ~/.ray/auth_token.
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's switch that keeps `--node-ip-address 127.0.0.1`
+        # on loopback (otherwise Ray swaps it for the host's routable IP and listens on every interface).
+        {"RAY_USAGE_STATS_ENABLED": "0", **{k: env[k] for k in env if k.startswith("RAY_") and k != "RAY_ADDRESS"}},
     )  # fmt: skip
 
     make_pki(pki)
@@ -768,11 +820,14 @@ def _up(
     write_kubeconfig(pki / "scheduler.kubeconfig", api, pki, "scheduler")
     bindir = state_dir / "bin"
     bindir.mkdir(exist_ok=True)
-    for tool in ("kubectl", "helm"):
-        (bindir / tool).unlink(missing_ok=True)
-        (bindir / tool).symlink_to(
-            CACHE / "bin" / f"{tool}-{versions()['K8S_VERSION' if tool == 'kubectl' else 'HELM_VERSION']}"
-        )
+    vs = versions()
+    for tool, target in {
+        "kubectl": program("kubectl"),
+        "helm": CACHE / "bin" / f"helm-{vs['HELM_VERSION']}",
+    }.items():
+        if target.exists():
+            (bindir / tool).unlink(missing_ok=True)
+            (bindir / tool).symlink_to(target)
     (bindir / "ray").unlink(missing_ok=True)
     (bindir / "ray").symlink_to(ray_bin)
     mark("pki")
@@ -864,6 +919,7 @@ def _up(
                         check=False).returncode == 0,
         60, "CRDs Established",
     )  # fmt: skip
+    mark("kuberay CRDs")
     kuberay = launch(
         "kuberay-operator",
         [str(program("kuberay-operator")), "--enable-leader-election=false",
@@ -874,8 +930,10 @@ def _up(
 
     wait_until("kube-scheduler", scheduler, http_ok(f"https://{HOST}:{ports['scheduler']}/healthz", insecure_ctx()),
                90, "/healthz")  # fmt: skip
+    mark("kube-scheduler")
     wait_until("kube-controller-manager", kcm,
                http_ok(f"https://{HOST}:{ports['controller_manager']}/healthz", insecure_ctx()), 90, "/healthz")  # fmt: skip
+    mark("kube-controller-manager")
     # The token and root-CA publisher controllers run: pods can be admitted in the default namespace.
     wait_until(
         "kube-controller-manager", kcm,
@@ -883,7 +941,7 @@ def _up(
                         check=False).returncode == 0,
         90, "the default ServiceAccount and kube-root-ca.crt",
     )  # fmt: skip
-    mark("controllers")
+    mark("serviceaccounts")
     wait_until("kwok", kwok, http_ok(f"http://{HOST}:{ports['kwok']}/healthz"), 60, "/healthz")
     wait_until(
         "kwok", kwok,
@@ -904,43 +962,38 @@ def _up(
             raise failure("minio", f"creating bucket {bucket!r} answered HTTP {status}", minio.log)
     mark("minio")
     wait_until(
-        "ray", ray, http_ok(f"http://{HOST}:{ports['ray_dashboard']}/api/version"), 180, "/api/version"
+        "ray",
+        ray,
+        http_ok(f"http://{HOST}:{ports['ray_dashboard']}/api/version", headers=ray_auth(env)),
+        180,
+        "/api/version",
     )
     mark("ray")
 
-    _write_env(
-        state_dir,
-        {
-            "INSTRUCTUNE_STACK_DIR": str(state_dir),
-            "KUBECONFIG": str(kubeconfig),
-            "AWS_ENDPOINT_URL": s3,
-            "INSTRUCTUNE_S3_ENDPOINT": s3,
-            "AWS_ACCESS_KEY_ID": access,
-            "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": REGION,
-            "RAY_ADDRESS": f"http://{HOST}:{ports['ray_dashboard']}",
-            "INSTRUCTUNE_RAY_GCS_ADDRESS": f"{HOST}:{ports['ray_gcs']}",
-        },
-    )
+    _write_env(state_dir, env)
 
 
 def down(state_dir: Path) -> None:
     """Stops every process recorded in `state_dir` (and its descendants); keeps logs and data."""
     state_dir = Path(state_dir).resolve()
-    state = _load(state_dir)
-    if state is None:
+    if not state_dir.is_dir():
         log(f"no stack recorded in {state_dir}")
         return
-    procs = _procs(state)
-    # Stop in reverse start order: clients before the API server, the API server before etcd.
-    left = stop(list(reversed(procs)))
-    shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
-    if left:
-        raise StackError(f"still running after SIGKILL: {', '.join(f'{p.name}[{p.pid}]' for p in left)}")
-    state["complete"] = False
-    state["stopped"] = True
-    _save(state_dir, state)
-    log(f"stopped {sum(1 for _ in procs)} processes of {state_dir}")
+    with _locked(state_dir):
+        state = _load(state_dir)
+        if state is None:
+            log(f"no stack recorded in {state_dir}")
+            return
+        procs = _procs(state)
+        # Stop in reverse start order: clients before the API server, the API server before etcd.
+        left = stop(list(reversed(procs)))
+        shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
+        if left:
+            raise StackError(f"still running after SIGKILL: {', '.join(f'{p.name}[{p.pid}]' for p in left)}")
+        state["complete"] = False
+        state["stopped"] = True
+        _save(state_dir, state)
+        log(f"stopped the {len(procs)} processes of {state_dir}")
 
 
 def status(state_dir: Path) -> dict[str, Any]:
@@ -992,6 +1045,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir", type=Path, default=Path(os.environ.get("INSTRUCTUNE_STACK_DIR", DEFAULT_DIR))
     )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so an interrupted `up` stops what it had started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.command == "up":
             info = up(args.dir)

@@ -32,6 +32,7 @@ class Stack:
     access_key: str
     secret_key: str
     ray_address: str
+    ray_token: str
     info: dict[str, Any] = field(repr=False)
     owned: bool = True
 
@@ -81,6 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             access_key=env["AWS_ACCESS_KEY_ID"],
             secret_key=env["AWS_SECRET_ACCESS_KEY"],
             ray_address=env["RAY_ADDRESS"],
+            ray_token=env["RAY_AUTH_TOKEN"],
             info=info,
             owned=owned,
         )

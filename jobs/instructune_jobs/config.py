@@ -236,7 +236,7 @@ class GeneralProbe(_Model):
 
 class EvaluationConfig(_Model):
     datasets: list[EvalDataset] = Field(default_factory=list)
-    metrics: list[Metric] = Field(default_factory=lambda: [LossMetric()])
+    metrics: list[Metric] = Field(default_factory=lambda: list[Metric]([LossMetric()]))
     compare_to_base: bool = True
     general_probe: GeneralProbe | None = None
     max_new_tokens: int = Field(default=256, ge=1)

@@ -11,6 +11,7 @@ Public API (finetune.py, evaluate.py and the serving builder use only these):
     split_for_generation(conversation) -> (prompt conversation, reference answer)
     tokenize_conversations(conversations, tokenizer, chat_template, max_seq_length)
     pack_examples(examples, max_seq_length, seed=None) -> list[PackedSequence]
+    packing_padding_fraction / dynamic_padding_fraction / fixed_padding_fraction
     PackedCollator / PaddingCollator                                   batches of torch tensors
     block_diagonal_causal_mask(position_ids, dtype) -> 4D additive mask
 
@@ -892,9 +893,11 @@ class PackedCollator:
     """Batches of packs. Padding after the last example gets position_ids restarting at 0, so it
     forms a segment of its own that no real token attends to.
 
-    attention="4d_mask" (CPU, eager/sdpa): adds a block-diagonal causal `attention_mask`.
-    attention="position_ids": no mask; for flash-attention kernels that find the example
-    boundaries in position_ids themselves.
+    attention="4d_mask" (CPU, eager/sdpa): adds a block-diagonal causal `attention_mask`
+    (batch x seq x seq; an fp32 mask also works for a bf16 model).
+    attention="position_ids": no mask; transformers finds the example boundaries in position_ids
+    itself (flash-attention kernels; sdpa and eager too when use_cache=False, as in training),
+    which saves the mask's seq^2 memory. Both give the same logits (tests/unit/test_packing.py).
     """
 
     pad_token_id: int

@@ -271,8 +271,15 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens: int  # new tokens before the stop token
+    stopped: bool  # ended with a stop token; False: cut off at max_new_tokens
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+             batch_size: int = DEFAULT_BATCH_SIZE) -> list[Generation]:
     """Greedy continuations of the rendered prompts, in input order.
 
     Left padding keeps every prompt's last token at the end of the row, where generation
@@ -288,7 +295,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     )
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[Generation] = [Generation("", 0, False)] * len(prompts)
     with torch.inference_mode():
         for chunk in _batches(order, batch_size):
             width = max(len(encoded[i]) for i in chunk)
@@ -304,11 +311,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
             for row, index in enumerate(chunk):
                 new_tokens = generated[row, width:].tolist()
                 # Cut at the first stop token: rows that stopped early are padded after it.
-                for position, token in enumerate(new_tokens):
-                    if token in stop_ids:
-                        new_tokens = new_tokens[:position]
-                        break
-                outputs[index] = tokenizer.decode(new_tokens, skip_special_tokens=True)
+                stop = next((pos for pos, token in enumerate(new_tokens) if token in stop_ids), None)
+                kept = new_tokens if stop is None else new_tokens[:stop]
+                outputs[index] = Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept),
+                                            stop is not None)
     return outputs
 
 
@@ -352,7 +358,7 @@ def prepare_eval_set(name: str, uri: str, cfg: TrainConfig, tokenizer: Any, temp
 @dataclass
 class ModelScores:
     metrics: dict[str, float]
-    outputs: dict[str, list[str]]  # dataset -> generations
+    outputs: dict[str, list[Generation]]  # dataset -> generations
     samples: dict[str, list[dict[str, Any]]]  # dataset -> per-sample scores
 
 
@@ -370,7 +376,7 @@ def score_model(model: Any, tokenizer: Any, eval_sets: Sequence[EvalSet], probe:
             started = time.monotonic()
             outputs = generate(model, tokenizer, eval_set.prompts, max_new_tokens, batch_size)
             log.info("generated %d responses for %s in %.1fs", len(outputs), prefix, time.monotonic() - started)
-            per_sample = [scoring.score_sample(out, ref, spec) for out, ref in
+            per_sample = [scoring.score_sample(out.text, ref, spec) for out, ref in
                           zip(outputs, eval_set.references, strict=True)]
             for key, value in scoring.aggregate_scores(per_sample, spec).items():
                 result.metrics[f"{prefix}.{key}"] = value
@@ -570,12 +576,13 @@ def _dataset_report(eval_set: EvalSet, tuned: ModelScores, base: ModelScores | N
         sample: dict[str, Any] = {
             "messages": eval_set.prompt_messages[index],
             "reference": eval_set.references[index],
-            "output": outputs[index],
-            "scores": tuned.samples[eval_set.name][index],
+            "output": outputs[index].text,
+            "scores": {**tuned.samples[eval_set.name][index], "hitMaxNewTokens": not outputs[index].stopped},
         }
-        if base_outputs:
-            sample["baseOutput"] = base_outputs[index]
-            sample["baseScores"] = base.samples[eval_set.name][index] if base else {}
+        if base_outputs and base:
+            sample["baseOutput"] = base_outputs[index].text
+            sample["baseScores"] = {**base.samples[eval_set.name][index],
+                                    "hitMaxNewTokens": not base_outputs[index].stopped}
         samples.append(sample)
     return {
         "name": eval_set.name,

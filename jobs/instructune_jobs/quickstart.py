@@ -8,7 +8,13 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from instructune_jobs.synthetic import build_tiny_llama, extraction_rows, general_rows, upload_directory, upload_rows
+from instructune_jobs.synthetic import (
+    build_tiny_llama,
+    extraction_rows,
+    general_rows,
+    upload_directory,
+    upload_rows,
+)
 
 MODEL_URI = "s3://models/tiny-llama/"
 TRAIN_URI = "s3://datasets/extraction/train.jsonl"

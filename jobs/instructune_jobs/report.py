@@ -45,7 +45,7 @@ def format_eta(seconds: float | None) -> str | None:
     """"1h02m", "3m05s", "42s": what `kubectl get` can show in a column."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return None
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -247,7 +247,7 @@ class ProgressReporter:
             self.write(self.metrics_uri, ("\n".join(self.metric_lines) + "\n").encode(), "application/x-ndjson")
             document = {"progress": self.progress, "checkpoints": self.checkpoints, "updated": utc_now()}
             self.write(self.progress_uri, json.dumps(document, indent=2).encode(), "application/json")
-        except Exception as err:  # noqa: BLE001 - reporting must never stop training
+        except Exception as err:  # reporting must never stop training
             log.warning("writing progress to %s failed: %s", self.progress_uri, err)
         if self.patcher is not None and self._pending_status:
             status = {k: v for k, v in self._pending_status.items()}

@@ -38,7 +38,8 @@ class ParsedResponse:
 
     value: dict[str, Any] | None  # the first JSON object found, even if surrounded by text
     strict: bool  # the response is exactly one JSON object (plus whitespace)
-    reason: str  # "ok", "empty", "no_json_object", "truncated", "leading_text", "trailing_text"
+    # "ok", "empty", "no_json_object", "invalid_json", "truncated", "leading_text", "trailing_text"
+    reason: str
 
 
 def parse_response(text: str) -> ParsedResponse:
@@ -52,8 +53,10 @@ def parse_response(text: str) -> ParsedResponse:
             value, end = _DECODER.raw_decode(stripped, start)
         except json.JSONDecodeError:
             if _never_closes(stripped, start):
-                # Cut off (typically by max_new_tokens): every later "{" lies inside this object.
-                return ParsedResponse(None, False, "truncated")
+                # Still open at the end: every later "{" lies inside this object. Ending on "}"
+                # means quotes or brackets are unbalanced (malformed), otherwise it was cut off,
+                # typically by max_new_tokens.
+                return ParsedResponse(None, False, "invalid_json" if stripped.endswith("}") else "truncated")
             start = stripped.find("{", start + 1)
             continue
         if isinstance(value, dict):

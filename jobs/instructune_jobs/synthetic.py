@@ -191,11 +191,15 @@ def general_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 # Alpaca + Dolly shaped length mix (for packing and pipeline benchmarks)
 # ---------------------------------------------------------------------------------------------
 
-_FILLER = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-    "they you were her she there one all we can has been if more when will would who so no model data answer "
-    "question system language first time people years way work world life day part number city country water "
-    "history music science house school family story example result process level order company market").split()
+_FILLER = [
+    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on",
+    "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you",
+    "were", "her", "she", "there", "one", "all", "we", "can", "has", "been", "if", "more", "when", "will",
+    "would", "who", "so", "no", "model", "data", "answer", "question", "system", "language", "first",
+    "time", "people", "years", "way", "work", "world", "life", "day", "part", "number", "city", "country",
+    "water", "history", "music", "science", "house", "school", "family", "story", "example", "result",
+    "process", "level", "order", "company", "market",
+]
 
 
 def _words(rng: random.Random, mean_log: float, sigma: float, cap: int) -> str:

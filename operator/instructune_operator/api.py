@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonDict
 
 GROUP = "instructune.io"
 VERSION = "v1alpha1"
@@ -26,9 +27,9 @@ MODEL_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|hf://[A-Za-z0-9_.\-
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
     """One x-kubernetes-validations entry; fieldPath makes the error name the offending field."""
-    entry = {"rule": rule, "message": message}
+    entry: JsonDict = {"rule": rule, "message": message}
     if field_path:
         entry["fieldPath"] = field_path
     return entry
@@ -56,7 +57,9 @@ class BaseModelSpec(Model):
 class DataSource(Model):
     """One source of instruction data; several are mixed by weight."""
 
-    uri: str = Field(pattern=S3_URI, description="An S3 object or a prefix of shards (JSONL, JSONL.gz or Parquet).")
+    uri: str = Field(
+        pattern=S3_URI, description="An S3 object or a prefix of shards (JSONL, JSONL.gz or Parquet)."
+    )
     weight: float = Field(
         default=1.0, gt=0, le=1000, description="Relative share of this source in the training mix (> 0)."
     )
@@ -101,12 +104,16 @@ class InvalidRows(Model):
 class DatasetSpec(Model):
     """Instruction-response data: domain data plus general data mixed against forgetting."""
 
-    train: list[DataSource] = Field(min_length=1, max_length=32, description="Training sources, mixed by weight.")
+    train: list[DataSource] = Field(
+        min_length=1, max_length=32, description="Training sources, mixed by weight."
+    )
     validation: ValidationSplit | None = Field(default=None, description="Validation split.")
     format: Literal["auto", "alpaca", "dolly", "messages", "prompt-completion"] = Field(
         default="auto", description="Row format; auto detects it from the fields of each source."
     )
-    field_mapping: FieldMapping | None = Field(default=None, description="Column names, when not the format's own.")
+    field_mapping: FieldMapping | None = Field(
+        default=None, description="Column names, when not the format's own."
+    )
     invalid_rows: InvalidRows | None = Field(default=None, description="Handling of rows that do not fit.")
 
 
@@ -145,7 +152,8 @@ class MethodSpec(Model):
     """How the weights are tuned."""
 
     type: Literal["lora", "qlora", "full"] = Field(
-        default="lora", description="lora: adapter on a frozen base; qlora: adapter on a 4-bit base; full: all weights."
+        default="lora",
+        description="lora: adapter on a frozen base; qlora: adapter on a 4-bit base; full: all weights.",
     )
     lora: LoraSpec | None = Field(default=None, description="Adapter settings for lora and qlora.")
 
@@ -161,17 +169,27 @@ class TrainingSpec(Model):
         }
     )
     epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the training mix.")
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps; overrides epochs when set."
+    )
     learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         default="cosine", description="Learning-rate schedule after warm-up."
     )
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    batch_size_per_device: int = Field(default=4, ge=1, le=4096, description="Sequences per device per micro-step.")
-    gradient_accumulation: int = Field(default=1, ge=1, le=1024, description="Micro-steps per optimizer step.")
+    batch_size_per_device: int = Field(
+        default=4, ge=1, le=4096, description="Sequences per device per micro-step."
+    )
+    gradient_accumulation: int = Field(
+        default=1, ge=1, le=1024, description="Micro-steps per optimizer step."
+    )
     max_seq_length: int = Field(default=2048, ge=16, le=262144, description="Tokens per (packed) sequence.")
-    packing: bool = Field(default=True, description="Pack several examples per sequence, kept apart by position ids.")
-    precision: Literal["bf16", "fp16", "fp32"] = Field(default="bf16", description="Compute precision on GPUs.")
+    packing: bool = Field(
+        default=True, description="Pack several examples per sequence, kept apart by position ids."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Compute precision on GPUs."
+    )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, ge=0, description="Seed for data order, splits and initialisation.")
 
@@ -205,14 +223,20 @@ class DistributedSpec(Model):
 class ResourcesSpec(Model):
     """Where the Ray cluster runs: a GPU pool the platform team defined in the operator settings."""
 
-    gpu_pool: str = Field(pattern=DNS_LABEL, max_length=63, description="Name of a GPU pool from the operator settings.")
+    gpu_pool: str = Field(
+        pattern=DNS_LABEL, max_length=63, description="Name of a GPU pool from the operator settings."
+    )
     workers: int = Field(default=1, ge=1, le=512, description="Ray Train workers (one per node).")
     gpus_per_worker: int = Field(default=1, ge=0, le=16, description="GPUs per worker; 0 runs on CPU.")
     cpus_per_worker: int = Field(default=4, ge=1, le=256, description="CPUs per worker.")
     memory_per_worker: str = Field(
-        default="16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$", description="Memory per worker (quantity)."
+        default="16Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$",
+        description="Memory per worker (quantity).",
     )
-    image: str | None = Field(default=None, max_length=512, description="Ray image; defaults to the operator's.")
+    image: str | None = Field(
+        default=None, max_length=512, description="Ray image; defaults to the operator's."
+    )
 
 
 class CheckpointingSpec(Model):
@@ -283,18 +307,26 @@ class ProbeSpec(Model):
 class EvaluationSpec(Model):
     """Evaluation after training, and the gate that decides deployment."""
 
-    datasets: list[EvalDataset] = Field(default_factory=list, max_length=16, description="Evaluation datasets.")
+    datasets: list[EvalDataset] = Field(
+        default_factory=list, max_length=16, description="Evaluation datasets."
+    )
     metrics: list[MetricSpec] = Field(default_factory=list, max_length=32, description="Scores to compute.")
-    compare_to_base: bool = Field(default=True, description="Also score the base model, reported as baseMetrics.")
+    compare_to_base: bool = Field(
+        default=True, description="Also score the base model, reported as baseMetrics."
+    )
     general_probe: ProbeSpec | None = Field(default=None, description="Catastrophic-forgetting probe.")
     max_new_tokens: int = Field(default=256, ge=1, le=32768, description="Generation length limit.")
-    gate: list[GateRule] = Field(default_factory=list, max_length=32, description="Deploy only when all rules hold.")
+    gate: list[GateRule] = Field(
+        default_factory=list, max_length=32, description="Deploy only when all rules hold."
+    )
 
 
 class ServingSpec(Model):
     """Serving rollout after the gate passes."""
 
-    enabled: bool = Field(default=False, description="Deploy the tuned model when the evaluation gate passes.")
+    enabled: bool = Field(
+        default=False, description="Deploy the tuned model when the evaluation gate passes."
+    )
     runtime: Literal["vllm", "ray-serve"] = Field(default="vllm", description="Serving runtime.")
     replicas: int = Field(default=1, ge=0, le=100, description="Serving replicas.")
     gpu_pool: str | None = Field(default=None, pattern=DNS_LABEL, description="GPU pool for serving pods.")
@@ -313,12 +345,17 @@ class CredentialsSpec(Model):
     """Credentials, by reference only: values never appear in the tune, its status or events."""
 
     s3_secret_ref: SecretRef | None = Field(
-        default=None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; omit for workload identity."
+        default=None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; omit for workload identity.",
     )
-    hf_token_secret_ref: SecretRef | None = Field(default=None, description="Secret with HF_TOKEN for hf:// models.")
+    hf_token_secret_ref: SecretRef | None = Field(
+        default=None, description="Secret with HF_TOKEN for hf:// models."
+    )
 
 
-IMMUTABLE_RULE = cel("self == oldSelf", "is immutable after creation: create a new InstructionTune to train again")
+IMMUTABLE_RULE = cel(
+    "self == oldSelf", "is immutable after creation: create a new InstructionTune to train again"
+)
 
 
 def frozen(description: str, default_factory: Any = None) -> Any:
@@ -326,7 +363,9 @@ def frozen(description: str, default_factory: Any = None) -> Any:
     extra: dict[str, Any] = {"x-kubernetes-validations": [IMMUTABLE_RULE]}
     if default_factory is None:
         return Field(description=f"{description} Immutable.", json_schema_extra=extra)  # type: ignore[arg-type]
-    return Field(default_factory=default_factory, description=f"{description} Immutable.", json_schema_extra=extra)  # type: ignore[arg-type]
+    return Field(
+        default_factory=default_factory, description=f"{description} Immutable.", json_schema_extra=extra
+    )  # type: ignore[arg-type]
 
 
 class InstructionTuneSpec(Model):
@@ -364,9 +403,13 @@ class InstructionTuneSpec(Model):
     checkpointing: CheckpointingSpec = frozen("Checkpoints and artifacts in S3.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation and gate.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="Serving rollout.")
-    credentials: CredentialsSpec = Field(default_factory=CredentialsSpec, description="Credential references.")
+    credentials: CredentialsSpec = Field(
+        default_factory=CredentialsSpec, description="Credential references."
+    )
     suspend: bool = Field(default=False, description="true tears the Ray cluster down and keeps checkpoints.")
-    backoff_limit: int = Field(default=3, ge=0, le=100, description="Retries of a failed job, each from the latest checkpoint.")
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Retries of a failed job, each from the latest checkpoint."
+    )
     active_deadline_seconds: int | None = Field(
         default=None, ge=60, description="Wall-clock limit of the run; exceeded means Failed."
     )
@@ -380,7 +423,9 @@ class InstructionTuneSpec(Model):
 
 # -------------------------------------------------------------------------------------- status
 
-Phase = Literal["Pending", "Provisioning", "Training", "Evaluating", "Deploying", "Succeeded", "Failed", "Suspended"]
+Phase = Literal[
+    "Pending", "Provisioning", "Training", "Evaluating", "Deploying", "Succeeded", "Failed", "Suspended"
+]
 
 
 class Condition(Model):
@@ -437,7 +482,9 @@ class EvaluationStatus(Model):
     """Evaluation results and the gate's verdict."""
 
     metrics: dict[str, float] = Field(default_factory=dict, description="Metrics of the tuned model.")
-    base_metrics: dict[str, float] = Field(default_factory=dict, description="The same metrics of the base model.")
+    base_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The same metrics of the base model."
+    )
     passed: bool | None = Field(default=None, description="Whether every gate rule held.")
     summary: str | None = Field(default=None, description="One-line verdict, shown by kubectl get.")
     report_uri: str | None = Field(default=None, description="Full report in S3.")
@@ -522,14 +569,14 @@ def _openapi(node: Any, defs: dict[str, Any]) -> Any:
             out["maximum"], out["exclusiveMaximum"] = value, True
         elif key == "const":
             out["enum"] = [value]
-        elif key == "default" and (value is None or isinstance(value, (dict, list)) and value):
+        elif key == "default" and (value is None or (isinstance(value, (dict, list)) and value)):
             continue
         else:
             out[key] = _openapi(value, defs)
     if node.get("type") == "object" and "properties" not in node:
-        extra = node.get("additionalProperties")
-        if isinstance(extra, dict) and extra:
-            out["additionalProperties"] = _openapi(extra, defs)
+        values = node.get("additionalProperties")
+        if isinstance(values, dict) and values:
+            out["additionalProperties"] = _openapi(values, defs)
         else:
             out["x-kubernetes-preserve-unknown-fields"] = True
     if "enum" in out and "type" not in out:
@@ -570,8 +617,12 @@ def crd() -> dict[str, Any]:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
-                         "description": "Percent of training steps done"},
+                        {
+                            "name": "Progress",
+                            "type": "integer",
+                            "jsonPath": ".status.progress.percent",
+                            "description": "Percent of training steps done",
+                        },
                         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
                         {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.summary"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

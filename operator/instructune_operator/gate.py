@@ -39,8 +39,12 @@ def evaluate_gate(rules: Sequence[GateRule], metrics: dict[str, float], base: di
     for rule in rules:
         value = metric_value(rule.metric, metrics, base)
         bounds = " ".join(
-            part for part in (f">= {rule.min:g}" if rule.min is not None else "",
-                              f"<= {rule.max:g}" if rule.max is not None else "") if part
+            part
+            for part in (
+                f">= {rule.min:g}" if rule.min is not None else "",
+                f"<= {rule.max:g}" if rule.max is not None else "",
+            )
+            if part
         )
         if value is None:
             passed = False

@@ -48,8 +48,14 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _write(reconcile_tune(dict(body), clients()), body, patch)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, id="reconcile-timer", interval=SETTINGS.reconcile_interval_seconds,
-            initial_delay=SETTINGS.reconcile_interval_seconds)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="reconcile-timer",
+    interval=SETTINGS.reconcile_interval_seconds,
+    initial_delay=SETTINGS.reconcile_interval_seconds,
+)
 def reconcile_periodically(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _write(reconcile_tune(dict(body), clients()), body, patch)
 

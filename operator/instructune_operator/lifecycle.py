@@ -14,7 +14,7 @@ from typing import Any
 from instructune_operator.api import InstructionTuneSpec
 from instructune_operator.gate import evaluate_gate
 from instructune_operator.naming import submission_id
-from instructune_operator.status import compute_validation_status, get_condition, set_condition
+from instructune_operator.status import compute_validation_status, set_condition
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 JOB_RUNNING = ("PENDING", "RUNNING")
@@ -66,7 +66,13 @@ class _Status:
 
     def cond(self, type_: str, status: str, reason: str, message: str = "") -> None:
         self.s["conditions"] = set_condition(
-            self.s.get("conditions", []), type_, status, reason, message, _ts(self.obs.now), self.obs.generation
+            self.s.get("conditions", []),
+            type_,
+            status,
+            reason,
+            message,
+            _ts(self.obs.now),
+            self.obs.generation,
         )
 
     def phase(self, phase: str) -> None:
@@ -92,9 +98,14 @@ def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
                 return "ImagePullBackOff", f"pod {name}: {waiting.get('message', waiting['reason'])}"
             if waiting.get("reason") == "CrashLoopBackOff":
                 return "CrashLoopBackOff", f"pod {name}: container {cs.get('name')} keeps crashing"
-            terminated = cs.get("lastState", {}).get("terminated") or cs.get("state", {}).get("terminated") or {}
+            terminated = (
+                cs.get("lastState", {}).get("terminated") or cs.get("state", {}).get("terminated") or {}
+            )
             if terminated.get("reason") == "OOMKilled":
-                return "OOMKilled", f"pod {name}: container {cs.get('name')} was killed for exceeding its memory"
+                return (
+                    "OOMKilled",
+                    f"pod {name}: container {cs.get('name')} was killed for exceeding its memory",
+                )
     return None
 
 
@@ -124,7 +135,9 @@ def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
 
     if spec.suspend:
         st.phase("Suspended")
-        st.cond("Training", "False", "Suspended", "suspended: the Ray cluster is removed, checkpoints are kept")
+        st.cond(
+            "Training", "False", "Suspended", "suspended: the Ray cluster is removed, checkpoints are kept"
+        )
         st.cond("ClusterReady", "False", "Suspended", "suspended")
         decision.delete_cluster = obs.cluster is not None
         if job_active:
@@ -166,7 +179,9 @@ def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
         progress = status.get("progress") or {}
         evaluating = progress.get("totalSteps") and (progress.get("step") or 0) >= progress["totalSteps"]
         st.phase("Evaluating" if evaluating else "Training")
-        st.cond("Training", "True", "Running", f"attempt {attempts} of {spec.backoff_limit + 1}: job {job_id}")
+        st.cond(
+            "Training", "True", "Running", f"attempt {attempts} of {spec.backoff_limit + 1}: job {job_id}"
+        )
         return decision
 
     if obs.job_status == "SUCCEEDED":
@@ -175,7 +190,9 @@ def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows.
     why = _failure_message(obs)
     if attempts <= spec.backoff_limit:
-        st.cond("Training", "False", "Retrying", f"attempt {attempts} failed ({why}); resuming from checkpoint")
+        st.cond(
+            "Training", "False", "Retrying", f"attempt {attempts} failed ({why}); resuming from checkpoint"
+        )
         return _submit(obs, st, decision, attempts + 1)
     st.cond("Training", "False", "JobFailed", why)
     st.finish("Failed", "BackoffLimitExceeded", f"{attempts} attempts failed; last: {why}")
@@ -205,7 +222,9 @@ def _after_success(
     metrics = evaluation.get("metrics") or {}
     if spec.evaluation.datasets or spec.evaluation.general_probe:
         if not metrics:
-            st.cond("Evaluated", "False", "NoMetrics", "the job finished without reporting evaluation metrics")
+            st.cond(
+                "Evaluated", "False", "NoMetrics", "the job finished without reporting evaluation metrics"
+            )
             st.finish("Failed", "NoMetrics", "the job finished without reporting evaluation metrics")
             decision.delete_cluster = cleanup
             return decision
@@ -214,8 +233,12 @@ def _after_success(
     evaluation["passed"], evaluation["summary"] = verdict.passed, verdict.summary
     st.s["evaluation"] = evaluation
     if spec.evaluation.gate:
-        st.cond("EvalPassed", "True" if verdict.passed else "False", "GatePassed" if verdict.passed else "GateFailed",
-                verdict.message)
+        st.cond(
+            "EvalPassed",
+            "True" if verdict.passed else "False",
+            "GatePassed" if verdict.passed else "GateFailed",
+            verdict.message,
+        )
     decision.delete_cluster = cleanup
     if not verdict.passed:
         st.finish("Failed", "GateFailed", verdict.message)
@@ -229,7 +252,9 @@ def _after_success(
     return decision
 
 
-def _deploying(obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool) -> Decision:
+def _deploying(
+    obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool
+) -> Decision:
     """After a passed gate: keep the serving objects applied until they are available."""
     decision.deploy = spec.serving.enabled
     decision.delete_cluster = cleanup and obs.cluster is not None
@@ -240,6 +265,11 @@ def _deploying(obs: Observation, st: _Status, decision: Decision, spec: Instruct
     if not spec.serving.enabled:
         st.finish("Succeeded", "Completed", "serving was disabled before it rolled out")
     elif ready >= max(1, min(spec.serving.replicas, 1)):
-        st.cond("Serving", "True", "Available", f"{ready} serving replica(s) ready at {serving.get('endpoint', '?')}")
+        st.cond(
+            "Serving",
+            "True",
+            "Available",
+            f"{ready} serving replica(s) ready at {serving.get('endpoint', '?')}",
+        )
         st.finish("Succeeded", "Serving", "tuned, evaluated and serving")
     return decision

@@ -89,8 +89,15 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime) -> Observatio
 
             obs["serving_ready_replicas"] = observe_serving(clients, body, spec)
     return Observation(
-        namespace=ns, name=name, uid=meta["uid"], generation=meta.get("generation"), spec=spec,
-        spec_errors=errors, status=status, now=now, **obs,
+        namespace=ns,
+        name=name,
+        uid=meta["uid"],
+        generation=meta.get("generation"),
+        spec=spec,
+        spec_errors=errors,
+        status=status,
+        now=now,
+        **obs,
     )
 
 
@@ -112,20 +119,29 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients) -> None:
         clients.ray(address).stop(decision.stop_job)
     if decision.ensure_children:
         config = build_train_config(spec, ns, name, meta["uid"], max(decision.attempt, 1))
-        for manifest in [*build_job_identity(meta), build_config_map(meta, config), build_ray_cluster(meta, spec, settings)]:
+        for manifest in [
+            *build_job_identity(meta),
+            build_config_map(meta, config),
+            build_ray_cluster(meta, spec, settings),
+        ]:
             kube.apply(manifest)
         decision.status["rayCluster"] = {"name": ray_cluster_name(name), "dashboardUrl": address}
     if decision.submit:
         config = build_train_config(spec, ns, name, meta["uid"], decision.attempt)
         entrypoint = f"python -m instructune_jobs --config-json {shlex.quote(config.to_json())}"
         clients.ray(address).submit(
-            decision.submit, entrypoint, env_vars=_job_env(clients, ns, name),
+            decision.submit,
+            entrypoint,
+            env_vars=_job_env(clients, ns, name),
             metadata={"tune": f"{ns}/{name}", "attempt": str(decision.attempt)},
         )
     if decision.deploy:
         from instructune_operator.serving import apply_serving
 
-        decision.status["serving"] = {**(decision.status.get("serving") or {}), **apply_serving(clients, body, spec)}
+        decision.status["serving"] = {
+            **(decision.status.get("serving") or {}),
+            **apply_serving(clients, body, spec),
+        }
     if decision.delete_cluster:
         kube.delete("ray.io/v1", "RayCluster", ns, ray_cluster_name(name))
     if decision.delete_tune:
@@ -161,14 +177,16 @@ def reconcile_tune(body: dict[str, Any], clients: Clients, now: datetime | None 
     old = obs.status
     new = decision.status
     events = [
-        ("Normal" if c["status"] == "True" or c["reason"] in ("Submitted", "Completed") else "Warning",
-         c["reason"], f"{c['type']}={c['status']}: {c['message']}")
+        (
+            "Normal" if c["status"] == "True" or c["reason"] in ("Submitted", "Completed") else "Warning",
+            c["reason"],
+            f"{c['type']}={c['status']}: {c['message']}",
+        )
         for c in transitions(old, new)
     ]
     if old.get("phase") != new.get("phase"):
         events.append(("Normal", "Phase", f"phase {old.get('phase') or 'None'} -> {new.get('phase')}"))
     return Outcome(status_patch=status_changes(old, new), events=events)
-
 
 
 def release_tune(body: dict[str, Any], clients: Clients) -> None:

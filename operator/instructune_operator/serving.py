@@ -33,8 +33,12 @@ def apply_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneS
         previous = current  # the adapter this rollout replaces: what a rollback goes back to
     for manifest in build_serving(meta, spec, clients.settings, _template_hash(body)):
         clients.kube.apply(manifest)
-    return {"endpoint": endpoint(meta, spec), "model": served, "templateHash": _template_hash(body),
-            "previousAdapterUri": previous}
+    return {
+        "endpoint": endpoint(meta, spec),
+        "model": served,
+        "templateHash": _template_hash(body),
+        "previousAdapterUri": previous,
+    }
 
 
 def _apply_ray_serve(
@@ -59,14 +63,22 @@ def _apply_ray_serve(
     entrypoint = "python -m instructune_jobs.serve " + " ".join(
         f"--{k.replace('_', '-')} {shlex.quote(v)}" for k, v in args.items()
     )
-    env = {"INSTRUCTUNE_S3_ENDPOINT": settings.s3_endpoint or "", "AWS_ENDPOINT_URL": settings.s3_endpoint or ""}
+    env = {
+        "INSTRUCTUNE_S3_ENDPOINT": settings.s3_endpoint or "",
+        "AWS_ENDPOINT_URL": settings.s3_endpoint or "",
+    }
     clients.ray(address).submit(
-        f"serve-{meta['namespace']}-{name}-{meta['uid'][:8]}", entrypoint, env_vars=env,
+        f"serve-{meta['namespace']}-{name}-{meta['uid'][:8]}",
+        entrypoint,
+        env_vars=env,
         metadata={"tune": f"{meta['namespace']}/{meta['name']}", "serving": name},
     )
     host = address.split("://", 1)[-1].split(":")[0]
-    return {"endpoint": f"http://{host}:{settings.ray_serve_http_port}/{name}/v1", "model": served,
-            "templateHash": _template_hash(body)}
+    return {
+        "endpoint": f"http://{host}:{settings.ray_serve_http_port}/{name}/v1",
+        "model": served,
+        "templateHash": _template_hash(body),
+    }
 
 
 def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> int | None:
@@ -76,7 +88,9 @@ def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTun
     if spec.serving.runtime == "ray-serve":
         from instructune_operator.reconcile import ray_address
 
-        return clients.ray(ray_address(clients.settings, meta["namespace"], meta["name"])).serve_ready_replicas(name)
+        return clients.ray(
+            ray_address(clients.settings, meta["namespace"], meta["name"])
+        ).serve_ready_replicas(name)
     deployment = clients.kube.get("apps/v1", "Deployment", meta["namespace"], name)
     if deployment is None:
         return None

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-CONDITION_TYPES = ("Validated", "DataValidated", "ClusterReady", "Training", "Evaluated", "EvalPassed", "Serving", "Ready")
+CONDITION_TYPES = (
+    "Validated",
+    "DataValidated",
+    "ClusterReady",
+    "Training",
+    "Evaluated",
+    "EvalPassed",
+    "Serving",
+    "Ready",
+)
 
 
 def set_condition(
@@ -18,7 +27,11 @@ def set_condition(
 ) -> list[dict[str, Any]]:
     """Returns conditions with `type_` set; lastTransitionTime moves only when the status changes."""
     old = next((c for c in conditions if c.get("type") == type_), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == status and "lastTransitionTime" in old else now
+    since = (
+        old["lastTransitionTime"]
+        if old and old.get("status") == status and "lastTransitionTime" in old
+        else now
+    )
     new = {
         "type": type_,
         "status": status,
@@ -27,9 +40,11 @@ def set_condition(
         "lastTransitionTime": since,
         "observedGeneration": generation,
     }
-    return [c for c in conditions if c.get("type") != type_] + [new] if old is None else [
-        new if c.get("type") == type_ else c for c in conditions
-    ]
+    return (
+        [c for c in conditions if c.get("type") != type_] + [new]
+        if old is None
+        else [new if c.get("type") == type_ else c for c in conditions]
+    )
 
 
 def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -73,4 +88,6 @@ def status_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
     """Conditions whose status or reason changed: each becomes a Kubernetes event."""
     before = {c["type"]: (c.get("status"), c.get("reason")) for c in old.get("conditions", [])}
-    return [c for c in new.get("conditions", []) if before.get(c["type"]) != (c.get("status"), c.get("reason"))]
+    return [
+        c for c in new.get("conditions", []) if before.get(c["type"]) != (c.get("status"), c.get("reason"))
+    ]

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def crd_installed(stack: Any) -> Any:
     stack.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    stack.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/instructiontunes.instructune.io")
+    stack.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/instructiontunes.instructune.io"
+    )
     return stack
 
 
@@ -29,7 +31,12 @@ def namespace(crd_installed: Any) -> Iterator[str]:
     crd_installed.kubectl("create", "namespace", name)
     env = crd_installed.env
     crd_installed.kubectl(
-        "create", "secret", "generic", "quickstart-s3", "-n", name,
+        "create",
+        "secret",
+        "generic",
+        "quickstart-s3",
+        "-n",
+        name,
         f"--from-literal=AWS_ACCESS_KEY_ID={env['AWS_ACCESS_KEY_ID']}",
         f"--from-literal=AWS_SECRET_ACCESS_KEY={env['AWS_SECRET_ACCESS_KEY']}",
     )
@@ -38,13 +45,17 @@ def namespace(crd_installed: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def operator(crd_installed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+def operator(
+    crd_installed: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     from demo import operator_env  # hack/ is on sys.path through tests/conftest.py
 
     env = operator_env(crd_installed.env, crd_installed.dir)
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "instructune_operator"], env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "instructune_operator"], env=env, stdout=out, stderr=out
+        )
     time.sleep(1)
     if proc.poll() is not None:
         pytest.fail(f"operator exited at start:\n{log.read_text()[-3000:]}")

@@ -15,7 +15,9 @@ INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
-def test_example_is_accepted_by_server_side_dry_run(crd_installed: Any, namespace: str, example: Path) -> None:
+def test_example_is_accepted_by_server_side_dry_run(
+    crd_installed: Any, namespace: str, example: Path
+) -> None:
     result = crd_installed.kubectl(
         "apply", "--server-side", "--dry-run=server", "-n", namespace, "-f", str(example), check=False
     )
@@ -23,17 +25,23 @@ def test_example_is_accepted_by_server_side_dry_run(crd_installed: Any, namespac
 
 
 @pytest.mark.parametrize("manifest", INVALID, ids=lambda p: p.name)
-def test_invalid_manifest_is_rejected_naming_the_field(crd_installed: Any, namespace: str, manifest: Path) -> None:
+def test_invalid_manifest_is_rejected_naming_the_field(
+    crd_installed: Any, namespace: str, manifest: Path
+) -> None:
     # Each file says which field the API server must name and a phrase of its message.
     doc = yaml.safe_load(manifest.read_text())
     expect = doc["metadata"]["annotations"]
-    result = crd_installed.kubectl("apply", "--server-side", "-n", namespace, "-f", str(manifest), check=False)
+    result = crd_installed.kubectl(
+        "apply", "--server-side", "-n", namespace, "-f", str(manifest), check=False
+    )
     assert result.returncode != 0, f"{manifest.name} was accepted"
     assert expect["test.instructune.io/field"] in result.stderr, result.stderr
     assert expect["test.instructune.io/message"] in result.stderr, result.stderr
 
 
-def test_training_spec_is_immutable_but_suspend_and_serving_may_change(crd_installed: Any, namespace: str) -> None:
+def test_training_spec_is_immutable_but_suspend_and_serving_may_change(
+    crd_installed: Any, namespace: str
+) -> None:
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     doc["metadata"]["name"] = "immutable"
     apply = lambda d: crd_installed.kubectl(  # noqa: E731
@@ -55,7 +63,9 @@ def test_training_spec_is_immutable_but_suspend_and_serving_may_change(crd_insta
 
 
 def test_kubectl_get_by_short_name_and_explain_document_the_api(crd_installed: Any, namespace: str) -> None:
-    crd_installed.kubectl("apply", "--server-side", "-n", namespace, "-f", str(ROOT / "examples" / "quickstart.yaml"))
+    crd_installed.kubectl(
+        "apply", "--server-side", "-n", namespace, "-f", str(ROOT / "examples" / "quickstart.yaml")
+    )
     table = crd_installed.kubectl("get", "itune", "-n", namespace).stdout
     assert table.split()[:6] == ["NAME", "PHASE", "PROGRESS", "LOSS", "EVAL", "AGE"]
     assert "quickstart" in table

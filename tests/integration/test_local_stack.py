@@ -191,12 +191,23 @@ def test_minio_holds_the_project_buckets_and_round_trips_objects(stack: Stack) -
         wrong.list_buckets()
 
 
-def test_ray_head_answers_the_jobs_api(stack: Stack) -> None:
-    with urllib.request.urlopen(f"{stack.ray_address}/api/version", timeout=10) as r:
-        version = json.loads(r.read())
-    assert version["ray_version"].startswith("2.")
-    with urllib.request.urlopen(f"{stack.ray_address}/api/jobs/", timeout=10) as r:
-        assert isinstance(json.loads(r.read()), list)
+def test_ray_head_answers_the_jobs_api_only_with_its_token(stack: Stack) -> None:
+    def get(path: str, token: str | None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(stack.ray_address + path, headers=headers)
+            ) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, None
+
+    status, version = get("/api/version", stack.ray_token)
+    assert status == 200 and version["ray_version"].startswith("2.")
+    status, jobs = get("/api/jobs/", stack.ray_token)
+    assert status == 200 and isinstance(jobs, list)
+    assert get("/api/jobs/", None)[0] == 401
+    assert get("/api/jobs/", "not-the-token")[0] in (401, 403)
 
 
 def test_env_file_is_private_sourceable_and_the_only_place_with_credentials(stack: Stack) -> None:

@@ -28,8 +28,11 @@ def test_valid_tune_gets_validated_true_with_observed_generation_and_an_event(
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     doc["spec"]["suspend"] = True  # only validation is under test here
     _apply(crd_installed, namespace, doc)
-    tune = wait_for(lambda: (t := get_tune(crd_installed, namespace, "quickstart")) and _condition(t, "Validated") and t,
-                    60, "the Validated condition")
+    tune = wait_for(
+        lambda: (t := get_tune(crd_installed, namespace, "quickstart")) and _condition(t, "Validated") and t,
+        60,
+        "the Validated condition",
+    )
     validated = _condition(tune, "Validated")
     assert validated is not None
     assert (validated["status"], validated["reason"]) == ("True", "SpecValid")
@@ -37,7 +40,14 @@ def test_valid_tune_gets_validated_true_with_observed_generation_and_an_event(
     assert validated["observedGeneration"] == tune["metadata"]["generation"]
     events = wait_for(
         lambda: crd_installed.kubectl(
-            "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=quickstart", "-o", "yaml"
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            "involvedObject.name=quickstart",
+            "-o",
+            "yaml",
         ).stdout.count("SpecValid"),
         30,
         "the SpecValid event",

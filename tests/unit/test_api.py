@@ -30,7 +30,9 @@ def test_committed_crd_matches_the_models() -> None:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, str(ROOT / "hack" / "gen_crd.py"), "--check"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "gen_crd.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -52,7 +54,16 @@ def test_schema_is_structural_no_refs_unions_or_nulls() -> None:
 
 def test_training_fields_carry_an_immutability_rule_and_mutable_ones_do_not() -> None:
     spec = _schema()["properties"]["spec"]["properties"]
-    for field in ("baseModel", "dataset", "template", "method", "training", "distributed", "resources", "checkpointing"):
+    for field in (
+        "baseModel",
+        "dataset",
+        "template",
+        "method",
+        "training",
+        "distributed",
+        "resources",
+        "checkpointing",
+    ):
         rules = [r["rule"] for r in spec[field].get("x-kubernetes-validations", [])]
         assert "self == oldSelf" in rules, field
     for field in ("suspend", "serving", "ttlSecondsAfterFinished", "evaluation"):
@@ -64,7 +75,13 @@ def test_crd_has_short_name_status_subresource_and_printer_columns() -> None:
     version = crd()["spec"]["versions"][0]
     assert crd()["spec"]["names"]["shortNames"] == ["itune"]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Eval", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Progress",
+        "Loss",
+        "Eval",
+        "Age",
+    ]
 
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,105 @@ def test_local_reader_lists_data_files_under_a_directory(tmp_path: Path) -> None
 def test_memory_reader_treats_a_non_object_uri_as_a_prefix() -> None:
     reader = MemoryObjectReader({"s3://b/p/x.jsonl": b"", "s3://b/p2/y.jsonl": b"", "s3://b/p/z.txt": b""})
     assert [ref.uri for ref in reader.list_objects("s3://b/p")] == ["s3://b/p/x.jsonl"]
+
+
+class FakeS3:
+    """Just enough of a boto3 S3 client for the reader: list_objects_v2 pages and get_object."""
+
+    def __init__(self, objects: dict[str, bytes]):
+        self.objects = objects  # "bucket/key" -> bytes
+
+    def get_paginator(self, name: str) -> FakeS3:
+        assert name == "list_objects_v2"
+        return self
+
+    def paginate(self, Bucket: str, Prefix: str) -> list[dict[str, Any]]:  # boto3 names its arguments so
+        keys = sorted(k.split("/", 1)[1] for k in self.objects if k.startswith(f"{Bucket}/{Prefix}"))
+        contents = [{"Key": key, "ETag": f'"{hashlib.md5(self.objects[f"{Bucket}/{key}"]).hexdigest()}"',
+                     "Size": len(self.objects[f"{Bucket}/{key}"])} for key in keys]
+        return [{"Contents": contents[:2]}, {"Contents": contents[2:]}]  # two pages
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+        import io
+
+        return {"Body": io.BytesIO(self.objects[f"{Bucket}/{Key}"])}
+
+
+def test_s3_reader_lists_an_object_or_every_data_shard_under_a_prefix() -> None:
+    from instructune_jobs.data import S3ObjectReader
+
+    fake = FakeS3({
+        "data/train.jsonl": jsonl(ALPACA),
+        "data/train.jsonl.bak": b"old",
+        "data/shards/part-2.jsonl.gz": gzip.compress(jsonl(ALPACA)),
+        "data/shards/part-1.parquet": rows_to_bytes([ALPACA], "x.parquet"),
+        "data/shards/_SUCCESS": b"",
+        "data/shards/part-0.jsonl": jsonl(ALPACA),
+        "data/shards-other/part-9.jsonl": jsonl(ALPACA),
+    })
+    reader = S3ObjectReader(fake)
+    (single,) = reader.list_objects("s3://data/train.jsonl")
+    assert single.uri == "s3://data/train.jsonl" and single.etag == hashlib.md5(jsonl(ALPACA)).hexdigest()
+    shards = [ref.uri for ref in reader.list_objects("s3://data/shards")]
+    assert shards == ["s3://data/shards/part-0.jsonl", "s3://data/shards/part-1.parquet",
+                      "s3://data/shards/part-2.jsonl.gz"]
+    assert reader.list_objects("s3://data/shards/") == reader.list_objects("s3://data/shards")
+    assert reader.read_object(single) == jsonl(ALPACA)
+
+
+def test_s3_client_takes_its_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("boto3")
+    from instructune_jobs.data import s3_client_from_env
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("INSTRUCTUNE_S3_ENDPOINT", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "minio123")
+    assert s3_client_from_env().meta.endpoint_url == "http://127.0.0.1:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.example:9000")
+    assert s3_client_from_env().meta.endpoint_url == "http://minio.example:9000"
+
+
+def test_data_stats_report_as_the_status_data_block() -> None:
+    from instructune_jobs.data import DataStats
+
+    stats = DataStats(rows=10, invalid_rows=1, tokens=500, padding_fraction=0.0041234567, template_hash="ab")
+    assert stats.to_status() == {"rows": 10, "invalidRows": 1, "tokens": 500, "paddingFraction": 0.004123,
+                                 "templateHash": "ab"}
+
+
+def test_synthetic_extraction_rows_are_deterministic_valid_alpaca_with_schema_conformant_answers() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from instructune_jobs.synthetic import EXTRACTION_KEYS, EXTRACTION_SCHEMA
+
+    rows = extraction_rows(50, seed=3)
+    assert rows == extraction_rows(50, seed=3) and rows != extraction_rows(50, seed=4)
+    conversations, invalid, fmt = rows_to_conversations(located(*rows))
+    assert fmt == "alpaca" and invalid == [] and len(conversations) == 50
+    for row in rows:
+        answer = json.loads(row["output"])
+        jsonschema.validate(answer, EXTRACTION_SCHEMA)
+        assert tuple(answer) == EXTRACTION_KEYS and answer["party"] in row["input"]
+
+
+def test_held_out_extraction_rows_are_worded_differently_from_training_rows() -> None:
+    train, heldout = extraction_rows(400, seed=0), extraction_rows(400, seed=0, split="heldout")
+    assert {r["instruction"] for r in train}.isdisjoint({r["instruction"] for r in heldout})
+
+    def wording(row: dict[str, str]) -> str:
+        """The clause without its values: the party, and every word with digits or a month or currency."""
+        clause = row["input"].replace(json.loads(row["output"])["party"], "")
+        values = re.compile(r"\d|^(January|February|March|April|May|June|July|August|September|October"
+                            r"|November|December|USD|dollars)[,.]?$")
+        return " ".join(word for word in clause.split() if not values.search(word))
+
+    train_wordings, heldout_wordings = {wording(r) for r in train}, {wording(r) for r in heldout}
+    assert len(train_wordings) == 8 and len(heldout_wordings) == 5
+    assert train_wordings.isdisjoint(heldout_wordings)
+
+
+def test_general_rows_are_valid_alpaca() -> None:
+    rows = general_rows(100, seed=1)
+    _, invalid, fmt = rows_to_conversations(located(*rows))
+    assert fmt == "alpaca" and invalid == []
+    assert len({r["instruction"] for r in rows}) > 20

@@ -9,10 +9,16 @@ pytestmark = pytest.mark.unit
 
 
 def test_gate_passes_when_every_rule_holds_and_reports_the_values() -> None:
-    verdict = evaluate_gate([GateRule(metric="a.jsonValid", min=0.98), GateRule(metric="forgetting.lossIncrease", max=0.02)],
-                            {"a.jsonValid": 0.99, "forgetting.lossIncrease": 0.01}, {})
+    verdict = evaluate_gate(
+        [GateRule(metric="a.jsonValid", min=0.98), GateRule(metric="forgetting.lossIncrease", max=0.02)],
+        {"a.jsonValid": 0.99, "forgetting.lossIncrease": 0.01},
+        {},
+    )
     assert verdict.passed
-    assert verdict.message == "a.jsonValid=0.99 (needs >= 0.98) ok; forgetting.lossIncrease=0.01 (needs <= 0.02) ok"
+    assert (
+        verdict.message
+        == "a.jsonValid=0.99 (needs >= 0.98) ok; forgetting.lossIncrease=0.01 (needs <= 0.02) ok"
+    )
 
 
 def test_a_missing_metric_fails_the_gate() -> None:

@@ -23,9 +23,20 @@ def _spec(**changes: Any) -> InstructionTuneSpec:
     return InstructionTuneSpec.model_validate(spec)
 
 
-def _obs(status: dict[str, Any] | None = None, spec: InstructionTuneSpec | None = None, **kw: Any) -> Observation:
-    return Observation(namespace="ns", name="tune", uid="0123456789ab", generation=1, spec=spec or _spec(),
-                       spec_errors=[], status=status or {}, now=kw.pop("now", NOW), **kw)
+def _obs(
+    status: dict[str, Any] | None = None, spec: InstructionTuneSpec | None = None, **kw: Any
+) -> Observation:
+    return Observation(
+        namespace="ns",
+        name="tune",
+        uid="0123456789ab",
+        generation=1,
+        spec=spec or _spec(),
+        spec_errors=[],
+        status=status or {},
+        now=kw.pop("now", NOW),
+        **kw,
+    )
 
 
 def _cond(status: dict[str, Any], type_: str) -> tuple[str, str]:
@@ -56,20 +67,54 @@ def test_job_unknown_to_ray_is_resubmitted_under_the_same_id() -> None:
 
 
 def test_unschedulable_worker_surfaces_the_scheduler_message() -> None:
-    pods = [{"metadata": {"name": "w-0"}, "status": {"conditions": [{
-        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-        "message": "0/6 nodes are available: 2 Insufficient nvidia.com/gpu."}]}}]
+    pods = [
+        {
+            "metadata": {"name": "w-0"},
+            "status": {
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/6 nodes are available: 2 Insufficient nvidia.com/gpu.",
+                    }
+                ]
+            },
+        }
+    ]
     d = decide(_obs(cluster={"status": {}}, pods=pods))
     status, reason = _cond(d.status, "ClusterReady")
     assert (status, reason) == ("False", "Unschedulable")
-    assert "Insufficient nvidia.com/gpu" in next(c for c in d.status["conditions"] if c["type"] == "ClusterReady")["message"]
+    assert (
+        "Insufficient nvidia.com/gpu"
+        in next(c for c in d.status["conditions"] if c["type"] == "ClusterReady")["message"]
+    )
 
 
 def test_image_pull_and_oom_are_diagnosed() -> None:
-    pull = {"metadata": {"name": "h"}, "status": {"containerStatuses": [
-        {"name": "ray-head", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}}
-    oom = {"metadata": {"name": "w"}, "status": {"containerStatuses": [
-        {"name": "ray-worker", "state": {"running": {}}, "lastState": {"terminated": {"reason": "OOMKilled"}}}]}}
+    pull = {
+        "metadata": {"name": "h"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "ray-head",
+                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}},
+                }
+            ]
+        },
+    }
+    oom = {
+        "metadata": {"name": "w"},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "ray-worker",
+                    "state": {"running": {}},
+                    "lastState": {"terminated": {"reason": "OOMKilled"}},
+                }
+            ]
+        },
+    }
     assert diagnose_pods([pull]) == ("ImagePullBackOff", "pod h: not found")
     assert diagnose_pods([oom])[0] == "OOMKilled"  # type: ignore[index]
 
@@ -80,12 +125,22 @@ def test_failed_job_is_retried_from_checkpoint_until_the_backoff_limit_then_fail
     d = decide(_obs(status=d.status, spec=spec, cluster=READY, job_status="FAILED", job_message="boom"))
     assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
     assert _cond(d.status, "Training") == ("True", "Submitted")
-    d = decide(_obs(status=d.status, spec=spec, cluster=READY, job_status="FAILED", job_message="boom again",
-                    job_log_tail="Traceback: ValueError: bad row"))
+    d = decide(
+        _obs(
+            status=d.status,
+            spec=spec,
+            cluster=READY,
+            job_status="FAILED",
+            job_message="boom again",
+            job_log_tail="Traceback: ValueError: bad row",
+        )
+    )
     assert d.submit is None
     assert d.status["phase"] == "Failed"
     assert _cond(d.status, "Succeeded") == ("False", "BackoffLimitExceeded")
-    assert "ValueError: bad row" in next(c for c in d.status["conditions"] if c["type"] == "Training")["message"]
+    assert (
+        "ValueError: bad row" in next(c for c in d.status["conditions"] if c["type"] == "Training")["message"]
+    )
     assert d.delete_cluster
 
 
@@ -106,8 +161,15 @@ def test_resume_after_suspend_submits_the_next_attempt() -> None:
 def test_active_deadline_fails_the_tune() -> None:
     running = decide(_obs(cluster=READY, spec=_spec(activeDeadlineSeconds=600))).status
     later = NOW + timedelta(seconds=601)
-    d = decide(_obs(status=running, spec=_spec(activeDeadlineSeconds=600), cluster=READY, job_status="RUNNING",
-                    now=later))
+    d = decide(
+        _obs(
+            status=running,
+            spec=_spec(activeDeadlineSeconds=600),
+            cluster=READY,
+            job_status="RUNNING",
+            now=later,
+        )
+    )
     assert d.status["phase"] == "Failed" and d.stop_job == running["jobId"]
     assert _cond(d.status, "Succeeded") == ("False", "DeadlineExceeded")
 
@@ -122,8 +184,10 @@ def test_failed_gate_never_deploys() -> None:
     status = _succeeded({"heldout.jsonSchema": 0.5})
     assert status["phase"] == "Failed"
     assert _cond(status, "EvalPassed") == ("False", "GateFailed")
-    assert "heldout.jsonSchema=0.5 (needs >= 0.8) FAIL" in next(
-        c for c in status["conditions"] if c["type"] == "EvalPassed")["message"]
+    assert (
+        "heldout.jsonSchema=0.5 (needs >= 0.8) FAIL"
+        in next(c for c in status["conditions"] if c["type"] == "EvalPassed")["message"]
+    )
 
 
 def test_passed_gate_deploys_then_succeeds_when_serving_is_available() -> None:

@@ -75,7 +75,7 @@ def test_packs_respect_the_limit_and_contain_every_example_once() -> None:
     examples = [example(n, seed=n) for n in [300, 120, 90, 90, 60, 45, 30, 17, 5, 250, 200]]
     packs = pack_examples(examples, 320)
     assert all(len(p) <= 320 for p in packs)
-    assert sorted(sum((p.example_lengths for p in packs), [])) == sorted(len(e) for e in examples)
+    assert sorted(n for p in packs for n in p.example_lengths) == sorted(len(e) for e in examples)
     concatenated = sorted(tuple(p.input_ids) for p in packs)
     rebuilt = []
     for pack in packs:

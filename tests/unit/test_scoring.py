@@ -51,6 +51,7 @@ def test_a_bare_json_object_with_surrounding_whitespace_is_strictly_valid() -> N
         ('{"a": 1}{"b": 2}', "trailing_text", {"a": 1}),
         ('{"a": {"b": 1}, "c": "unterminated', "truncated", None),
         ('{"a": tru', "truncated", None),
+        ('{"party": "Acme, "date": 4}', "invalid_json", None),
         ("[1, 2]", "no_json_object", None),
         ("no json here", "no_json_object", None),
         ("{'a': 1}", "no_json_object", None),

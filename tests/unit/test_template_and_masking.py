@@ -12,6 +12,7 @@ from instructune_jobs.data import (
     SourcedConversation,
     TemplateError,
     TokenizedExample,
+    encode_with_offsets,
     render_chat,
     resolve_chat_template,
     split_for_generation,
@@ -157,3 +158,11 @@ def test_special_tokens_are_single_tokens_not_text(tokenizer: Any) -> None:
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert example.input_ids.count(im_end) == 3
     assert tokenizer.eos_token_id == im_end  # generation stops where the labels end
+
+
+def test_fast_path_encoding_equals_the_tokenizers_own_call(tokenizer: Any) -> None:
+    texts = [render_chat(tokenizer, SINGLE), render_chat(tokenizer, MULTI), "  leading spaces and ünïcödé ✓"]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    expected = [(list(ids), [tuple(o) for o in offsets])
+                for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)]
+    assert [(ids, [tuple(o) for o in offsets]) for ids, offsets in encode_with_offsets(tokenizer, texts)] == expected

@@ -125,7 +125,9 @@ def build_ray_cluster(meta: dict[str, Any], spec: InstructionTuneSpec, settings:
                     "minReplicas": workers,
                     "maxReplicas": workers,
                     "rayStartParams": {},
-                    "template": _pod_template(spec, settings, pool, meta, "worker", spec.resources.gpus_per_worker),
+                    "template": _pod_template(
+                        spec, settings, pool, meta, "worker", spec.resources.gpus_per_worker
+                    ),
                 }
             ],
         },

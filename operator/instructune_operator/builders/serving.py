@@ -58,26 +58,53 @@ def build_serving(
     base = spec.base_model.uri
     if not full and base.startswith("s3://"):
         fetch.append(f"{base}={ARTIFACTS}/base")
-    model = f"{ARTIFACTS}/weights" if full else (f"{ARTIFACTS}/base" if base.startswith("s3://") else
-                                                 base.removeprefix("hf://").split("@")[0])
+    model = (
+        f"{ARTIFACTS}/weights"
+        if full
+        else (f"{ARTIFACTS}/base" if base.startswith("s3://") else base.removeprefix("hf://").split("@")[0])
+    )
     served = serving.target or meta["name"]
-    args = ["--model", model, "--tokenizer", f"{ARTIFACTS}/tokenizer", "--port", str(PORT), "--host", "0.0.0.0",
-            "--chat-template", f"{ARTIFACTS}/tokenizer/chat_template.jinja"]
+    args = [
+        "--model",
+        model,
+        "--tokenizer",
+        f"{ARTIFACTS}/tokenizer",
+        "--port",
+        str(PORT),
+        "--host",
+        "0.0.0.0",
+        "--chat-template",
+        f"{ARTIFACTS}/tokenizer/chat_template.jinja",
+    ]
     if full:
         args += ["--served-model-name", served]
     else:
-        args += ["--served-model-name", f"{served}-base", "--enable-lora", "--max-lora-rank",
-                 str((spec.method.lora.r if spec.method.lora else 16)), "--lora-modules",
-                 f"{served}={ARTIFACTS}/weights"]
+        args += [
+            "--served-model-name",
+            f"{served}-base",
+            "--enable-lora",
+            "--max-lora-rank",
+            str(spec.method.lora.r if spec.method.lora else 16),
+            "--lora-modules",
+            f"{served}={ARTIFACTS}/weights",
+        ]
     pool = settings.pools.get(serving.gpu_pool or spec.resources.gpu_pool)
     gpu_resource = pool.gpu_resource if pool else "nvidia.com/gpu"
     select = labels(meta["name"], "serving") | {"instructune.io/serving": name}
     select.pop("instructune.io/tune")  # successive tunes share the Deployment's selector
     env = job_env(spec, settings)
-    annotations = {ANNOTATION_ADAPTER: layout["weights"], ANNOTATION_TEMPLATE: template_hash,
-                   ANNOTATION_TUNE: meta["name"]}
-    metadata = {"name": name, "namespace": meta["namespace"], "labels": labels(meta["name"], "serving"),
-                "annotations": annotations, "ownerReferences": [owner_reference(meta)]}
+    annotations = {
+        ANNOTATION_ADAPTER: layout["weights"],
+        ANNOTATION_TEMPLATE: template_hash,
+        ANNOTATION_TUNE: meta["name"],
+    }
+    metadata = {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"], "serving"),
+        "annotations": annotations,
+        "ownerReferences": [owner_reference(meta)],
+    }
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -92,35 +119,57 @@ def build_serving(
                     "serviceAccountName": "default",
                     "automountServiceAccountToken": False,
                     "nodeSelector": dict(pool.node_selector) if pool else {},
-                    "tolerations": [t.model_dump(exclude_none=True) for t in pool.tolerations] if pool else [],
+                    "tolerations": [t.model_dump(exclude_none=True) for t in pool.tolerations]
+                    if pool
+                    else [],
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "initContainers": [{
-                        "name": "fetch-artifacts",
-                        "image": settings.ray_image,
-                        "command": ["bash", "-c", FETCH_SCRIPT],
-                        "env": [*env, {"name": "FETCH", "value": " ".join(fetch)},
-                                {"name": "TEMPLATE_FILE", "value": f"{ARTIFACTS}/tokenizer/chat_template.jinja"},
-                                {"name": "EXPECTED_TEMPLATE_HASH", "value": template_hash}],
-                        "securityContext": restricted_security_context(),
-                        "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS}],
-                    }],
-                    "containers": [{
-                        "name": "vllm",
-                        "image": settings.serving_image,
-                        "args": args,
-                        "env": [{"name": "HOME", "value": "/tmp"}],
-                        "ports": [{"name": "http", "containerPort": PORT}],
-                        "readinessProbe": {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 10,
-                                           "failureThreshold": 3},
-                        "startupProbe": {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 10,
-                                         "failureThreshold": 60},
-                        "resources": {"requests": {gpu_resource: "1"}, "limits": {gpu_resource: "1"}},
-                        "securityContext": restricted_security_context(),
-                        "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS, "readOnly": True},
-                                         {"name": "dshm", "mountPath": "/dev/shm"}],
-                    }],
-                    "volumes": [{"name": "artifacts", "emptyDir": {}},
-                                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+                    "initContainers": [
+                        {
+                            "name": "fetch-artifacts",
+                            "image": settings.ray_image,
+                            "command": ["bash", "-c", FETCH_SCRIPT],
+                            "env": [
+                                *env,
+                                {"name": "FETCH", "value": " ".join(fetch)},
+                                {
+                                    "name": "TEMPLATE_FILE",
+                                    "value": f"{ARTIFACTS}/tokenizer/chat_template.jinja",
+                                },
+                                {"name": "EXPECTED_TEMPLATE_HASH", "value": template_hash},
+                            ],
+                            "securityContext": restricted_security_context(),
+                            "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS}],
+                        }
+                    ],
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "image": settings.serving_image,
+                            "args": args,
+                            "env": [{"name": "HOME", "value": "/tmp"}],
+                            "ports": [{"name": "http", "containerPort": PORT}],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/health", "port": PORT},
+                                "periodSeconds": 10,
+                                "failureThreshold": 3,
+                            },
+                            "startupProbe": {
+                                "httpGet": {"path": "/health", "port": PORT},
+                                "periodSeconds": 10,
+                                "failureThreshold": 60,
+                            },
+                            "resources": {"requests": {gpu_resource: "1"}, "limits": {gpu_resource: "1"}},
+                            "securityContext": restricted_security_context(),
+                            "volumeMounts": [
+                                {"name": "artifacts", "mountPath": ARTIFACTS, "readOnly": True},
+                                {"name": "dshm", "mountPath": "/dev/shm"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "artifacts", "emptyDir": {}},
+                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+                    ],
                 },
             },
         },
@@ -129,8 +178,10 @@ def build_serving(
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {k: v for k, v in metadata.items() if k != "annotations"},
-        "spec": {"selector": {"instructune.io/serving": name},
-                 "ports": [{"name": "http", "port": PORT, "targetPort": PORT}]},
+        "spec": {
+            "selector": {"instructune.io/serving": name},
+            "ports": [{"name": "http", "port": PORT, "targetPort": PORT}],
+        },
     }
     return [deployment, service]
 

@@ -7,8 +7,13 @@ from typing import Any
 from instructune_jobs.config import TrainConfig
 from instructune_operator.api import InstructionTuneSpec, MetricSpec
 
-_METRIC_TYPES = {"loss": "loss", "jsonValid": "json_valid", "jsonSchema": "json_schema", "regex": "regex",
-                 "exactMatch": "exact_match"}
+_METRIC_TYPES = {
+    "loss": "loss",
+    "jsonValid": "json_valid",
+    "jsonSchema": "json_schema",
+    "regex": "regex",
+    "exactMatch": "exact_match",
+}
 
 
 def _metric(metric: MetricSpec) -> dict[str, Any]:
@@ -29,7 +34,9 @@ def _field_mapping(spec: InstructionTuneSpec) -> dict[str, str]:
     return {k: v for k, v in mapping.model_dump().items() if v}
 
 
-def build_train_config(spec: InstructionTuneSpec, namespace: str, name: str, uid: str, attempt: int) -> TrainConfig:
+def build_train_config(
+    spec: InstructionTuneSpec, namespace: str, name: str, uid: str, attempt: int
+) -> TrainConfig:
     ds, tr, lora = spec.dataset, spec.training, spec.method.lora
     validation: dict[str, Any] = {}
     if ds.validation is not None:
@@ -42,9 +49,14 @@ def build_train_config(spec: InstructionTuneSpec, namespace: str, name: str, uid
             "validation": validation,
             "format": ds.format,
             "field_mapping": _field_mapping(spec),
-            "invalid_rows": {"policy": invalid.policy, "max_fraction": invalid.max_fraction} if invalid else {},
+            "invalid_rows": {"policy": invalid.policy, "max_fraction": invalid.max_fraction}
+            if invalid
+            else {},
         },
-        "template": {"chat_template": spec.template.chat_template, "system_prompt": spec.template.system_prompt},
+        "template": {
+            "chat_template": spec.template.chat_template,
+            "system_prompt": spec.template.system_prompt,
+        },
         "method": {"type": spec.method.type},
         "training": {
             "epochs": tr.epochs or 1,
@@ -79,7 +91,9 @@ def build_train_config(spec: InstructionTuneSpec, namespace: str, name: str, uid
             "datasets": [{"name": d.name, "uri": d.uri} for d in spec.evaluation.datasets],
             "metrics": [_metric(m) for m in spec.evaluation.metrics] or [{"type": "loss"}],
             "compare_to_base": spec.evaluation.compare_to_base,
-            "general_probe": {"uri": spec.evaluation.general_probe.uri} if spec.evaluation.general_probe else None,
+            "general_probe": {"uri": spec.evaluation.general_probe.uri}
+            if spec.evaluation.general_probe
+            else None,
             "max_new_tokens": spec.evaluation.max_new_tokens,
         },
         "output": {"uri": spec.checkpointing.uri, "merge": spec.method.type == "full"},

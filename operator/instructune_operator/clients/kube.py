@@ -17,10 +17,16 @@ _PATHS = {
     ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
     ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
     ("rbac.authorization.k8s.io/v1", "Role"): "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
-    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+    (
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+    ): "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
     ("ray.io/v1", "RayCluster"): "/apis/ray.io/v1/namespaces/{ns}/rayclusters",
-    ("instructune.io/v1alpha1", "InstructionTune"): "/apis/instructune.io/v1alpha1/namespaces/{ns}/instructiontunes",
+    (
+        "instructune.io/v1alpha1",
+        "InstructionTune",
+    ): "/apis/instructune.io/v1alpha1/namespaces/{ns}/instructiontunes",
 }
 
 
@@ -36,13 +42,24 @@ class Kube:
             api_client = client.ApiClient()
         self.api = api_client
 
-    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
-              content_type: str = "application/json") -> dict[str, Any] | None:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, Any]] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any] | None:
         try:
             data = self.api.call_api(
-                path, method, query_params=query or [], header_params={"Content-Type": content_type,
-                                                                       "Accept": "application/json"},
-                body=body, auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
             )
         except ApiException as err:
             if err.status == 404 and method in ("GET", "DELETE"):
@@ -59,8 +76,13 @@ class Kube:
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         meta = manifest["metadata"]
         path = self._path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
-        result = self._call("PATCH", path, body=manifest, query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-                            content_type="application/apply-patch+yaml")
+        result = self._call(
+            "PATCH",
+            path,
+            body=manifest,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )
         assert result is not None
         return result
 
@@ -68,7 +90,9 @@ class Kube:
         return self._call("GET", self._path(api_version, kind, namespace, name))
 
     def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        result = self._call("GET", self._path(api_version, kind, namespace), query=[("labelSelector", selector)])
+        result = self._call(
+            "GET", self._path(api_version, kind, namespace), query=[("labelSelector", selector)]
+        )
         return (result or {}).get("items", [])
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
@@ -76,14 +100,19 @@ class Kube:
         body = {"propagationPolicy": "Background"}
         return self._call("DELETE", self._path(api_version, kind, namespace, name), body=body) is not None
 
-    def patch_status(self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    def patch_status(
+        self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]
+    ) -> None:
         path = self._path(api_version, kind, namespace, name) + "/status"
         self._call("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
 
     def request_token(self, namespace: str, service_account: str, seconds: int) -> str:
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                "spec": {"expirationSeconds": seconds}}
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": seconds},
+        }
         result = self._call("POST", path, body=body)
         assert result is not None
         return str(result["status"]["token"])

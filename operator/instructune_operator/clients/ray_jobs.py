@@ -28,8 +28,14 @@ class RayJobs:
         body = response.json()
         return JobInfo(status=body["status"], message=body.get("message") or "")
 
-    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str], metadata: dict[str, str],
-               entrypoint_num_cpus: float = 0) -> None:
+    def submit(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        env_vars: dict[str, str],
+        metadata: dict[str, str],
+        entrypoint_num_cpus: float = 0,
+    ) -> None:
         """Submits once: the submission id is deterministic, so a repeat after a restart is a no-op."""
         if self.get(submission_id) is not None:
             return
