@@ -47,7 +47,7 @@ class Clients:
 
     def ray(self, address: str) -> RayJobs:
         if address not in self._ray:
-            self._ray[address] = RayJobs(address)
+            self._ray[address] = RayJobs(address, token=os.environ.get("RAY_AUTH_TOKEN"))
         return self._ray[address]
 
 

@@ -17,8 +17,10 @@ class JobInfo:
 
 
 class RayJobs:
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
-        self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout)
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0) -> None:
+        # Ray's token authentication: the token travels only in this header, never in job info.
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=address.rstrip("/"), timeout=timeout, headers=headers)
 
     def get(self, submission_id: str) -> JobInfo | None:
         response = self.http.get(f"/api/jobs/{submission_id}")

@@ -1,0 +1,120 @@
+"""The tuning job's entrypoint, as the operator submits it through the Ray Jobs API:
+
+    python -m instructune_jobs --config-file PATH      (default: $INSTRUCTUNE_CONFIG_FILE)
+    python -m instructune_jobs --config-json '{...}'
+
+1. train (finetune.run_training): skipped when <root>/manifest.json already records a finished run
+   of this very configuration, so a retried job goes straight to evaluation;
+2. evaluate (evaluate.run_evaluation) when the config names evaluation datasets or a probe. It
+   runs as a Ray task on a worker (the head node may have no GPU, nor the CPUs for it);
+3. print `INSTRUCTUNE_RESULT {json}` as the last stdout line: training summary and evaluation
+   result (metrics, baseMetrics, reportURI, templateHash).
+
+Exit codes: 0 done; 2 the config is invalid or asks for what cannot run here; 3 the checkpoint
+root belongs to another configuration; 1 anything else (the operator retries from the latest
+checkpoint, up to backoffLimit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from instructune_jobs.config import TrainConfig
+
+log = logging.getLogger("instructune")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_CONFIG_MISMATCH = 0, 1, 2, 3
+RESULT_PREFIX = "INSTRUCTUNE_RESULT "
+
+
+def read_config(args: argparse.Namespace) -> TrainConfig:
+    if args.config_json:
+        return TrainConfig.from_json(args.config_json)
+    path = args.config_file or os.environ.get("INSTRUCTUNE_CONFIG_FILE")
+    if not path:
+        raise SystemExit("give --config-file, --config-json or INSTRUCTUNE_CONFIG_FILE")
+    return TrainConfig.from_json(Path(path).read_text())
+
+
+def wants_evaluation(cfg: TrainConfig) -> bool:
+    return bool(cfg.evaluation.datasets) or cfg.evaluation.general_probe is not None
+
+
+def evaluate_on_worker(cfg: TrainConfig) -> dict[str, Any]:
+    """run_evaluation as a Ray task with one worker's resources (a GPU when training had them)."""
+    import ray
+
+    def evaluate(config_json: str) -> dict[str, Any]:
+        from instructune_jobs.evaluate import run_evaluation
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_evaluation(TrainConfig.from_json(config_json))
+
+    gpus = 1 if cfg.resources.gpus_per_worker > 0 else 0
+    cpus = cfg.resources.cpus_per_worker / max(1, cfg.resources.gpus_per_worker)
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(evaluate)
+    return dict(ray.get(task.remote(cfg.to_json())))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m instructune_jobs", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config-file", help="TrainConfig JSON file (the operator's ConfigMap)")
+    source.add_argument("--config-json", help="TrainConfig JSON text")
+    parser.add_argument("--ray-address", help="Ray cluster to use (default: the job's own, or RAY_ADDRESS)")
+    parser.add_argument("--skip-evaluation", action="store_true", help="train only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+    try:
+        cfg = read_config(args)
+    except (ValidationError, ValueError, OSError) as err:
+        log.error("invalid training config: %s", err)
+        return EXIT_BAD_CONFIG
+
+    from instructune_jobs.artifacts import ConfigMismatchError
+    from instructune_jobs.finetune import UnsupportedSetupError, run_training, training_already_done
+
+    result: dict[str, Any] = {"configHash": cfg.config_hash()}
+    try:
+        done = training_already_done(cfg)
+        if done is not None:
+            log.info("training of config %s already finished: skipping to evaluation", cfg.config_hash()[:12])
+            result["training"] = {"skipped": True, **done.get("training", {})}
+        else:
+            outcome = run_training(cfg, ray_address=args.ray_address)
+            result["training"] = {"steps": outcome.steps, "finalLoss": outcome.final_loss,
+                                  "resumedFromStep": outcome.resumed_from_step,
+                                  "seconds": round(outcome.seconds, 1), "root": outcome.root}
+        if wants_evaluation(cfg) and not args.skip_evaluation:
+            import ray
+
+            if not ray.is_initialized():
+                from instructune_jobs.finetune import _ray_address_from_env
+
+                ray.init(address=args.ray_address or _ray_address_from_env())
+            result["evaluation"] = evaluate_on_worker(cfg)
+    except UnsupportedSetupError as err:
+        log.error("%s", err)
+        return EXIT_BAD_CONFIG
+    except ConfigMismatchError as err:
+        log.error("%s", err)
+        return EXIT_CONFIG_MISMATCH
+
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result, allow_nan=False, default=str) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

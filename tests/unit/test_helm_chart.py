@@ -1,0 +1,333 @@
+"""The Helm chart: it lints, renders, runs the operator restricted, and grants least privilege.
+
+The RBAC checks are tied to the code: every kind the builders produce must be creatable and
+patchable (server-side apply), and the per-tune job Role must be covered by the operator's own
+rules (RBAC refuses to let anyone create a Role granting more than it holds).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.builders.children import build_config_map, build_job_identity, build_ray_cluster
+from instructune_operator.builders.serving import build_serving
+from instructune_operator.builders.train_config import build_train_config
+from instructune_operator.settings import parse_settings
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "instructune"
+CACHE = Path(os.environ.get("INSTRUCTUNE_CACHE", str(Path.home() / ".cache" / "instructune")))
+RELEASE, NAMESPACE = "itune", "instructune-system"
+
+
+def _helm_version() -> str:
+    for line in (ROOT / "hack" / "versions.env").read_text().splitlines():
+        if line.startswith("HELM_VERSION="):
+            return line.split("=", 1)[1].strip()
+    raise AssertionError("hack/versions.env has no HELM_VERSION")
+
+
+HELM = CACHE / "bin" / f"helm-{_helm_version()}"
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    if not os.access(HELM, os.X_OK):
+        reason = f"helm not built at {HELM}: run `hack/build-stack.sh helm` (make test builds it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return HELM
+
+
+def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    # A private HOME-like config keeps helm away from the user's repositories and plugins.
+    env = {"PATH": os.environ.get("PATH", ""), "HELM_CACHE_HOME": "/nonexistent-cache",
+           "HELM_CONFIG_HOME": "/nonexistent-config", "HELM_DATA_HOME": "/nonexistent-data"}  # fmt: skip
+    res = subprocess.run([str(helm), *args], capture_output=True, text=True, env=env, check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({res.returncode}):\n{res.stderr}{res.stdout}")
+    return res
+
+
+def render(helm: Path, *args: str) -> list[dict[str, Any]]:
+    out = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(docs: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: Iterable[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def grants(
+    rules: list[dict[str, Any]], group: str, resource: str, verb: str, name: str | None = None
+) -> bool:
+    return any(
+        group in r.get("apiGroups", [])
+        and resource in r.get("resources", [])
+        and verb in r.get("verbs", [])
+        and (not r.get("resourceNames") or (name is not None and name in r["resourceNames"]))
+        for r in rules
+    )
+
+
+def settings_of(docs: list[dict[str, Any]]) -> Any:
+    cm = one(docs, "ConfigMap")
+    return parse_settings(yaml.safe_load(cm["data"]["settings.yaml"]), env={})
+
+
+@pytest.fixture(scope="module")
+def default_docs(helm: Path) -> list[dict[str, Any]]:
+    return render(helm)
+
+
+def test_lint_passes(helm: Path) -> None:
+    run_helm(helm, "lint", "--strict", str(CHART))
+    run_helm(helm, "lint", "--strict", str(CHART), "--set", "settings.namespaces={team-a,team-b}")
+
+
+def test_renders_the_operator_objects(default_docs: list[dict[str, Any]]) -> None:
+    kinds = sorted(d["kind"] for d in default_docs)
+    assert kinds == sorted(["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment"])
+    for doc in default_docs:
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == NAMESPACE
+
+
+def test_crds_ship_with_the_chart(helm: Path) -> None:
+    docs = render(helm, "--include-crds")
+    crd = one(docs, "CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "instructiontunes.instructune.io"
+
+
+def test_cluster_role_has_no_secrets_and_no_wildcards(default_docs: list[dict[str, Any]]) -> None:
+    rules = one(default_docs, "ClusterRole")["rules"]
+    for rule in rules:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule.get(key, []), rule
+        assert not {"secrets", "secrets/*"} & set(rule["resources"]), rule
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+        assert not rule.get("nonResourceURLs"), rule
+    # Kopf runs standalone: no peering objects, no CRD or namespace observation granted.
+    resources = {res for r in rules for res in r["resources"]}
+    assert not {"kopfpeerings", "clusterkopfpeerings", "customresourcedefinitions", "namespaces"} & resources
+    # TokenRequest only when the settings ask for file tokens (the local stack).
+    assert "serviceaccounts/token" not in resources
+
+
+def test_rules_are_exactly_what_the_operator_calls(default_docs: list[dict[str, Any]]) -> None:
+    rules = one(default_docs, "ClusterRole")["rules"]
+    granted = {
+        (g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]
+    }
+    expected = {
+        # Kopf: list+watch the tunes, patch finalizers/annotations and status, post events.
+        ("instructune.io", "instructiontunes", "list"),
+        ("instructune.io", "instructiontunes", "watch"),
+        ("instructune.io", "instructiontunes", "patch"),
+        ("instructune.io", "instructiontunes", "delete"),  # ttlSecondsAfterFinished
+        ("instructune.io", "instructiontunes/status", "patch"),
+        ("instructune.io", "instructiontunes/status", "get"),  # held to grant it to the job
+        ("", "events", "create"),
+        # reconcile: server-side apply = patch, plus create when the object does not exist yet.
+        ("ray.io", "rayclusters", "get"),
+        ("ray.io", "rayclusters", "create"),
+        ("ray.io", "rayclusters", "patch"),
+        ("ray.io", "rayclusters", "delete"),
+        *(("", res, v) for res in ("serviceaccounts", "configmaps", "services") for v in ("create", "patch")),
+        *(
+            ("rbac.authorization.k8s.io", res, v)
+            for res in ("roles", "rolebindings")
+            for v in ("create", "patch")
+        ),
+        ("apps", "deployments", "get"),
+        ("apps", "deployments", "create"),
+        ("apps", "deployments", "patch"),
+        ("", "pods", "list"),  # diagnosing unschedulable / crashing Ray pods
+    }
+    assert granted == expected
+
+
+def _example_children(settings: Any) -> list[dict[str, Any]]:
+    """Every object the builders make for the serving example: what reconcile applies."""
+    tune = yaml.safe_load((ROOT / "examples" / "lora-with-serving.yaml").read_text())
+    spec = InstructionTuneSpec.model_validate(tune["spec"])
+    meta = {"name": tune["metadata"]["name"], "namespace": "ml-team", "uid": "0123456789abcdef"}
+    config = build_train_config(spec, meta["namespace"], meta["name"], meta["uid"], 1)
+    return [
+        *build_job_identity(meta),
+        build_config_map(meta, config),
+        build_ray_cluster(meta, spec, settings),
+        *build_serving(meta, spec, settings, "0" * 64),
+    ]
+
+
+def _plural(kind: str) -> str:
+    return {"RayCluster": "rayclusters"}.get(kind, kind.lower() + "s")
+
+
+def test_every_built_child_can_be_server_side_applied(default_docs: list[dict[str, Any]]) -> None:
+    rules = one(default_docs, "ClusterRole")["rules"]
+    children = _example_children(settings_of(default_docs))
+    assert {c["kind"] for c in children} == {
+        "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayCluster", "Deployment", "Service",
+    }  # fmt: skip
+    for child in children:
+        group = child["apiVersion"].rpartition("/")[0]
+        for verb in ("create", "patch"):
+            assert grants(rules, group, _plural(child["kind"]), verb), (child["kind"], verb)
+
+
+def test_operator_holds_what_the_job_role_grants(default_docs: list[dict[str, Any]]) -> None:
+    """RBAC escalation prevention: creating the job Role (and binding it) needs these permissions."""
+    rules = one(default_docs, "ClusterRole")["rules"]
+    role = next(c for c in _example_children(settings_of(default_docs)) if c["kind"] == "Role")
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    for name in rule.get("resourceNames") or [None]:
+                        assert grants(rules, group, resource, verb, name), (group, resource, verb)
+
+
+def test_deployment_is_restricted(default_docs: list[dict[str, Any]]) -> None:
+    deployment = one(default_docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two standalone operators
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == one(default_docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert not sc["capabilities"].get("add")
+        assert sc.get("privileged") is not True
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc.get("runAsNonRoot", pod["securityContext"]["runAsNonRoot"]) is True
+        assert sc.get("runAsUser", pod["securityContext"].get("runAsUser")) != 0
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+    (operator,) = pod["containers"]
+    assert operator["command"] == ["python", "-m", "instructune_operator"]
+    assert operator["image"].endswith(":0.1.0")
+
+
+def test_settings_are_mounted_where_instructune_settings_points(default_docs: list[dict[str, Any]]) -> None:
+    pod = one(default_docs, "Deployment")["spec"]["template"]["spec"]
+    (operator,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    path = Path(env["INSTRUCTUNE_SETTINGS"])
+    mount = next(m for m in operator["volumeMounts"] if m["mountPath"] == str(path.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    cm = one(default_docs, "ConfigMap")
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    assert path.name in cm["data"]
+
+
+def test_values_pools_reach_the_operator_settings(
+    helm: Path, default_docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    settings = settings_of(default_docs)
+    assert set(settings.pools) == {"a100-80g", "l4"} == set(values["settings"]["pools"])
+    a100 = settings.pools["a100-80g"]
+    assert a100.gpus_per_node == 8 and a100.gpu_resource == "nvidia.com/gpu"
+    assert a100.tolerations[0].key == "nvidia.com/gpu"
+    assert settings.namespaces == [] and settings.s3_endpoint is None
+    assert settings.ray_image == values["settings"]["rayImage"]
+    assert settings.serving_image == values["settings"]["servingImage"]
+
+    custom = {
+        "pools": {"h100": {"nodeSelector": {"pool": "h100"}, "gpusPerNode": 8, "maxWorkers": 32}},
+        "s3Endpoint": "https://s3.internal:9000",
+        "deleteClusterAfterFinish": False,
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump({"settings": custom}))
+    docs = render(helm, "--values", str(values_file))
+    settings = settings_of(docs)
+    assert set(settings.pools) == {"a100-80g", "l4", "h100"}  # maps merge with the defaults
+    assert settings.pools["h100"].max_workers == 32
+    assert settings.s3_endpoint == "https://s3.internal:9000"
+    assert settings.delete_cluster_after_finish is False
+    # The operator's own S3 client (deleteArtifactsOnDelete) reads the endpoint from its env.
+    (operator,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "INSTRUCTUNE_S3_ENDPOINT", "value": "https://s3.internal:9000"} in operator["env"]
+
+
+def test_settings_change_rolls_the_operator(helm: Path, default_docs: list[dict[str, Any]]) -> None:
+    def checksum(docs: list[dict[str, Any]]) -> str:
+        return one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/settings"]
+
+    assert checksum(default_docs) != checksum(render(helm, "--set", "settings.reconcileIntervalSeconds=10"))
+
+
+def test_namespaced_mode_renders_roles_per_namespace(helm: Path) -> None:
+    docs = render(helm, "--set", "settings.namespaces={team-a,team-b}")
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    roles, bindings = by_kind(docs, "Role"), by_kind(docs, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    sa = one(docs, "ServiceAccount")["metadata"]
+    for binding in bindings:
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": roles[0]["metadata"]["name"]}  # fmt: skip
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": NAMESPACE}]
+    cluster_rules = one(render(helm), "ClusterRole")["rules"]
+    for role in roles:
+        assert role["rules"] == cluster_rules
+    assert settings_of(docs).namespaces == ["team-a", "team-b"]
+
+
+def test_token_request_only_with_local_job_identity_dir(helm: Path) -> None:
+    docs = render(helm, "--set", "settings.localJobIdentityDir=/tmp/job-identity")
+    rules = one(docs, "ClusterRole")["rules"]
+    assert grants(rules, "", "serviceaccounts/token", "create")
+    assert settings_of(docs).local_job_identity_dir == "/tmp/job-identity"
+
+
+def test_owner_reference_enforcement_adds_only_finalizers_and_child_deletes(helm: Path) -> None:
+    base = one(render(helm), "ClusterRole")["rules"]
+    rules = one(render(helm, "--set", "rbac.ownerReferencesPermissionEnforcement=true"), "ClusterRole")[
+        "rules"
+    ]
+    extra = [r for r in rules if r not in base]
+    assert grants(extra, "instructune.io", "instructiontunes/finalizers", "update")
+    for group, resource in [
+        ("", "configmaps"),
+        ("apps", "deployments"),
+        ("rbac.authorization.k8s.io", "roles"),
+    ]:
+        assert grants(extra, group, resource, "delete")
+    assert {v for r in extra for v in r["verbs"]} == {"update", "delete"}
+
+
+def test_more_than_one_replica_is_refused(helm: Path) -> None:
+    res = run_helm(helm, "template", RELEASE, str(CHART), "--set", "replicas=2", check=False)
+    assert res.returncode != 0 and "replicas must be 0 or 1" in res.stderr
+    assert one(render(helm, "--set", "replicas=0"), "Deployment")["spec"]["replicas"] == 0
+
+
+def test_rbac_can_be_left_to_the_platform(helm: Path) -> None:
+    docs = render(helm, "--set", "rbac.create=false")
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {d["kind"] for d in docs}
