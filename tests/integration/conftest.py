@@ -44,28 +44,47 @@ def namespace(crd_installed: Any) -> Iterator[str]:
     crd_installed.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-@pytest.fixture(scope="session")
-def operator(
-    crd_installed: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[subprocess.Popen[bytes]]:
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    from demo import operator_env  # hack/ is on sys.path through tests/conftest.py
+class OperatorProcess:
+    """`python -m instructune_operator` against the stack, as a user runs it; killable at will."""
 
-    env = operator_env(crd_installed.env, crd_installed.dir)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "instructune_operator"], env=env, stdout=out, stderr=out
-        )
-    time.sleep(1)
-    if proc.poll() is not None:
-        pytest.fail(f"operator exited at start:\n{log.read_text()[-3000:]}")
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    def __init__(self, stack: Any, log: Path) -> None:
+        from demo import operator_env  # hack/ is on sys.path through tests/conftest.py
+
+        self.env, self.log = operator_env(stack.env, stack.dir), log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "instructune_operator"], env=self.env, stdout=out,
+                                         stderr=out)
+        time.sleep(1)
+        if self.proc.poll() is not None:
+            pytest.fail(f"operator exited at start:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers run, as when a node dies under the operator."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def operator(crd_installed: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """One operator per test module: modules never have two operators reconciling the same tunes."""
+    process = OperatorProcess(crd_installed, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    yield process
+    process.stop()
 
 
 def get_tune(stack: Any, namespace: str, name: str) -> dict[str, Any]:

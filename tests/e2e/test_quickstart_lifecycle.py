@@ -1,0 +1,136 @@
+"""The quickstart through the real operator, KubeRay, MinIO and Ray: apply, survive operator
+SIGKILLs, suspend and resume from a checkpoint, evaluate, pass the gate, serve, clean up."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+import yaml
+
+from instructune_jobs.quickstart import held_out_question, seed_quickstart
+from tests.integration.conftest import OperatorProcess, get_tune, wait_for
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _status(stack: Any, ns: str, name: str) -> dict[str, Any]:
+    return get_tune(stack, ns, name).get("status") or {}
+
+
+def _ray_jobs(stack: Any, tune: str) -> list[dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {stack.env['RAY_AUTH_TOKEN']}"} if stack.env.get("RAY_AUTH_TOKEN") else {}
+    jobs = httpx.get(f"{stack.ray_address}/api/jobs/", headers=headers, timeout=10).json()
+    return [j for j in jobs if (j.get("metadata") or {}).get("tune") == tune]
+
+
+def _clusters(stack: Any, ns: str) -> list[str]:
+    return stack.kubectl("get", "rayclusters", "-n", ns, "-o", "name").stdout.split()
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+@pytest.fixture(scope="module")
+def seeded(crd_installed: Any) -> dict[str, str]:
+    client = boto3.client("s3", endpoint_url=crd_installed.s3_endpoint,
+                          aws_access_key_id=crd_installed.access_key, aws_secret_access_key=crd_installed.secret_key)
+    return seed_quickstart(client)
+
+
+def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
+    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+) -> None:
+    stack, ns = crd_installed, namespace
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["spec"]["serving"]["target"] = f"qs-{ns}"  # a Serve application name of this test's own
+    stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+
+    # 1. SIGKILL the operator right after the job was submitted; a new one must not submit again.
+    wait_for(lambda: _status(stack, ns, "quickstart").get("jobId"), 180, "the first submission")
+    operator.kill()
+    operator.start()
+
+    # 2. Suspend after the first checkpoint: the cluster goes, the checkpoint stays.
+    first = wait_for(lambda: _status(stack, ns, "quickstart").get("checkpoints"), 600, "the first checkpoint")
+    stack.kubectl("patch", "itune", "quickstart", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_for(lambda: _status(stack, ns, "quickstart").get("phase") == "Suspended", 60, "phase Suspended")
+    wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be removed while suspended")
+    wait_for(lambda: all(j["status"] in ("STOPPED", "SUCCEEDED", "FAILED") for j in _ray_jobs(stack, f"{ns}/quickstart")),
+             60, "the running job to stop")
+
+    # 3. Resume: a new attempt continues from the latest checkpoint, not from step 0.
+    stack.kubectl("patch", "itune", "quickstart", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    resumed_at = max(c["step"] for c in first)
+    wait_for(lambda: (_status(stack, ns, "quickstart").get("attempts") or 0) >= 2, 120, "the second attempt")
+    operator.kill()  # 4. and once more while the resumed attempt trains
+    time.sleep(2)
+    operator.start()
+
+    final = wait_for(lambda: (s := _status(stack, ns, "quickstart")).get("phase") in ("Succeeded", "Failed") and s,
+                     1200, "the tune to finish")
+    assert final["phase"] == "Succeeded", json.dumps(final, indent=1)[-3000:]
+
+    # No duplicate submissions: one Ray job per attempt, ids all distinct.
+    jobs = _ray_jobs(stack, f"{ns}/quickstart")
+    train_jobs = [j for j in jobs if "serving" not in (j.get("metadata") or {})]
+    assert len(train_jobs) == final["attempts"] == len({j["submission_id"] for j in train_jobs})
+
+    # The resumed attempt started from the checkpoint: its first reported step is past it.
+    assert final["progress"]["step"] == final["progress"]["totalSteps"] == 400
+    assert min(c["step"] for c in final["checkpoints"]) >= resumed_at
+    assert _condition(final, "Training")["reason"] == "Completed"
+
+    # Data, lineage and evaluation are in status; the gate passed on measured values.
+    assert final["data"]["templateHash"] and final["data"]["rows"] > 0
+    lineage = final["lineage"]
+    assert lineage["configHash"] and seeded["s3://datasets/extraction/train.jsonl"] in lineage["dataEtags"].values()
+    evaluation = final["evaluation"]
+    assert evaluation["passed"] is True
+    assert evaluation["metrics"]["heldout.jsonSchema"] >= 0.8
+    assert evaluation["baseMetrics"]["heldout.jsonSchema"] < evaluation["metrics"]["heldout.jsonSchema"]
+    assert "heldout.jsonSchema=" in _condition(final, "EvalPassed")["message"]
+
+    # Cleaned up: no Ray cluster after the run.
+    wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be deleted after the run")
+
+    # Served with the template it was trained on, answering in the trained format.
+    serving = final["serving"]
+    assert serving["templateHash"] == final["data"]["templateHash"]
+    assert _condition(final, "Serving")["status"] == "True"
+    row = held_out_question()
+    response = httpx.post(f"{serving['endpoint']}/chat/completions", timeout=120, json={
+        "model": serving["model"], "messages": [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}],
+        "max_tokens": 48, "temperature": 0})
+    answer = json.loads(response.json()["choices"][0]["message"]["content"])
+    assert sorted(answer) == ["amount", "date", "party"]
+
+
+def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_reason(
+    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+) -> None:
+    stack, ns = crd_installed, namespace
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["name"] = "broken"
+    # Dolly rows read as alpaca: every row misses `output`, and the policy is to fail.
+    doc["spec"]["dataset"]["train"] = [{"uri": "s3://datasets/general/general.jsonl"}]
+    doc["spec"]["dataset"]["format"] = "dolly"
+    doc["spec"]["dataset"]["invalidRows"] = {"policy": "fail"}
+    doc["spec"]["backoffLimit"] = 1
+    doc["spec"]["serving"] = {"enabled": False}
+    stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+    final = wait_for(lambda: (s := _status(stack, ns, "broken")).get("phase") in ("Succeeded", "Failed") and s,
+                     600, "the broken tune to fail")
+    assert final["phase"] == "Failed"
+    assert final["attempts"] == 2
+    succeeded = _condition(final, "Succeeded")
+    assert succeeded["reason"] == "BackoffLimitExceeded"
+    assert "general.jsonl" in succeeded["message"] and "line 1" in succeeded["message"]
+    assert len(_ray_jobs(stack, f"{ns}/broken")) == 2
