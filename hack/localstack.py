@@ -6,7 +6,9 @@
 Starts etcd, kube-apiserver (TLS, RBAC), kube-controller-manager, kube-scheduler, KWOK (fake GPU
 and CPU nodes), the KubeRay operator with its CRDs, MinIO with the project's buckets, and a local Ray
 head. Every process runs in its own process group; its pid is recorded in ``<dir>/stack.json`` and
-``down`` stops exactly those processes (and their descendants), never anything found by name.
+``down`` stops exactly those processes (and their descendants), never anything found by name: the
+Ray head runs as ``ray start --block`` and is stopped through it, not with ``ray stop`` (which stops
+every Ray on the machine, including other stacks').
 
 Files in the state dir: ``kubeconfig`` (admin), ``env`` (shell-sourceable; the only place the MinIO
 credentials are written), ``stack.json`` (ports, pids, paths), ``logs/<component>.log``.
@@ -299,6 +301,14 @@ def stop(procs: Sequence[Proc], grace_s: float = STOP_GRACE_S) -> list[Proc]:
         log(f"SIGKILL after {grace_s:.0f}s: {', '.join(f'{p.name}[{p.pid}]' for p in stubborn)}")
         _signal_all(stubborn, signal.SIGKILL)
     return _wait_gone(live + tree, 5)
+
+
+def stop_in_waves(procs: Sequence[Proc]) -> list[Proc]:
+    """Clients first, then the API server, then etcd: a server that loses its storage while it shuts
+    down waits for it (kube-apiserver would hang until SIGKILL)."""
+    waves = [[p for p in procs if p.name not in ("kube-apiserver", "etcd")]]
+    waves += [[p for p in procs if p.name == name] for name in ("kube-apiserver", "etcd")]
+    return [p for wave in waves for p in stop(wave)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -719,7 +729,7 @@ def _start(state_dir: Path) -> dict[str, Any]:
         _up(state_dir, state, launch, mark, ray_bin, crds)
     except BaseException:
         log("start failed: stopping what was started")
-        stop(list(reversed(procs)))
+        stop_in_waves(procs)
         shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
         state["processes"] = [asdict(p) for p in procs]
         _save(state_dir, state)
@@ -870,6 +880,8 @@ def _up(
     )  # fmt: skip
     wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
     mark("kube-apiserver")
+    # Nodes first, while the API server is idle (the CRDs below keep it busy for seconds).
+    kubectl(state_dir, "create", "-f", "-", input=json.dumps(node_manifests()))
 
     kcm = launch(
         "kube-controller-manager",
@@ -911,7 +923,6 @@ def _up(
     crd_files = sorted(crds.glob("*.yaml"))
     kubectl(state_dir, "apply", "--server-side", "--field-manager=instructune-localstack",
             *(x for f in crd_files for x in ("-f", str(f))))  # fmt: skip
-    kubectl(state_dir, "create", "-f", "-", input=json.dumps(node_manifests()))
     wait_until(
         "kuberay CRDs", None,
         lambda: kubectl(state_dir, "wait", "--for=condition=Established", "--timeout=5s",
@@ -985,8 +996,7 @@ def down(state_dir: Path) -> None:
             log(f"no stack recorded in {state_dir}")
             return
         procs = _procs(state)
-        # Stop in reverse start order: clients before the API server, the API server before etcd.
-        left = stop(list(reversed(procs)))
+        left = stop_in_waves(procs)
         shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
         if left:
             raise StackError(f"still running after SIGKILL: {', '.join(f'{p.name}[{p.pid}]' for p in left)}")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instructune_jobs import scoring
+from instructune_jobs.artifacts import ArtifactLayout, Storage, fetch_base_model
 from instructune_jobs.config import TrainConfig
 from instructune_jobs.data import (
     IGNORE_INDEX,
@@ -50,9 +51,7 @@ from instructune_jobs.data import (
     read_conversations,
     render_chat,
     resolve_chat_template,
-    s3_client_from_env,
     split_for_generation,
-    split_s3_uri,
     template_hash,
     tokenize_conversations,
 )
@@ -62,10 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("instructune.evaluate")
 
-REPORT_NAME = "eval/report.json"
-# Names the training recipe may give its manifest next to final/adapter|model (the template hash
-# recorded at training time is checked against the one evaluation renders with).
-MANIFEST_NAMES = ("manifest.json", "training_manifest.json")
+# The training recipe's manifest in final/ (artifacts.py): its templateHash is checked against the
+# template evaluation renders with.
+MANIFEST_NAME = "manifest.json"
 DEFAULT_BATCH_SIZE = 16
 GENERATION_METRICS = ("jsonValid", "jsonSchema", "regex", "exactMatch")
 
@@ -88,34 +86,12 @@ class TrainedArtifacts:
     source: str  # the uri or directory it came from
 
 
-def join_uri(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *(part.strip("/") for part in parts)])
-
-
-def download_prefix(uri: str, dest: Path, client: Any | None = None) -> Path:
-    """Every object under an S3 prefix, to dest with the same relative layout."""
-    client = client or s3_client_from_env()
-    bucket, key = split_s3_uri(uri)
-    prefix = key.rstrip("/") + "/" if key else ""
-    count = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            relative = item["Key"][len(prefix):]
-            if not relative or relative.endswith("/"):
-                continue
-            target = dest / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, item["Key"], str(target))
-            count += 1
-    if count == 0:
-        raise FileNotFoundError(f"no objects under {uri}")
-    return dest
-
-
-def materialize(uri: str, scratch: Path, client: Any | None = None) -> Path:
+def materialize(uri: str, scratch: Path, storage: Storage) -> Path:
     """A local directory holding what uri names: local paths as they are, S3 prefixes downloaded."""
     if uri.startswith("s3://"):
-        return download_prefix(uri, Path(tempfile.mkdtemp(dir=scratch)), client)
+        dest = Path(tempfile.mkdtemp(dir=scratch))
+        storage.download_prefix(uri, dest)
+        return dest
     path = Path(uri.removeprefix("file://"))
     if not path.is_dir():
         raise FileNotFoundError(f"no such directory: {uri}")
@@ -125,11 +101,7 @@ def materialize(uri: str, scratch: Path, client: Any | None = None) -> Path:
 def locate_trained_artifacts(root: Path, source: str) -> TrainedArtifacts:
     """Find the weights in the layouts the training recipe writes: final/{adapter,model,tokenizer}/,
     or a directory that is itself an adapter or a model."""
-    manifest: dict[str, Any] = {}
-    for name in MANIFEST_NAMES:
-        if (root / name).is_file():
-            manifest = json.loads((root / name).read_text())
-            break
+    manifest = json.loads((root / MANIFEST_NAME).read_text()) if (root / MANIFEST_NAME).is_file() else {}
     tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else None
     for kind, sub in (("adapter", "adapter"), ("full", "model"), ("full", "merged")):
         candidate = root / sub
@@ -162,18 +134,15 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
 
 
-def load_causal_lm(model_ref: str | Path, cfg: TrainConfig) -> Any:
-    """A causal LM through transformers' real loading code (a local dir, or hf repo@revision)."""
+def load_causal_lm(model_dir: Path, cfg: TrainConfig) -> Any:
+    """A causal LM from a local directory, through transformers' real loading code."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(cfg)}
-    if isinstance(model_ref, str) and cfg.base_model.hf_repo and model_ref == cfg.base_model.hf_repo:
-        kwargs["revision"] = cfg.base_model.hf_revision
-    model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(cfg))
     return model.to(_device()).eval()
 
 
-def load_tuned_model(artifacts: TrainedArtifacts, base_ref: str | Path | None, cfg: TrainConfig) -> Any:
+def load_tuned_model(artifacts: TrainedArtifacts, base_ref: Path | None, cfg: TrainConfig) -> Any:
     if artifacts.kind == "full":
         return load_causal_lm(artifacts.weights_dir, cfg)
     if base_ref is None:
@@ -184,13 +153,10 @@ def load_tuned_model(artifacts: TrainedArtifacts, base_ref: str | Path | None, c
     return PeftModel.from_pretrained(base, str(artifacts.weights_dir), is_trainable=False).eval()
 
 
-def load_tokenizer(ref: str | Path, cfg: TrainConfig) -> Any:
+def load_tokenizer(tokenizer_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {}
-    if isinstance(ref, str) and cfg.base_model.hf_repo and ref == cfg.base_model.hf_repo:
-        kwargs["revision"] = cfg.base_model.hf_revision
-    tokenizer = AutoTokenizer.from_pretrained(ref, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.pad_token_id is None:
         # Padding is masked out everywhere; any id works, eos is the conventional choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -407,27 +373,9 @@ def add_means_over_datasets(metrics: dict[str, float], dataset_names: Sequence[s
 # ---------------------------------------------------------------------------------------------
 
 
-def report_uri_for(cfg: TrainConfig, model_source: str | None) -> str:
-    """`<checkpointing.uri>/eval/report.json` (the artifacts root), else output.uri, else next to
-    a local model."""
-    root = cfg.checkpointing.uri or cfg.output.uri
-    if root:
-        return join_uri(root, REPORT_NAME)
-    if model_source and not model_source.startswith("s3://"):
-        return str(Path(model_source.removeprefix("file://")).parent / REPORT_NAME)
-    raise ValueError("nowhere to write the report: set checkpointing.uri or output.uri")
-
-
-def write_report(report: dict[str, Any], uri: str, client: Any | None = None) -> str:
+def write_report(report: dict[str, Any], uri: str, storage: Storage) -> str:
     body = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    if uri.startswith("s3://"):
-        client = client or s3_client_from_env()
-        bucket, key = split_s3_uri(uri)
-        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
-    else:
-        path = Path(uri.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(body)
+    storage.write_bytes(uri, body, content_type="application/json")
     return uri
 
 
@@ -449,12 +397,13 @@ def run_evaluation(
     *,
     report_uri: str | None = None,
     reader: ObjectReader | None = None,
-    s3_client: Any | None = None,
+    storage: Storage | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     report_samples: int = 100,
 ) -> dict[str, Any]:
     """Evaluate the tuned model (default: `<checkpointing.uri>/final/`) against its base and write
-    the report. Returns `{"metrics", "baseMetrics", "reportURI", "templateHash"}` for the status.
+    the report (default: `<checkpointing.uri>/eval/report.json`). Returns `{"metrics",
+    "baseMetrics", "reportURI", "templateHash"}` for status.evaluation.
 
     model_dir_or_uri: a final/ directory or prefix (adapter/ or model/ + tokenizer/), or an adapter
     or model directory itself. base_model_dir: a local copy of the base model, to skip the download.
@@ -464,28 +413,32 @@ def run_evaluation(
     started = time.monotonic()
     evaluation = cfg.evaluation
     reader = reader or SchemeReader()
+    storage = storage or Storage()
     torch.manual_seed(cfg.training.seed)
-    if model_dir_or_uri is None:
-        if not cfg.checkpointing.uri:
-            raise ValueError("no model given and checkpointing.uri is unset")
-        model_dir_or_uri = join_uri(cfg.checkpointing.uri, "final")
-    source = str(model_dir_or_uri)
-    report_uri = report_uri or report_uri_for(cfg, source)
+    local_parent = None
+    if model_dir_or_uri is not None and not str(model_dir_or_uri).startswith("s3://"):
+        # Without a configured root the report goes next to a local model's final/ directory.
+        local_parent = str(Path(str(model_dir_or_uri).removeprefix("file://")).parent)
+    layout = ArtifactLayout.for_config(cfg, fallback_root=local_parent)
+    source = str(model_dir_or_uri or layout.final)
+    report_uri = report_uri or layout.eval_report
 
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="instructune-eval-")))
-        artifacts = locate_trained_artifacts(materialize(source, scratch, s3_client), source)
+        artifacts = locate_trained_artifacts(materialize(source, scratch, storage), source)
         # The base weights are needed under an adapter, for baseMetrics and for the probe's baseline.
         needs_base = artifacts.kind == "adapter" or evaluation.compare_to_base or evaluation.general_probe is not None
-        base_ref: str | Path | None = None
+        base_ref: Path | None = None
+        base_revision: str | None = None
         if base_model_dir is not None:
             base_ref = Path(base_model_dir)
         elif needs_base:
-            base_ref = str(cfg.base_model.hf_repo) if cfg.base_model.scheme == "hf" \
-                else materialize(cfg.base_model.uri, scratch, s3_client)
+            # Shared with training: cached per content on the node, hf:// at its pinned revision.
+            fetched = fetch_base_model(cfg, storage)
+            base_ref, base_revision = fetched.path, fetched.revision
         log.info("evaluating %s model from %s (base %s)", artifacts.kind, source, base_ref)
 
-        tokenizer = load_tokenizer(artifacts.tokenizer_dir or base_ref or artifacts.weights_dir, cfg)
+        tokenizer = load_tokenizer(artifacts.tokenizer_dir or base_ref or artifacts.weights_dir)
         template = resolve_chat_template(tokenizer, cfg.template.chat_template)
         digest = check_template(template, tokenizer, artifacts)
 
@@ -525,7 +478,8 @@ def run_evaluation(
         "kind": "InstructionTuneEvaluation",
         "createdAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "tune": {"namespace": cfg.run.namespace, "name": cfg.run.name, "uid": cfg.run.uid},
-        "model": {"source": source, "kind": artifacts.kind, "baseModel": cfg.base_model.uri},
+        "model": {"source": source, "kind": artifacts.kind, "baseModel": cfg.base_model.uri,
+                  "baseModelRevision": base_revision},
         "configHash": cfg.config_hash(),
         "templateHash": digest,
         "scoring": _SCORING_RULES,
@@ -536,13 +490,13 @@ def run_evaluation(
                                              "etags": probe.etags},
         "durationSeconds": round(time.monotonic() - started, 1),
     }
-    write_report(report, report_uri, s3_client)
+    write_report(report, report_uri, storage)
     log.info("evaluation report written to %s", report_uri)
     return {"metrics": metrics, "baseMetrics": base_metrics, "reportURI": report_uri, "templateHash": digest}
 
 
 @contextlib.contextmanager
-def base_model_context(tuned_model: Any, artifacts: TrainedArtifacts, base_ref: str | Path,
+def base_model_context(tuned_model: Any, artifacts: TrainedArtifacts, base_ref: Path,
                        cfg: TrainConfig) -> Iterator[Any]:
     """The base model: the tuned PEFT model with its adapter (and modules_to_save) disabled, or,
     for full fine-tuning, the base weights loaded anew."""

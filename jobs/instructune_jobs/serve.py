@@ -32,8 +32,6 @@ prompt (--system-prompt, the tune's template.systemPrompt) is prepended when a r
 as training did for rows without one.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import logging
@@ -51,24 +49,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from instructune_jobs.artifacts import Storage, fetch_base_model
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import (
-    Conversation,
-    render_chat,
-    resolve_chat_template,
-    s3_client_from_env,
-    split_s3_uri,
-    template_hash,
-)
+from instructune_jobs.data import Conversation, render_chat, resolve_chat_template, template_hash
 from instructune_jobs.evaluate import (
     TemplateMismatchError,
     TrainedArtifacts,
     _stop_token_ids,
-    download_prefix,
     generate,
     load_tokenizer,
     load_tuned_model,
-    materialize,
 )
 
 log = logging.getLogger("instructune.serve")
@@ -99,7 +89,7 @@ class ServeOptions:
 
 
 def loading_config(options: ServeOptions) -> TrainConfig:
-    """The TrainConfig evaluate's loaders take: they read only base_model (hf repo and revision)
+    """The TrainConfig that fetch_base_model and evaluate's loaders take: they read only base_model
     and training.precision from it; the dataset is a placeholder the config's schema requires."""
     return TrainConfig.model_validate(
         {
@@ -129,15 +119,11 @@ def check_served_template(tokenizer: Any, expected_hash: str, source: str) -> st
     return template
 
 
-def weights_kind(uri: str, client: Any | None = None) -> str:
-    """Whether an S3 prefix holds a PEFT adapter ("adapter": adapter_config.json) or a whole model
+def weights_kind(uri: str, storage: Storage) -> str:
+    """Whether a prefix holds a PEFT adapter ("adapter": adapter_config.json) or a whole model
     ("full": config.json)."""
-    client = client or s3_client_from_env()
-    bucket, key = split_s3_uri(uri)
-    prefix = key.rstrip("/") + "/" if key else ""
-    names: set[str] = set()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-        names.update(item["Key"][len(prefix) :] for item in page.get("Contents", []))
+    prefix = uri.rstrip("/") + "/"
+    names = {obj.uri.removeprefix(prefix) for obj in storage.list(prefix)}
     if "adapter_config.json" in names:
         return "adapter"
     if "config.json" in names:
@@ -145,14 +131,11 @@ def weights_kind(uri: str, client: Any | None = None) -> str:
     raise FileNotFoundError(f"no adapter (adapter_config.json) or model (config.json) under {uri}")
 
 
-def preflight(options: ServeOptions, scratch: Path, client: Any | None = None) -> str:
+def preflight(options: ServeOptions, scratch: Path, storage: Storage) -> str:
     """Checks a rollout can serve before Ray Serve is touched; returns the weights' kind."""
-    client = client or s3_client_from_env()
-    tokenizer_dir = download_prefix(options.tokenizer, scratch / "tokenizer", client)
-    check_served_template(
-        load_tokenizer(tokenizer_dir, loading_config(options)), options.template_hash, options.tokenizer
-    )
-    kind = weights_kind(options.weights, client)
+    storage.download_prefix(options.tokenizer, scratch / "tokenizer")
+    check_served_template(load_tokenizer(scratch / "tokenizer"), options.template_hash, options.tokenizer)
+    kind = weights_kind(options.weights, storage)
     if kind == "adapter" and not options.base:
         raise ValueError(f"{options.weights} is an adapter: --base must name its base model")
     return kind
@@ -287,20 +270,21 @@ class ChatModel:
         self.options = options
         cfg = loading_config(options)
         started = time.monotonic()
-        # The downloads only live while loading: the weights are in memory afterwards.
+        storage = Storage()
+        # Tokenizer and weights only live on disk while loading: they are in memory afterwards. The
+        # base goes to the node's model cache (keyed by content), where a roll to another adapter
+        # of the same base finds it.
         with tempfile.TemporaryDirectory(prefix="instructune-serve-") as scratch:
-            client = s3_client_from_env()
-            tokenizer_dir = download_prefix(options.tokenizer, Path(scratch) / "tokenizer", client)
-            self.tokenizer = load_tokenizer(tokenizer_dir, cfg)
+            tokenizer_dir, weights_dir = Path(scratch) / "tokenizer", Path(scratch) / "weights"
+            storage.download_prefix(options.tokenizer, tokenizer_dir)
+            self.tokenizer = load_tokenizer(tokenizer_dir)
             # Checked again on what this replica renders with, not only by the job that deployed it.
             self.template = check_served_template(self.tokenizer, options.template_hash, options.tokenizer)
-            self.kind = weights_kind(options.weights, client)
-            weights_dir = download_prefix(options.weights, Path(scratch) / "weights", client)
-            base_ref: str | Path | None = None
-            if self.kind == "adapter":
-                base_ref = cfg.base_model.hf_repo or materialize(options.base, Path(scratch), client)
+            self.kind = weights_kind(options.weights, storage)
+            storage.download_prefix(options.weights, weights_dir)
+            base = fetch_base_model(cfg, storage).path if self.kind == "adapter" else None
             artifacts = TrainedArtifacts(self.kind, weights_dir, tokenizer_dir, {}, options.weights)
-            self.model = load_tuned_model(artifacts, base_ref, cfg)
+            self.model = load_tuned_model(artifacts, base, cfg)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.created = int(time.time())
         # One generation at a time: requests share one model, and on CPU they share its threads.
@@ -442,14 +426,15 @@ def build_app(options: ServeOptions, num_cpus: float = 0.5, num_gpus: float = 0.
         def __init__(self, served: ServeOptions) -> None:
             self.chat = ChatModel(served)
 
-        # Return types are Any: FastAPI evaluates annotations in this module's globals, where the
-        # locally imported JSONResponse is not.
+        # This module does not use `from __future__ import annotations`: Ray's class-based view
+        # rewrites these signatures, and FastAPI could then not resolve a string annotation such
+        # as "ChatRequest" (the body would be taken for a query parameter).
         @api.get("/v1/models", response_model=None)
-        def models(self) -> Any:
+        def models(self) -> JSONResponse:
             return JSONResponse(self.chat.models())
 
         @api.post("/v1/chat/completions", response_model=None)
-        def chat_completions(self, body: ChatRequest) -> Any:
+        def chat_completions(self, body: ChatRequest) -> JSONResponse:
             # A sync endpoint: FastAPI runs it in a thread, so generating does not block the loop.
             try:
                 return JSONResponse(self.chat.complete(body))
@@ -505,7 +490,7 @@ def deploy(options: ServeOptions, http_host: str, http_port: int, num_cpus: floa
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="instructune-serve-check-") as scratch:
-        kind = preflight(options, Path(scratch))
+        kind = preflight(options, Path(scratch), Storage())
     log.info(
         "rollout checked: %s weights, template %s (%.1fs)",
         kind,

@@ -328,7 +328,7 @@ class ServingSpec(Model):
         default=False, description="Deploy the tuned model when the evaluation gate passes."
     )
     runtime: Literal["vllm", "ray-serve"] = Field(default="vllm", description="Serving runtime.")
-    replicas: int = Field(default=1, ge=0, le=100, description="Serving replicas.")
+    replicas: int = Field(default=1, ge=1, le=100, description="Serving replicas.")
     gpu_pool: str | None = Field(default=None, pattern=DNS_LABEL, description="GPU pool for serving pods.")
     target: str | None = Field(
         default=None, pattern=DNS_LABEL, max_length=53, description="Serving name shared by successive tunes."

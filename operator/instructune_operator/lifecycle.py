@@ -120,6 +120,9 @@ def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
     spec = obs.spec
     if spec is None:
         return decision
+    # Ray Serve serves from the tune's own Ray cluster: a served tune keeps it.
+    serves_on_ray = spec.serving.enabled and spec.serving.runtime == "ray-serve"
+    cleanup_cluster = cleanup_cluster and not (serves_on_ray and status.get("phase") != "Failed")
     job_id = status.get("jobId")
     job_active = job_id is not None and obs.job_status in JOB_RUNNING
 

@@ -82,6 +82,11 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime) -> Observatio
                 obs["job_status"] = "RUNNING" if status.get("phase") in ("Training", "Evaluating") else None
             if info is not None:
                 obs["job_status"], obs["job_message"] = info.status, info.message
+                if info.status == "SUCCEEDED":
+                    # The job patched its results just before it ended: read them fresh, not
+                    # from a watch event that may not have arrived yet.
+                    fresh = kube.get(API_VERSION, KIND, ns, name)
+                    status = dict((fresh or {}).get("status") or status)
                 if info.status in ("FAILED", "STOPPED"):
                     obs["job_log_tail"] = ray.logs_tail(job_id)
         if status.get("phase") == "Deploying":
@@ -204,4 +209,4 @@ def release_tune(body: dict[str, Any], clients: Clients) -> None:
     if (body.get("spec") or {}).get("deleteArtifactsOnDelete"):
         from instructune_operator.clients.s3 import delete_prefix
 
-        delete_prefix(body["spec"]["checkpointing"]["uri"])
+        delete_prefix(body["spec"]["checkpointing"]["uri"], clients.settings.s3_endpoint)

@@ -36,7 +36,6 @@ class GpuPool(_Model):
     gpus_per_node: int = Field(default=8, ge=0)
     max_workers: int = Field(default=16, ge=1)
     cpus_per_node: int = Field(default=64, ge=1)
-    gpu_product: str | None = None
 
 
 class Settings(_Model):
@@ -55,7 +54,6 @@ class Settings(_Model):
     # Port of Ray Serve's HTTP proxy for runtime ray-serve (the embedded local serving).
     ray_serve_http_port: int = 8000
     delete_cluster_after_finish: bool = True
-    default_serving_runtime: Literal["vllm", "ray-serve"] = "vllm"
 
 
 ENV_OVERRIDES = {

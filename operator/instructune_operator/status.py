@@ -6,13 +6,13 @@ from typing import Any
 
 CONDITION_TYPES = (
     "Validated",
-    "DataValidated",
     "ClusterReady",
     "Training",
     "Evaluated",
     "EvalPassed",
     "Serving",
     "Ready",
+    "Succeeded",
 )
 
 

@@ -218,7 +218,8 @@ def test_env_file_is_private_sourceable_and_the_only_place_with_credentials(stac
     assert "node/kwok-a100-80g-0" in out and stack.ray_address in out
     assert stack.env["AWS_DEFAULT_REGION"] == "us-east-1"
     assert stack.env["AWS_ENDPOINT_URL"] == stack.s3_endpoint == stack.env["INSTRUCTUNE_S3_ENDPOINT"]
-    assert stack.secret_key not in (stack.dir / "stack.json").read_text()
+    recorded = (stack.dir / "stack.json").read_text()
+    assert stack.secret_key not in recorded and stack.ray_token not in recorded
 
 
 def test_up_on_a_healthy_running_stack_reuses_it(stack: Stack) -> None:

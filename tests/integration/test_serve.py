@@ -109,6 +109,10 @@ def running_replicas(app: dict[str, Any]) -> int:
 
 @pytest.fixture(scope="module")
 def ray_jobs(stack: Any) -> RayJobs:
+    # The local Ray head's processes have no S3 credentials (in a cluster the pods carry them by
+    # secretKeyRef), so this test hands the stack's throwaway ones to the job. Serve copies the job's
+    # runtime_env into the application's config, shown by GET /api/serve/applications/: real
+    # credentials must never travel this way.
     s3 = {k: v for k, v in stack.env.items() if k.startswith(("AWS_", "INSTRUCTUNE_S3"))}
     env = {
         **s3,
@@ -130,7 +134,9 @@ def artifacts(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     os.environ.update({k: stack.env[k] for k in saved})
     work = tmp_path_factory.mktemp("serve")
     run = uuid.uuid4().hex[:8]
+    started = time.monotonic()
     base_dir = build_tiny_llama(work / "base")
+    print(f"\ntiny llama built in {time.monotonic() - started:.1f}s")
     torch.manual_seed(0)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
@@ -187,7 +193,7 @@ def served(stack: Any, ray_jobs: RayJobs, artifacts: dict[str, Any]) -> Iterator
         status, message = ray_jobs.wait(job, 150)
         assert status == "SUCCEEDED", f"{message}\n{ray_jobs.logs(job)}"
         seconds = time.monotonic() - started
-        print(f"\nserve job deployed {name} in {seconds:.1f}s")
+        print(f"\nserve job deployed {name} in {seconds:.1f}s\n{ray_jobs.logs(job)}")
         yield {"name": name, "port": port, "args": args, "url": f"http://127.0.0.1:{port}/{name}/v1",
                "deploy_seconds": seconds}  # fmt: skip
     finally:
@@ -204,7 +210,7 @@ def local_model(artifacts: dict[str, Any]) -> tuple[Any, Any]:
     cfg = TrainConfig.model_validate(
         {"base_model": {"uri": str(artifacts["base_dir"])}, "dataset": {"train": [{"uri": "/nonexistent"}]}}
     )
-    tokenizer = load_tokenizer(work / "final" / "tokenizer", cfg)
+    tokenizer = load_tokenizer(work / "final" / "tokenizer")
     model = load_tuned_model(
         TrainedArtifacts("adapter", work / "final" / "adapter", None, {}, "local"), artifacts["base_dir"], cfg
     )

@@ -331,3 +331,16 @@ def test_more_than_one_replica_is_refused(helm: Path) -> None:
 def test_rbac_can_be_left_to_the_platform(helm: Path) -> None:
     docs = render(helm, "--set", "rbac.create=false")
     assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {d["kind"] for d in docs}
+
+
+def test_credentials_reach_the_operator_only_by_secret_key_ref(helm: Path) -> None:
+    docs = render(helm, "--set", "rayAuthTokenSecretRef.name=ray-auth")
+    (operator,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    token = next(e for e in operator["env"] if e["name"] == "RAY_AUTH_TOKEN")
+    assert token == {
+        "name": "RAY_AUTH_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "ray-auth", "key": "RAY_AUTH_TOKEN"}},
+    }
+    assert not any(
+        grants(one(docs, "ClusterRole")["rules"], "", "secrets", verb) for verb in ("get", "list", "watch")
+    )

@@ -12,9 +12,9 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def delete_prefix(uri: str) -> int:
+def delete_prefix(uri: str, endpoint: str | None = None) -> int:
     bucket, prefix = _split(uri)
-    endpoint = os.environ.get("INSTRUCTUNE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = endpoint or os.environ.get("INSTRUCTUNE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     s3 = boto3.client("s3", endpoint_url=endpoint)
     deleted = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
