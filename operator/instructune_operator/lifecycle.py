@@ -114,15 +114,21 @@ def cluster_ready(cluster: dict[str, Any] | None) -> bool:
 
 
 def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
+    decision = _decide(obs, cleanup_cluster)
+    spec = obs.spec
+    # Ray Serve serves from the tune's own Ray cluster: a served tune keeps it.
+    if spec is not None and spec.serving.enabled and spec.serving.runtime == "ray-serve":
+        decision.delete_cluster = decision.delete_cluster and decision.status.get("phase") == "Failed"
+    return decision
+
+
+def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     status = compute_validation_status(obs.status, obs.generation, obs.spec_errors, _ts(obs.now))
     st = _Status(obs, status)
     decision = Decision(status=status)
     spec = obs.spec
     if spec is None:
         return decision
-    # Ray Serve serves from the tune's own Ray cluster: a served tune keeps it.
-    serves_on_ray = spec.serving.enabled and spec.serving.runtime == "ray-serve"
-    cleanup_cluster = cleanup_cluster and not (serves_on_ray and status.get("phase") != "Failed")
     job_id = status.get("jobId")
     job_active = job_id is not None and obs.job_status in JOB_RUNNING
 

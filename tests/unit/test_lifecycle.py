@@ -206,3 +206,11 @@ def test_finished_tune_is_deleted_after_its_ttl() -> None:
     assert status["phase"] == "Succeeded"
     assert not decide(_obs(status=status, spec=spec, now=NOW + timedelta(seconds=30))).delete_tune
     assert decide(_obs(status=status, spec=spec, now=NOW + timedelta(seconds=61))).delete_tune
+
+
+def test_a_tune_served_by_ray_serve_keeps_its_ray_cluster_but_a_failed_one_does_not() -> None:
+    status = _succeeded({"heldout.jsonSchema": 0.95})
+    d = decide(_obs(status=status, cluster=READY, serving_ready_replicas=1))
+    assert d.status["phase"] == "Succeeded" and not d.delete_cluster
+    failed = _succeeded({"heldout.jsonSchema": 0.1})
+    assert decide(_obs(status=failed, cluster=READY)).delete_cluster
