@@ -118,7 +118,10 @@ def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
     spec = obs.spec
     # Ray Serve serves from the tune's own Ray cluster: a served tune keeps it.
     if spec is not None and spec.serving.enabled and spec.serving.runtime == "ray-serve":
-        decision.delete_cluster = decision.delete_cluster and decision.status.get("phase") == "Failed"
+        decision.delete_cluster = decision.delete_cluster and decision.status.get("phase") not in (
+            "Deploying",
+            "Succeeded",
+        )
     return decision
 
 
