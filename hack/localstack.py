@@ -821,7 +821,15 @@ def _up(
         # Ray 2.60 enables token authentication by default; the token is ours, not ~/.ray/auth_token.
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's switch that keeps `--node-ip-address 127.0.0.1`
         # on loopback (otherwise Ray swaps it for the host's routable IP and listens on every interface).
-        {"RAY_USAGE_STATS_ENABLED": "0", **{k: env[k] for k in env if k.startswith("RAY_") and k != "RAY_ADDRESS"}},
+        {"RAY_USAGE_STATS_ENABLED": "0", **{k: env[k] for k in env if k.startswith("RAY_") and k != "RAY_ADDRESS"},
+         # Jobs on this head get what a tune's Ray pods get: S3 credentials in their environment
+         # (pods: by secretKeyRef), never through job info or runtime_env. Entrypoints run
+         # `python -m instructune_jobs` with this clone's code and the project venv first on PATH.
+         **{k: env[k] for k in ("AWS_ENDPOINT_URL", "INSTRUCTUNE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID",
+                                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
+         "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+         "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("jobs", "operator")),
+         "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions")},
     )  # fmt: skip
 
     make_pki(pki)

@@ -30,7 +30,12 @@ httpx = pytest.importorskip("httpx")
 
 from instructune_jobs.config import TrainConfig  # noqa: E402
 from instructune_jobs.data import render_chat, s3_client_from_env, split_s3_uri, template_hash  # noqa: E402
-from instructune_jobs.evaluate import TrainedArtifacts, generate, load_tokenizer, load_tuned_model  # noqa: E402
+from instructune_jobs.evaluate import (  # noqa: E402
+    TrainedArtifacts,
+    generate,
+    load_tokenizer,
+    load_tuned_model,
+)
 from instructune_jobs.synthetic import CHATML_TEMPLATE, build_tiny_llama, upload_directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +149,7 @@ def artifacts(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                    task_type="CAUSAL_LM"),
     )  # fmt: skip
-    model.save_pretrained(work / "final" / "adapter")
+    model.save_pretrained(str(work / "final" / "adapter"))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.chat_template = TRAINED_TEMPLATE
     tokenizer.save_pretrained(work / "final" / "tokenizer")
