@@ -65,6 +65,22 @@ def evaluate_on_worker(cfg: TrainConfig) -> dict[str, Any]:
     return dict(ray.get(task.remote(cfg.to_json())))
 
 
+def report_evaluation(cfg: TrainConfig, evaluation: dict[str, Any]) -> None:
+    """Patches the evaluation into the tune's status, where the operator's gate reads it."""
+    from instructune_jobs.report import StatusPatcher, status_endpoint_from_env
+
+    endpoint = status_endpoint_from_env(cfg.run)
+    if endpoint is None:
+        return
+    status = {
+        "metrics": evaluation.get("metrics", {}),
+        "baseMetrics": evaluation.get("baseMetrics", {}),
+        "reportUri": evaluation.get("reportURI") or evaluation.get("reportUri"),
+    }
+    if not StatusPatcher(endpoint).patch({"evaluation": status}):
+        raise RuntimeError("could not report the evaluation into the tune's status")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instructune_jobs", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
@@ -104,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 ray.init(address=args.ray_address or _ray_address_from_env())
             result["evaluation"] = evaluate_on_worker(cfg)
+            report_evaluation(cfg, result["evaluation"])
     except UnsupportedSetupError as err:
         log.error("%s", err)
         return EXIT_BAD_CONFIG
