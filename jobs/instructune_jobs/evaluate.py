@@ -43,6 +43,8 @@ from instructune_jobs.artifacts import ArtifactLayout, Storage, fetch_base_model
 from instructune_jobs.config import TrainConfig
 from instructune_jobs.data import (
     IGNORE_INDEX,
+    ConversationsRead,
+    DataValidationError,
     ObjectReader,
     PaddingCollator,
     SchemeReader,
@@ -65,7 +67,6 @@ log = logging.getLogger("instructune.evaluate")
 # template evaluation renders with.
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BATCH_SIZE = 16
-GENERATION_METRICS = ("jsonValid", "jsonSchema", "regex", "exactMatch")
 
 
 class TemplateMismatchError(RuntimeError):
@@ -103,7 +104,9 @@ def locate_trained_artifacts(root: Path, source: str) -> TrainedArtifacts:
     or a directory that is itself an adapter or a model."""
     manifest = json.loads((root / MANIFEST_NAME).read_text()) if (root / MANIFEST_NAME).is_file() else {}
     tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else None
-    for kind, sub in (("adapter", "adapter"), ("full", "model"), ("full", "merged")):
+    # The adapter wins over a merged model/ (output.merge writes both): same weights, and the
+    # base is then had by disabling the adapter instead of loading a second model.
+    for kind, sub in (("adapter", "adapter"), ("full", "model")):
         candidate = root / sub
         marker = "adapter_config.json" if kind == "adapter" else "config.json"
         if (candidate / marker).is_file():
@@ -304,11 +307,25 @@ class EvalSet:
     etags: dict[str, str] = field(default_factory=dict)
 
 
+def read_any_format(uri: str, reader: ObjectReader, field_mapping: dict[str, str],
+                    system_prompt: str | None) -> ConversationsRead:
+    """Evaluation sets and probes may come in any supported format (detected per object). The
+    training field mapping applies when the set shares the training data's columns; a set in
+    canonical columns (a general probe, typically) is read without it."""
+    read = read_conversations(uri, reader, "auto", field_mapping, system_prompt)
+    if field_mapping and not read.conversations:
+        read = read_conversations(uri, reader, "auto", None, system_prompt)
+    return read
+
+
 def prepare_eval_set(name: str, uri: str, cfg: TrainConfig, tokenizer: Any, template: str,
                      reader: ObjectReader, max_samples: int | None, with_prompts: bool) -> EvalSet:
     """Conversations of an evaluation (or probe) source, tokenized for the loss exactly as for
     training, and the first max_samples prompts rendered for generation."""
-    read = read_conversations(uri, reader, cfg.dataset.format, cfg.dataset.field_mapping, cfg.template.system_prompt)
+    read = read_any_format(uri, reader, cfg.dataset.field_mapping, cfg.template.system_prompt)
+    if not read.conversations:
+        # A gate must not pass (or fail) on metrics of nothing.
+        raise DataValidationError(f"evaluation source {uri} has no valid rows", read.invalid, read.rows)
     examples, rejected = tokenize_conversations(read.conversations, tokenizer, template, cfg.training.max_seq_length)
     eval_set = EvalSet(name, uri, read.conversations, examples, [], [], [], read.rows, len(read.invalid),
                        len(rejected), read.etags)
@@ -412,6 +429,9 @@ def run_evaluation(
 
     started = time.monotonic()
     evaluation = cfg.evaluation
+    names = [d.name for d in evaluation.datasets]
+    if "forgetting" in names or len(set(names)) != len(names):
+        raise ValueError(f"evaluation dataset names must be unique and not 'forgetting' (metric keys): {names}")
     reader = reader or SchemeReader()
     storage = storage or Storage()
     torch.manual_seed(cfg.training.seed)
@@ -464,7 +484,6 @@ def run_evaluation(
                                    evaluation.max_new_tokens, batch_size)
         del model
 
-    names = [d.name for d in evaluation.datasets]
     metrics = add_means_over_datasets(tuned.metrics, names)
     base_metrics = add_means_over_datasets(base.metrics, names) if base and evaluation.compare_to_base else {}
     if probe is not None:
@@ -531,6 +550,7 @@ def _dataset_report(eval_set: EvalSet, tuned: ModelScores, base: ModelScores | N
             "messages": eval_set.prompt_messages[index],
             "reference": eval_set.references[index],
             "output": outputs[index].text,
+            "outputTokens": outputs[index].tokens,
             "scores": {**tuned.samples[eval_set.name][index], "hitMaxNewTokens": not outputs[index].stopped},
         }
         if base_outputs and base:

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+
 from instructune_jobs.config import EvaluationConfig
+from instructune_jobs.data import template_hash
+from instructune_jobs.evaluate import (
+    TemplateMismatchError,
+    TrainedArtifacts,
+    add_means_over_datasets,
+    check_template,
+    locate_trained_artifacts,
+)
 from instructune_jobs.scoring import (
     MetricSpec,
     aggregate_scores,
@@ -182,3 +192,46 @@ def test_forgetting_is_the_increase_of_probe_loss_from_base_to_tuned() -> None:
 def test_perplexity_is_exp_of_loss_and_stays_finite() -> None:
     assert perplexity(math.log(7.0)) == pytest.approx(7.0)
     assert math.isfinite(perplexity(1e6))
+
+
+# --- evaluation helpers that need no model -------------------------------------------------
+
+
+class _Tokenizer:
+    def __init__(self, chat_template: str | None):
+        self.chat_template = chat_template
+
+
+def _artifacts(tmp_path: Path, manifest: dict | None = None, tokenizer: bool = True) -> TrainedArtifacts:
+    return TrainedArtifacts("adapter", tmp_path / "adapter", tmp_path / "tokenizer" if tokenizer else None,
+                            manifest or {}, str(tmp_path))
+
+
+def test_the_template_hash_is_checked_against_the_trained_tokenizer_and_the_manifest(tmp_path: Path) -> None:
+    trained = "{{ messages }}"
+    assert check_template(trained, _Tokenizer(trained), _artifacts(tmp_path)) == template_hash(trained)
+    with pytest.raises(TemplateMismatchError, match="trained tokenizer"):
+        check_template("{{ other }}", _Tokenizer(trained), _artifacts(tmp_path))
+    with pytest.raises(TemplateMismatchError, match="training manifest"):
+        check_template(trained, _Tokenizer(trained), _artifacts(tmp_path, {"templateHash": "0" * 64}))
+    # Without a trained tokenizer the manifest alone decides.
+    assert check_template(trained, _Tokenizer(None), _artifacts(tmp_path, {"templateHash": template_hash(trained)},
+                                                                  tokenizer=False))
+
+
+def test_trained_artifacts_are_found_in_the_final_layout_adapter_first(tmp_path: Path) -> None:
+    for sub, marker in (("adapter", "adapter_config.json"), ("model", "config.json"), ("tokenizer", "tokenizer_config.json")):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / marker).write_text("{}")
+    (tmp_path / "manifest.json").write_text(json.dumps({"templateHash": "abc"}))
+    found = locate_trained_artifacts(tmp_path, "s3://artifacts/run/final")
+    assert (found.kind, found.weights_dir, found.tokenizer_dir) == ("adapter", tmp_path / "adapter", tmp_path / "tokenizer")
+    assert found.manifest == {"templateHash": "abc"}
+    assert locate_trained_artifacts(tmp_path / "model", "m").kind == "full"
+    with pytest.raises(FileNotFoundError):
+        locate_trained_artifacts(tmp_path / "tokenizer", "t")
+
+
+def test_unprefixed_metrics_are_the_mean_over_datasets() -> None:
+    metrics = {"a.loss": 1.0, "b.loss": 3.0, "a.jsonValid": 0.5, "forgetting.probeLoss": 2.0}
+    assert add_means_over_datasets(metrics, ["a", "b"]) == {**metrics, "loss": 2.0, "jsonValid": 0.5}
