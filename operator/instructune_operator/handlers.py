@@ -29,7 +29,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.persistence.finalizer = f"{GROUP}/cleanup"
-    settings.posting.level = logging.INFO
+    # Kopf would post every handler log line as a Kubernetes event; the operator posts its own
+    # events on transitions, so only warnings and errors of Kopf's go there.
+    settings.posting.level = logging.WARNING
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings.watching.server_timeout = 120
     settings.execution.max_workers = 8
     # The operator needs no cluster-wide reads of CRDs or namespaces (least privilege); without
