@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import ssl
@@ -44,6 +45,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,21 +135,13 @@ def mb(kb: int | None) -> float | None:
 
 
 class Watcher(threading.Thread):
-    """One long watch on a custom resource in a namespace; calls on_event(type, obj, t_monotonic)."""
+    """One long watch (a namespaced list function called with watch=True); calls on_event(type, obj, t)."""
 
     def __init__(
-        self, api: client.CustomObjectsApi, group: str, version: str, plural: str, namespace: str,
-        on_event: Callable[[str, dict[str, Any], float], None],
-    ) -> None:  # fmt: skip
-        super().__init__(daemon=True, name=f"watch-{plural}")
-        self.api, self.group, self.version, self.plural, self.namespace = (
-            api,
-            group,
-            version,
-            plural,
-            namespace,
-        )
-        self.on_event = on_event
+        self, name: str, list_fn: Callable[..., Any], on_event: Callable[[str, dict[str, Any], float], None]
+    ) -> None:
+        super().__init__(daemon=True, name=f"watch-{name}")
+        self.plural, self.list_fn, self.on_event = name, list_fn, on_event
         self.stop = threading.Event()
         self.connected = threading.Event()
         self.closed_at: list[float] = []  # monotonic times at which one of our WATCH requests ended
@@ -157,10 +151,9 @@ class Watcher(threading.Thread):
         rv: str | None = None
         while not self.stop.is_set():
             try:
-                resp = self.api.list_namespaced_custom_object(
-                    self.group, self.version, self.namespace, self.plural, watch=True,
-                    allow_watch_bookmarks=True, timeout_seconds=WATCH_TIMEOUT_S, resource_version=rv,
-                    _preload_content=False,
+                resp = self.list_fn(
+                    watch=True, allow_watch_bookmarks=True, timeout_seconds=WATCH_TIMEOUT_S,
+                    resource_version=rv, _preload_content=False,
                 )  # fmt: skip
                 self.connected.set()
                 try:
@@ -398,9 +391,15 @@ def run(
         "INSTRUCTUNE_SETTINGS": str(settings_path),
         "INSTRUCTUNE_NAMESPACES": args.namespace,
     }
+    operator_cmd = (
+        shlex.split(args.operator_cmd)
+        if args.operator_cmd
+        else [sys.executable, "-m", "instructune_operator"]
+    )
+    result["setup"]["operator_cmd"] = operator_cmd
     with op_log.open("ab") as out:
         operator = subprocess.Popen(
-            [sys.executable, "-m", "instructune_operator"], env=op_env, stdout=out, stderr=out,
+            operator_cmd, env=op_env, stdout=out, stderr=out,
             start_new_session=True, cwd=state_dir,
         )  # fmt: skip
 
@@ -433,6 +432,7 @@ def run(
     settled: dict[str, float] = {}
     phases: dict[str, str] = {}
     job_ids: set[str] = set()
+    pods_seen: dict[str, float] = {}
     cluster_of = {f"bench-{i:04d}-ray": f"bench-{i:04d}" for i in range(n)}
 
     def on_cluster(kind: str, obj: dict[str, Any], now: float) -> None:
@@ -451,10 +451,19 @@ def run(
             if status.get("observedGeneration") == meta.get("generation"):
                 settled.setdefault(meta["name"], now)
 
+    def on_pod(kind: str, obj: dict[str, Any], now: float) -> None:
+        if kind == "ADDED":
+            with lock:
+                pods_seen.setdefault(obj["metadata"]["name"], now)
+
+    ns = args.namespace
+    core = client.CoreV1Api(kapi)
     watchers = [
-        Watcher(custom, "ray.io", "v1", "rayclusters", args.namespace, on_cluster),
-        Watcher(custom, GROUP, VERSION, PLURAL, args.namespace, on_tune),
-    ]
+        Watcher("rayclusters", partial(custom.list_namespaced_custom_object, "ray.io", "v1", ns, "rayclusters"),
+                on_cluster),
+        Watcher(PLURAL, partial(custom.list_namespaced_custom_object, GROUP, VERSION, ns, PLURAL), on_tune),
+        Watcher("pods", partial(core.list_namespaced_pod, ns), on_pod),
+    ]  # fmt: skip
     for w in watchers:
         w.start()
         if not w.connected.wait(30):
@@ -499,11 +508,15 @@ def run(
 
     deadline, last_log = time.monotonic() + args.timeout, 0.0
     timed_out = False
+    t_settled: float | None = None
     while True:
         with lock:
             done_rc = sum(1 for k in created if k in rc_seen)
             done_st = sum(1 for k in created if k in settled)
-        if done_rc >= len(created) and done_st >= len(created):
+            done_pods = len(pods_seen)
+        if done_rc >= len(created) and done_st >= len(created) and t_settled is None:
+            t_settled = time.monotonic()
+        if t_settled is not None and done_pods >= len(created) * (1 + args.workers):
             break
         if operator.poll() is not None:
             raise RuntimeError(f"the operator exited with {operator.returncode}; see {op_log}")
@@ -512,7 +525,7 @@ def run(
             break
         if time.monotonic() - last_log > 10:
             last_log = time.monotonic()
-            log(f"  {done_rc}/{len(created)} RayClusters, {done_st} settled, load {loadavg()}, "
+            log(f"  {done_rc}/{len(created)} RayClusters, {done_st} settled, {done_pods} pods, load {loadavg()}, "
                 f"operator RSS {mb(proc_status(operator.pid).get('VmRSS'))} MB")  # fmt: skip
         time.sleep(0.2)
     t1 = time.monotonic()
@@ -577,6 +590,9 @@ def run(
             "create_call_s": percentiles([created[k] - sent[k] for k in created]),
             "all_rayclusters_after_first_create_s": round(max(rc_seen.values()) - t0, 2) if rc_seen else None,
             "settled_after_first_create_s": round(max(settled.values()) - t0, 2) if settled else None,
+            "kuberay_all_pods_after_first_create_s": round(max(pods_seen.values()) - t0, 2)
+            if pods_seen
+            else None,
             "creating_took_s": round(t_created - t0, 2),
             "phases_at_end": dict(Counter(phases.values())),
             "tunes_with_job_submitted": len(job_ids),
@@ -599,12 +615,14 @@ def run(
                     "bench_creates": sum(v for k, v in own.items() if k[3] == "POST"),
                     "bench_watch_requests_ended_in_window": ended,
                     "how": (
-                        "minus the bench's POSTs of instructiontunes and any of its two watches (rayclusters, "
-                        "instructiontunes) that ended inside the window (still-open watches are not counted "
+                        "minus the bench's POSTs of instructiontunes and any of its three watches (rayclusters, "
+                        "instructiontunes, pods) that ended inside the window (still-open watches are not counted "
                         "by apiserver_request_total); non-resource requests (/metrics, /healthz) left out"
                     ),
                 },
                 "note": (
+                    "window: from just before the first create until every tune settled and KubeRay created "
+                    "every pod (timer passes in it included); "
                     "all stack components (operator, KubeRay, scheduler, controller-manager, KWOK) together; "
                     "operator_signature_* is the operator's share (tunes, server-side applies, RayCluster "
                     "GETs, pod LISTs); its core Events are operator_events_per_tune"
@@ -623,6 +641,15 @@ def run(
             "watch_errors": [e for w in watchers for e in w.errors][:5],
         }
     )
+    if args.dump:
+        with args.dump.open("w") as f:
+            f.write(json.dumps({"t0_monotonic": t0}) + "\n")
+            for name in sorted(sent):
+                times = {"sent": sent.get(name), "created": created.get(name), "raycluster": rc_seen.get(name),
+                         "settled": settled.get(name)}  # fmt: skip
+                f.write(
+                    json.dumps({"name": name, **{k: v and round(v - t0, 4) for k, v in times.items()}}) + "\n"
+                )
     p99 = result["latency_apply_to_raycluster_s"].get("p99")
     peak = result["operator"]["rss_peak_mb_vmhwm"]
     result["goal"] = {
@@ -652,6 +679,13 @@ def main() -> int:
         "--reconcile-interval",
         type=float,
         help="operator settings reconcileIntervalSeconds (default: the operator's)",
+    )
+    parser.add_argument(
+        "--operator-cmd",
+        help="command that runs the operator, e.g. under a profiler (default: this python -m instructune_operator)",
+    )
+    parser.add_argument(
+        "--dump", type=Path, help="write per-tune times (JSON lines, seconds after the first create)"
     )
     parser.add_argument("--dir", type=Path, help="state dir for the stack (default: a new temporary dir)")
     parser.add_argument("--keep", action="store_true", help="keep the state dir (logs) after the run")

@@ -377,7 +377,10 @@ def build_model(cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: A
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": compute_dtype, "attn_implementation": attention_implementation(device)}
+    # Frozen weights load in the compute dtype. Full fine-tuning under DDP keeps fp32 master weights
+    # and autocasts (DeepSpeed keeps its own fp32 master copy of 16-bit weights).
+    load_dtype = torch.float32 if cfg.method.type == "full" and ds_config is None else compute_dtype
+    kwargs: dict[str, Any] = {"dtype": load_dtype, "attn_implementation": attention_implementation(device)}
     zero3_context: Any = None
     if cfg.method.type == "qlora":
         from transformers import BitsAndBytesConfig
@@ -395,13 +398,20 @@ def build_model(cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: A
         zero3_context = HfDeepSpeedConfig(ds_config)  # must stay referenced while loading
     model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     del zero3_context
-    model.config.use_cache = False  # the KV cache only costs memory in training
+    return apply_method(cfg, model, device, keep_on_cpu=ds_config is not None)
 
+
+def apply_method(cfg: TrainConfig, model: Any, device: Any, keep_on_cpu: bool) -> Any:
+    """Gradient checkpointing and, for (Q)LoRA, the PEFT adapter; trainable weights in fp32.
+    keep_on_cpu: DeepSpeed places the model itself."""
+    import torch
+
+    model.config.use_cache = False  # the KV cache only costs memory in training
     if cfg.training.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without input grads hacks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method.type == "full":
-        return model if ds_config is not None else model.to(device)
+        return model if keep_on_cpu else model.to(device)
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -419,7 +429,7 @@ def build_model(cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: A
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
-    return model if ds_config is not None or cfg.method.type == "qlora" else model.to(device)
+    return model if keep_on_cpu or cfg.method.type == "qlora" else model.to(device)
 
 
 def attention_implementation(device: Any) -> str:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,8 @@ class StatusPatcher:
         self.timeout_s = timeout_s
         self.failures = 0
         self.successes = 0
+        # The cluster CA when given (in-cluster, or INSTRUCTUNE_K8S_CA_FILE), else the system's.
+        self._tls = ssl.create_default_context(cafile=endpoint.ca_file) if endpoint.ca_file else True
 
     def patch(self, status: dict[str, Any]) -> bool:
         import httpx
@@ -119,14 +122,13 @@ class StatusPatcher:
             log.warning("status patch skipped: cannot read token file %s: %s", self.endpoint.token_file,
                         err.strerror)
             return False
-        verify: Any = self.endpoint.ca_file or True
         try:
             response = httpx.patch(
                 self.endpoint.url,
                 content=json.dumps({"status": status}, allow_nan=False).encode(),
                 headers={"Authorization": f"Bearer {token}", "Content-Type": MERGE_PATCH,
                          "Accept": "application/json"},
-                verify=verify,
+                verify=self._tls,
                 timeout=self.timeout_s,
             )
         except (httpx.HTTPError, OSError, ValueError) as err:

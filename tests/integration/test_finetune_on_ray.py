@@ -1,7 +1,10 @@
 """The training recipe on the local stack's real Ray head and MinIO.
 
-A random tiny Llama (built offline, uploaded to MinIO) is loaded through the recipe's real S3 and
-transformers code. Four properties, on 2 CPU cores:
+Every run is submitted through the Ray Jobs API as `python -m instructune_jobs --config-file ...`,
+exactly as the operator submits it; the job's driver and workers take the S3 endpoint and
+credentials from the Ray head's environment (as Ray pods get them from the Secret). A random tiny
+Llama (built offline, uploaded to MinIO) is loaded through the recipe's real S3 and transformers
+code. Four properties, on 2 CPU cores:
 
 1. loss parity: the job (1 worker, DDP, unpacked) and a plain single-process PEFT/torch loop with
    the same model, data, masking, order and seed end within 1% of each other;
@@ -34,7 +37,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 torch = pytest.importorskip("torch")
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 
@@ -57,10 +60,9 @@ HELDOUT = 32
 
 @pytest.fixture(scope="module")
 def stack_env(stack: Any) -> Iterator[dict[str, str]]:
-    """The stack's S3 endpoint, credentials and Ray token in os.environ for this module: the test
-    process is the Ray driver and reads MinIO. The Ray workers get them from the head's own
-    environment (as Ray pods get them from the Secret), never through the job."""
-    keys = [k for k in stack.env if k.startswith(("AWS_", "INSTRUCTUNE_S3", "INSTRUCTUNE_RAY", "RAY_AUTH"))]
+    """The stack's S3 endpoint and credentials in os.environ for this module: the test itself
+    uploads the model and data and reads the results."""
+    keys = [k for k in stack.env if k.startswith(("AWS_", "INSTRUCTUNE_S3"))]
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: stack.env[k] for k in keys})
     yield dict(stack.env)
@@ -86,14 +88,6 @@ def assets(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     upload_rows(extraction_rows(2000, seed=0, split="train"), uris["train"])
     upload_rows(extraction_rows(HELDOUT, seed=1, split="heldout"), uris["heldout"])
     return {"uris": uris, "base_dir": base_dir, "work": work}
-
-
-@pytest.fixture(scope="module")
-def ray_driver(stack_env: dict[str, str]) -> Iterator[None]:
-    """This process as a Ray driver on the stack's head (the GCS address, with its token)."""
-    ray.init(address=stack_env["INSTRUCTUNE_RAY_GCS_ADDRESS"], log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def make_config(assets: dict[str, Any], name: str, **overrides: Any) -> TrainConfig:
@@ -124,6 +118,48 @@ def make_config(assets: dict[str, Any], name: str, **overrides: Any) -> TrainCon
 def read_metrics(cfg: TrainConfig) -> list[dict[str, Any]]:
     body = Storage().read_bytes(ArtifactLayout.for_config(cfg).metrics) or b""
     return [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+
+
+def jobs_client(stack_env: dict[str, str]) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    token = stack_env.get("RAY_AUTH_TOKEN")
+    return JobSubmissionClient(stack_env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"} if token else None)
+
+
+def submit(client: Any, cfg: TrainConfig, work: Path, name: str) -> str:
+    config_file = work / f"{name}-config.json"
+    config_file.write_text(cfg.to_json())
+    entrypoint = f"{shlex.quote(sys.executable)} -m instructune_jobs --config-file {shlex.quote(str(config_file))}"
+    return str(client.submit_job(entrypoint=entrypoint, submission_id=f"ft-{name}-{uuid.uuid4().hex[:6]}"))
+
+
+def wait_job(client: Any, job_id: str, timeout: float, until: Any = None) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = str(client.get_job_status(job_id))
+        if until is not None and until():
+            return status
+        if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout}s:\n"
+                         f"{client.get_job_logs(job_id)[-4000:]}")
+
+
+def run_job(stack_env: dict[str, str], cfg: TrainConfig, work: Path, name: str, timeout: float = 600) -> dict[str, Any]:
+    """Submit, wait for success, return the entrypoint's INSTRUCTUNE_RESULT."""
+    client = jobs_client(stack_env)
+    job_id = submit(client, cfg, work, name)
+    status = wait_job(client, job_id, timeout)
+    logs = client.get_job_logs(job_id)
+    assert status.endswith("SUCCEEDED"), f"{name}: {status}\n{logs[-6000:]}"
+    return job_result(logs)
+
+
+def job_result(logs: str) -> dict[str, Any]:
+    line = next(line for line in reversed(logs.splitlines()) if line.startswith("INSTRUCTUNE_RESULT "))
+    return dict(json.loads(line.removeprefix("INSTRUCTUNE_RESULT ")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,15 +208,12 @@ def plain_reference_losses(cfg: TrainConfig, base_dir: Path) -> list[float]:
     return losses
 
 
-def test_job_loss_matches_a_plain_pytorch_loop(assets: dict[str, Any], ray_driver: None) -> None:
-    from instructune_jobs.finetune import run_training
-
+def test_job_loss_matches_a_plain_pytorch_loop(assets: dict[str, Any], stack_env: dict[str, str]) -> None:
     cfg = make_config(assets, "parity")
     started = time.monotonic()
-    outcome = run_training(cfg)
+    result = run_job(stack_env, cfg, assets["work"], "parity")
     job_seconds = time.monotonic() - started
     job = [line["loss"] for line in read_metrics(cfg)]
-    torch.set_num_threads(1)  # the job's worker ran on one thread too
     reference = plain_reference_losses(cfg, assets["base_dir"])
 
     assert len(job) == len(reference) == 30
@@ -191,7 +224,7 @@ def test_job_loss_matches_a_plain_pytorch_loop(assets: dict[str, Any], ray_drive
     assert abs(job[-1] - reference[-1]) / reference[-1] < 0.01, message
     assert abs(tail_job - tail_ref) / tail_ref < 0.01, message
     assert job[-1] < job[0] - 1.0, f"the job did not learn: {message}"
-    assert outcome.steps == 30
+    assert result["training"]["steps"] == 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +232,8 @@ def test_job_loss_matches_a_plain_pytorch_loop(assets: dict[str, Any], ray_drive
 # ---------------------------------------------------------------------------------------------
 
 
-def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[str, Any], ray_driver: None) -> None:
-    from instructune_jobs.finetune import run_training
-
+def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[str, Any],
+                                                                   stack_env: dict[str, str]) -> None:
     common = {"training__max_steps": 6, "training__packing": True, "training__batch_size_per_device": 4,
               "training__gradient_checkpointing": True, "resources__workers": 2,
               "checkpointing__every_steps": 2, "checkpointing__keep_last": 2}
@@ -214,8 +246,8 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[
     timings: dict[str, float] = {}
     for name, cfg in runs.items():
         started = time.monotonic()
-        outcome = run_training(cfg)
-        timings[name] = time.monotonic() - started
+        result = run_job(stack_env, cfg, assets["work"], name)
+        timings[name] = round(time.monotonic() - started)
         layout, storage = ArtifactLayout.for_config(cfg), Storage()
         checkpoints = list_checkpoints(layout, storage)
         assert [c.step for c in checkpoints] == [4, 6], f"{name}: keep_last=2 of 2, 4, 6"
@@ -232,7 +264,7 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[
         progress = json.loads(storage.read_bytes(layout.progress) or b"{}")
         assert progress["progress"]["step"] == 6 and progress["progress"]["percent"] == 100
         assert [c["step"] for c in progress["checkpoints"]] == [4, 6]
-        assert outcome.steps == 6
+        assert result["training"]["steps"] == 6
         final[name] = read_metrics(cfg)[-1]["loss"]
     print(f"final loss zero2 {final['zero2']:.5f}, zero3+offload {final['zero3']:.5f}; "
           f"seconds {timings}")
@@ -245,32 +277,11 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[
 # ---------------------------------------------------------------------------------------------
 
 
-def jobs_client(stack_env: dict[str, str]) -> Any:
-    from ray.job_submission import JobSubmissionClient
-
-    token = stack_env.get("RAY_AUTH_TOKEN")
-    return JobSubmissionClient(stack_env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"} if token else None)
-
-
-def wait_job(client: Any, job_id: str, timeout: float, until: Any = None) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = str(client.get_job_status(job_id))
-        if until is not None and until():
-            return status
-        if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
-            return status
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout}s:\n"
-                         f"{client.get_job_logs(job_id)[-4000:]}")
-
-
-def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
-    assets: dict[str, Any], stack_env: dict[str, str], ray_driver: None
-) -> None:
+def test_stopped_job_resumes_from_s3_and_learns_the_output_format(assets: dict[str, Any],
+                                                                  stack_env: dict[str, str]) -> None:
     cfg = make_config(
         assets, "resume",
-        method__lora__r=32, method__lora__alpha=32, training__max_steps=FORMAT_STEPS, training__learning_rate=3e-3,
+        method__lora__r=32, method__lora__alpha=64, training__max_steps=FORMAT_STEPS, training__learning_rate=3e-3,
         training__batch_size_per_device=16, training__max_seq_length=512, training__warmup_ratio=0.05,
         training__seed=0, resources__cpus_per_worker=2,
         checkpointing__every_steps=FORMAT_EVERY, checkpointing__keep_last=2,
@@ -278,15 +289,12 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
                     "metrics": ["json_valid", {"json_schema": EXTRACTION_SCHEMA}], "compare_to_base": True,
                     "max_new_tokens": 64, "max_samples": HELDOUT},
     )
-    config_file = assets["work"] / "resume-config.json"
-    config_file.write_text(cfg.to_json())
-    entrypoint = f"{shlex.quote(sys.executable)} -m instructune_jobs --config-file {shlex.quote(str(config_file))}"
     client = jobs_client(stack_env)
     layout, storage = ArtifactLayout.for_config(cfg), Storage()
     started = time.monotonic()
 
     # First attempt: stopped once a checkpoint is in S3 and training went on past it.
-    first = client.submit_job(entrypoint=entrypoint, submission_id=f"ft-resume-1-{uuid.uuid4().hex[:6]}")
+    first = submit(client, cfg, assets["work"], "resume-1")
 
     def past_first_checkpoint() -> bool:
         done = [c.step for c in list_checkpoints(layout, storage)]
@@ -302,7 +310,7 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
     assert checkpoint_before < FORMAT_STEPS
 
     # Second attempt: a new driver finds the latest checkpoint in S3 and goes on from it.
-    second = client.submit_job(entrypoint=entrypoint, submission_id=f"ft-resume-2-{uuid.uuid4().hex[:6]}")
+    second = submit(client, cfg, assets["work"], "resume-2")
     status = wait_job(client, second, 900)
     logs = client.get_job_logs(second)
     assert status.endswith("SUCCEEDED"), logs[-6000:]
@@ -322,8 +330,7 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
     assert manifest["training"]["steps"] == FORMAT_STEPS
     assert manifest["training"]["resumedFromStep"] == checkpoint_before
 
-    result_line = next(line for line in reversed(logs.splitlines()) if line.startswith("INSTRUCTUNE_RESULT "))
-    result = json.loads(result_line.removeprefix("INSTRUCTUNE_RESULT "))
+    result = job_result(logs)
     tuned, base = result["evaluation"]["metrics"], result["evaluation"]["baseMetrics"]
     tuned_rate, base_rate = tuned["extraction.jsonSchema"], base["extraction.jsonSchema"]
     message = (f"held-out prompts in the trained format (JSON with exactly party/amount/date): tuned "
