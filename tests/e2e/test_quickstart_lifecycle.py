@@ -98,8 +98,9 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert evaluation["baseMetrics"]["heldout.jsonSchema"] < evaluation["metrics"]["heldout.jsonSchema"]
     assert "heldout.jsonSchema=" in _condition(final, "EvalPassed")["message"]
 
-    # Cleaned up: no Ray cluster after the run.
-    wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be deleted after the run")
+    # Ray Serve serves from the tune's own Ray cluster, so a served tune keeps it (a failed tune
+    # loses it: see the next test).
+    assert _clusters(stack, ns) == ["raycluster.ray.io/quickstart-ray"]
 
     # Served with the template it was trained on, answering in the trained format.
     serving = final["serving"]
@@ -125,6 +126,7 @@ def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_re
     doc["spec"]["dataset"]["invalidRows"] = {"policy": "fail"}
     doc["spec"]["backoffLimit"] = 1
     doc["spec"]["serving"] = {"enabled": False}
+    doc["spec"]["checkpointing"]["uri"] = "s3://artifacts/broken/"
     stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
     final = wait_for(lambda: (s := _status(stack, ns, "broken")).get("phase") in ("Succeeded", "Failed") and s,
                      600, "the broken tune to fail")
@@ -134,3 +136,4 @@ def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_re
     assert succeeded["reason"] == "BackoffLimitExceeded"
     assert "general.jsonl:1:" in succeeded["message"]
     assert len(_ray_jobs(stack, f"{ns}/broken")) == 2
+    wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be deleted after the failure")
