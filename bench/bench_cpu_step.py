@@ -46,19 +46,34 @@ def write_rows(work: Path, rows_count: int) -> list[str]:
 def make_config(model_dir: Path, data: list[str], root: Path, args: argparse.Namespace, packing: bool) -> Any:
     from instructune_jobs.config import TrainConfig
 
-    return TrainConfig.model_validate({
-        "base_model": {"uri": str(model_dir)},
-        "dataset": {"train": [{"uri": uri} for uri in data], "validation": {"fraction": 0.0},
-                    # Rows longer than --seq are dropped the same way for every contender.
-                    "invalid_rows": {"policy": "skip", "max_fraction": 0.5}},
-        "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}},
-        "training": {"max_steps": args.steps + args.warmup, "learning_rate": 2e-4, "batch_size_per_device": args.batch,
-                     "max_seq_length": args.seq, "packing": packing, "precision": "fp32",
-                     "gradient_checkpointing": False, "seed": 0},
-        "distributed": {"strategy": "ddp"},
-        "resources": {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": args.threads},
-        "checkpointing": {"uri": str(root), "every_steps": 10**6, "keep_last": 1},
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": {"uri": str(model_dir)},
+            "dataset": {
+                "train": [{"uri": uri} for uri in data],
+                "validation": {"fraction": 0.0},
+                # Rows longer than --seq are dropped the same way for every contender.
+                "invalid_rows": {"policy": "skip", "max_fraction": 0.5},
+            },
+            "method": {
+                "type": "lora",
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            },
+            "training": {
+                "max_steps": args.steps + args.warmup,
+                "learning_rate": 2e-4,
+                "batch_size_per_device": args.batch,
+                "max_seq_length": args.seq,
+                "packing": packing,
+                "precision": "fp32",
+                "gradient_checkpointing": False,
+                "seed": 0,
+            },
+            "distributed": {"strategy": "ddp"},
+            "resources": {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": args.threads},
+            "checkpointing": {"uri": str(root), "every_steps": 10**6, "keep_last": 1},
+        }
+    )
 
 
 def bench_recipe(cfg: Any, warmup: int) -> dict[str, Any]:
@@ -68,7 +83,9 @@ def bench_recipe(cfg: Any, warmup: int) -> dict[str, Any]:
     started = time.monotonic()
     run_training(cfg)
     wall = time.monotonic() - started
-    lines = [json.loads(line) for line in Path(ArtifactLayout.for_config(cfg).metrics).read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in Path(ArtifactLayout.for_config(cfg).metrics).read_text().splitlines()
+    ]
     measured = lines[warmup:]
     # Each line's tokens_per_s is that step's real tokens over its wall time (collation included;
     # the Trainer's callback timing below excludes its data loading, which favours the Trainer).
@@ -98,13 +115,22 @@ def bench_hf_trainer(cfg: Any, model_dir: Path, warmup: int, threads: int, out_d
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = load_examples(cfg.model_copy(update={"training": cfg.training.model_copy(update={"packing": False})}),
-                             tokenizer).train
+    examples = load_examples(
+        cfg.model_copy(update={"training": cfg.training.model_copy(update={"packing": False})}), tokenizer
+    ).train
     dataset = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     lora = cfg.method.lora
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     token_counts: list[int] = []
 
@@ -128,10 +154,20 @@ def bench_hf_trainer(cfg: Any, model_dir: Path, warmup: int, threads: int, out_d
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(out_dir), max_steps=training.max_steps, per_device_train_batch_size=training.batch_size_per_device,
-            learning_rate=training.learning_rate, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=10**6,
-            save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=training.seed,
-            remove_unused_columns=False, disable_tqdm=True,
+            output_dir=str(out_dir),
+            max_steps=training.max_steps,
+            per_device_train_batch_size=training.batch_size_per_device,
+            learning_rate=training.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=1,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=training.seed,
+            remove_unused_columns=False,
+            disable_tqdm=True,
         ),
         train_dataset=dataset,  # type: ignore[arg-type]
         data_collator=collate,
@@ -165,27 +201,50 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-cpu-step-") as tmp:
         work = Path(tmp)
-        model_dir = build_tiny_llama(work / "model", hidden=args.hidden, layers=args.layers,
-                                     heads=max(1, args.hidden // 64), max_position_embeddings=max(2048, args.seq))
+        model_dir = build_tiny_llama(
+            work / "model",
+            hidden=args.hidden,
+            layers=args.layers,
+            heads=max(1, args.hidden // 64),
+            max_position_embeddings=max(2048, args.seq),
+        )
         data = write_rows(work, args.rows)
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=None if os.environ.get("RAY_ADDRESS")
-                     else max(args.threads, 1), log_to_driver=False)
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS") or None,
+                num_cpus=None if os.environ.get("RAY_ADDRESS") else max(args.threads, 1),
+                log_to_driver=False,
+            )
         results = {
-            "instructune_packed": bench_recipe(make_config(model_dir, data, work / "packed", args, True), args.warmup),
-            "instructune_padded": bench_recipe(make_config(model_dir, data, work / "padded", args, False), args.warmup),
+            "instructune_packed": bench_recipe(
+                make_config(model_dir, data, work / "packed", args, True), args.warmup
+            ),
+            "instructune_padded": bench_recipe(
+                make_config(model_dir, data, work / "padded", args, False), args.warmup
+            ),
         }
         ray.shutdown()
-        results["hf_trainer_padded"] = bench_hf_trainer(make_config(model_dir, data, work / "hf", args, False),
-                                                        model_dir, args.warmup, args.threads, work / "hf-out")
+        results["hf_trainer_padded"] = bench_hf_trainer(
+            make_config(model_dir, data, work / "hf", args, False),
+            model_dir,
+            args.warmup,
+            args.threads,
+            work / "hf-out",
+        )
     hf = results["hf_trainer_padded"]["tokens_per_s"]
     report = {
         "benchmark": "cpu_step",
         "model": {"hidden": args.hidden, "layers": args.layers, "lora_r": 16},
-        "batch": args.batch, "seq": args.seq, "threads": args.threads,
-        "steps": args.steps, "warmup": args.warmup,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
         "results": results,
         "speedup_vs_hf_trainer": {name: round(r["tokens_per_s"] / hf, 3) for name, r in results.items()},
     }

@@ -40,14 +40,39 @@ from typing import Any
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_BF16 = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
-    "H100": 756e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-    "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12,
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 756e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
 }
-LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0}
-SMOKE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": 2000, "rope_theta": 10000.0}
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+}
+SMOKE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 2000,
+    "rope_theta": 10000.0,
+}
 
 
 def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
@@ -80,24 +105,37 @@ def make_examples(count: int, seq: int, vocab: int, seed: int) -> list[Any]:
 def build_config(args: argparse.Namespace) -> Any:
     from instructune_jobs.config import TrainConfig
 
-    return TrainConfig.model_validate({
-        "base_model": {"uri": "/dev/null"},
-        "dataset": {"train": [{"uri": "/dev/null"}]},
-        "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
-        "training": {"max_steps": args.steps + args.warmup, "learning_rate": 1e-4, "batch_size_per_device": 1,
-                     "max_seq_length": args.seq, "packing": True, "precision": "bf16",
-                     "gradient_checkpointing": True, "seed": 0},
-        "distributed": {"strategy": "ddp"},
-        "resources": {"workers": 1, "gpus_per_worker": 1 if args.device == "cuda" else 0},
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": {"uri": "/dev/null"},
+            "dataset": {"train": [{"uri": "/dev/null"}]},
+            "method": {
+                "type": "lora",
+                "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+            },
+            "training": {
+                "max_steps": args.steps + args.warmup,
+                "learning_rate": 1e-4,
+                "batch_size_per_device": 1,
+                "max_seq_length": args.seq,
+                "packing": True,
+                "precision": "bf16",
+                "gradient_checkpointing": True,
+                "seed": 0,
+            },
+            "distributed": {"strategy": "ddp"},
+            "resources": {"workers": 1, "gpus_per_worker": 1 if args.device == "cuda" else 0},
+        }
+    )
 
 
 def random_llama(shape: dict[str, Any], device: Any, dtype: Any, attn: str, seq: int) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**shape, max_position_embeddings=max(8192, seq), tie_word_embeddings=False,
-                         attn_implementation=attn)
+    config = LlamaConfig(
+        **shape, max_position_embeddings=max(8192, seq), tie_word_embeddings=False, attn_implementation=attn
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -123,8 +161,9 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize()
 
 
-def self_check_packing(model: Any, examples: list[Any], seq: int, device: Any, attention: str,
-                       dtype: Any) -> dict[str, float]:
+def self_check_packing(
+    model: Any, examples: list[Any], seq: int, device: Any, attention: str, dtype: Any
+) -> dict[str, float]:
     """Loss of the same examples packed vs padded, without training: packing must not leak."""
     import torch
 
@@ -152,12 +191,20 @@ def self_check_packing(model: Any, examples: list[Any], seq: int, device: Any, a
     packed, padded = total_packed / count, total_padded / count
     tolerance = 0.02 if dtype != torch.float32 else 1e-3
     if not (math.isfinite(packed) and abs(packed - padded) / padded < tolerance):
-        raise AssertionError(f"packed loss {packed:.4f} != padded loss {padded:.4f}: packing leaks across examples")
+        raise AssertionError(
+            f"packed loss {packed:.4f} != padded loss {padded:.4f}: packing leaks across examples"
+        )
     return {"packed_loss": round(packed, 4), "padded_loss": round(padded, 4)}
 
 
-def bench_instructune(args: argparse.Namespace, shape: dict[str, Any], examples: list[Any], device: Any,
-                      dtype: Any, peak: float | None) -> dict[str, Any]:
+def bench_instructune(
+    args: argparse.Namespace,
+    shape: dict[str, Any],
+    examples: list[Any],
+    device: Any,
+    dtype: Any,
+    peak: float | None,
+) -> dict[str, Any]:
     import torch
 
     from instructune_jobs.data import PackedCollator, pack_examples
@@ -175,7 +222,9 @@ def bench_instructune(args: argparse.Namespace, shape: dict[str, Any], examples:
         raise AssertionError(f"only LoRA weights may train; trainable: {trainable[:5]}")
 
     packs = pack_examples(examples, args.seq, seed=0)
-    plan = StepPlan(len(packs), 1, args.packed_batch, 1, len(packs) // args.packed_batch, args.steps + args.warmup)
+    plan = StepPlan(
+        len(packs), 1, args.packed_batch, 1, len(packs) // args.packed_batch, args.steps + args.warmup
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     engine = DDPEngine(cfg, model, optimizer, plan, device, dtype)
     collate = PackedCollator(0, 8, attention=attention, mask_dtype=dtype)
@@ -197,17 +246,32 @@ def bench_instructune(args: argparse.Namespace, shape: dict[str, Any], examples:
     if not all(math.isfinite(loss) for loss in losses):
         raise AssertionError(f"non-finite loss: {losses}")
     result = summarise(times, tokens, attention_context(contexts), n_params, shape, peak)
-    result.update({"params": n_params, "attention": attn, "packing": attention, "packs_per_step": args.packed_batch,
-                   "padding_fraction": round(1 - sum(tokens) / (len(times) * args.packed_batch * args.seq), 4),
-                   "self_check": checks, "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4),
-                   "peak_memory_gib": peak_memory(device)})
+    result.update(
+        {
+            "params": n_params,
+            "attention": attn,
+            "packing": attention,
+            "packs_per_step": args.packed_batch,
+            "padding_fraction": round(1 - sum(tokens) / (len(times) * args.packed_batch * args.seq), 4),
+            "self_check": checks,
+            "first_loss": round(losses[0], 4),
+            "last_loss": round(losses[-1], 4),
+            "peak_memory_gib": peak_memory(device),
+        }
+    )
     engine.close()
     del engine, model, optimizer
     return result
 
 
-def bench_hf_trainer(args: argparse.Namespace, shape: dict[str, Any], examples: list[Any], device: Any,
-                     dtype: Any, peak: float | None) -> dict[str, Any]:
+def bench_hf_trainer(
+    args: argparse.Namespace,
+    shape: dict[str, Any],
+    examples: list[Any],
+    device: Any,
+    dtype: Any,
+    peak: float | None,
+) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -219,8 +283,10 @@ def bench_hf_trainer(args: argparse.Namespace, shape: dict[str, Any], examples: 
     model = random_llama(shape, device, dtype, attn, args.seq)
     n_params = sum(p.numel() for p in model.parameters())
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
 
     # Dynamic padding to the batch's longest example (a multiple of 8), labels padded with -100:
     # what DataCollatorForSeq2Seq and TRL's SFTTrainer without packing do.
@@ -254,11 +320,22 @@ def bench_hf_trainer(args: argparse.Namespace, shape: dict[str, Any], examples: 
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=os.path.join(args.work_dir, "hf-trainer"), max_steps=args.steps + args.warmup,
-            per_device_train_batch_size=args.padded_batch, learning_rate=1e-4, lr_scheduler_type="cosine",
-            warmup_steps=0, bf16=dtype == torch.bfloat16, gradient_checkpointing=True,
-            gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=10**6, save_strategy="no",
-            report_to=[], dataloader_num_workers=0, seed=0, remove_unused_columns=False, disable_tqdm=True,
+            output_dir=os.path.join(args.work_dir, "hf-trainer"),
+            max_steps=args.steps + args.warmup,
+            per_device_train_batch_size=args.padded_batch,
+            learning_rate=1e-4,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            bf16=dtype == torch.bfloat16,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            seed=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
             use_cpu=device.type != "cuda",
         ),
         train_dataset=dataset,  # type: ignore[arg-type]
@@ -271,16 +348,29 @@ def bench_hf_trainer(args: argparse.Namespace, shape: dict[str, Any], examples: 
     measured = range(args.warmup, len(timer.times))
     tokens = [sum(batch_lengths[i]) for i in measured]
     contexts = [length for i in measured for length in batch_lengths[i]]
-    result = summarise([timer.times[i] for i in measured], tokens, attention_context(contexts), n_params, shape, peak)
-    result.update({"attention": attn, "batch": args.padded_batch,
-                   "padding_fraction": round(1 - sum(tokens) / sum(padded_sizes[i] for i in measured), 4),
-                   "peak_memory_gib": peak_memory(device)})
+    result = summarise(
+        [timer.times[i] for i in measured], tokens, attention_context(contexts), n_params, shape, peak
+    )
+    result.update(
+        {
+            "attention": attn,
+            "batch": args.padded_batch,
+            "padding_fraction": round(1 - sum(tokens) / sum(padded_sizes[i] for i in measured), 4),
+            "peak_memory_gib": peak_memory(device),
+        }
+    )
     del trainer, model
     return result
 
 
-def summarise(times: list[float], tokens: list[int], context: float, n_params: int, shape: dict[str, Any],
-              peak: float | None) -> dict[str, Any]:
+def summarise(
+    times: list[float],
+    tokens: list[int],
+    context: float,
+    n_params: int,
+    shape: dict[str, Any],
+    peak: float | None,
+) -> dict[str, Any]:
     tokens_per_s = sum(tokens) / sum(times)
     flops = model_flops_per_token(n_params, shape, context) * tokens_per_s
     return {
@@ -317,15 +407,20 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--layers", type=int, help="override the layer count (memory or time)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU, when not in the table")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes; CPU allowed (checks the code paths)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes; CPU allowed (checks the code paths)"
+    )
     parser.add_argument("--work-dir", default="/tmp/bench-gpu-lora")
     args = parser.parse_args()
 
     import torch
 
     if not torch.cuda.is_available() and not args.smoke:
-        print("bench_gpu_lora: no CUDA device here; this benchmark measures one GPU "
-              "(run it on a GPU node, or pass --smoke to check the code paths on CPU)", file=sys.stderr)
+        print(
+            "bench_gpu_lora: no CUDA device here; this benchmark measures one GPU "
+            "(run it on a GPU node, or pass --smoke to check the code paths on CPU)",
+            file=sys.stderr,
+        )
         return 2
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -360,7 +455,10 @@ def main() -> int:
         "device": device_name,
         "peak_bf16_tflops": peak / 1e12 if peak else None,
         "model": {**shape, "params": ours["params"]},
-        "seq": args.seq, "lora_r": 16, "gradient_checkpointing": True, "smoke": args.smoke,
+        "seq": args.seq,
+        "lora_r": 16,
+        "gradient_checkpointing": True,
+        "smoke": args.smoke,
         "results": {"instructune_packed": ours, "hf_trainer_padded": theirs},
         "speedup_tokens_per_s": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
         "versions": {"torch": torch.__version__},

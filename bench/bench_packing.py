@@ -42,7 +42,9 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()}
 
 
-def tokenized_length_mix(tokenizer: Any, rows: int, seed: int, max_seq_length: int) -> tuple[list[TokenizedExample], int]:
+def tokenized_length_mix(
+    tokenizer: Any, rows: int, seed: int, max_seq_length: int
+) -> tuple[list[TokenizedExample], int]:
     examples: list[TokenizedExample] = []
     too_long = 0
     mix = length_mix_rows(rows, seed)
@@ -73,20 +75,31 @@ def main() -> None:
         started = time.perf_counter()
         packs = pack_examples(examples, max_seq_length)
         pack_seconds = time.perf_counter() - started
-        results.append({
-            "max_seq_length": max_seq_length,
-            "examples": len(examples),
-            "rejected_too_long": too_long,
-            "tokens": sum(lengths),
-            "mean_length": round(sum(lengths) / len(lengths), 1),
-            "packs": len(packs),
-            "padding_packed": round(packing_padding_fraction(packs, max_seq_length), 5),
-            "padding_pad_to_max": round(fixed_padding_fraction(lengths, max_seq_length), 5),
-            "padding_dynamic": round(dynamic_padding_fraction(shuffled, args.batch_size), 5),
-            "pack_seconds": round(pack_seconds, 4),
-        })
-    print(json.dumps({"bench": "packing", "rows": args.rows, "batch_size": args.batch_size, "results": results,
-                      "machine": machine()}))
+        results.append(
+            {
+                "max_seq_length": max_seq_length,
+                "examples": len(examples),
+                "rejected_too_long": too_long,
+                "tokens": sum(lengths),
+                "mean_length": round(sum(lengths) / len(lengths), 1),
+                "packs": len(packs),
+                "padding_packed": round(packing_padding_fraction(packs, max_seq_length), 5),
+                "padding_pad_to_max": round(fixed_padding_fraction(lengths, max_seq_length), 5),
+                "padding_dynamic": round(dynamic_padding_fraction(shuffled, args.batch_size), 5),
+                "pack_seconds": round(pack_seconds, 4),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "packing",
+                "rows": args.rows,
+                "batch_size": args.batch_size,
+                "results": results,
+                "machine": machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

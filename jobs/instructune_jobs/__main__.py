@@ -62,7 +62,8 @@ def evaluate_on_worker(cfg: TrainConfig) -> dict[str, Any]:
     gpus = 1 if cfg.resources.gpus_per_worker > 0 else 0
     cpus = cfg.resources.cpus_per_worker / max(1, cfg.resources.gpus_per_worker)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(evaluate)
-    return dict(ray.get(task.remote(cfg.to_json())))
+    result: dict[str, Any] = ray.get(task.remote(cfg.to_json()))
+    return result
 
 
 def report_evaluation(cfg: TrainConfig, evaluation: dict[str, Any]) -> None:
@@ -89,8 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ray-address", help="Ray cluster to use (default: the job's own, or RAY_ADDRESS)")
     parser.add_argument("--skip-evaluation", action="store_true", help="train only")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
     try:
         cfg = read_config(args)
@@ -109,9 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["training"] = {"skipped": True, **done.get("training", {})}
         else:
             outcome = run_training(cfg, ray_address=args.ray_address)
-            result["training"] = {"steps": outcome.steps, "finalLoss": outcome.final_loss,
-                                  "resumedFromStep": outcome.resumed_from_step,
-                                  "seconds": round(outcome.seconds, 1), "root": outcome.root}
+            result["training"] = {
+                "steps": outcome.steps,
+                "finalLoss": outcome.final_loss,
+                "resumedFromStep": outcome.resumed_from_step,
+                "seconds": round(outcome.seconds, 1),
+                "root": outcome.root,
+            }
         if wants_evaluation(cfg) and not args.skip_evaluation:
             import ray
 

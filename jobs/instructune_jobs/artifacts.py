@@ -21,6 +21,7 @@ directories (tests, the offline demo).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -42,9 +43,21 @@ from instructune_jobs.data import s3_client_from_env, split_s3_uri
 STATE_FILE = "instructune_state.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
 RUN_NAME = "checkpoints"  # Ray Train's run name: the checkpoints' folder under the root
-MODEL_CACHE = Path(os.environ.get("INSTRUCTUNE_MODEL_CACHE", str(Path(tempfile.gettempdir()) / "instructune-models")))
-LINEAGE_PACKAGES = ("instructune", "torch", "transformers", "peft", "deepspeed", "ray", "tokenizers",
-                    "safetensors", "bitsandbytes", "accelerate")
+MODEL_CACHE = Path(
+    os.environ.get("INSTRUCTUNE_MODEL_CACHE", str(Path(tempfile.gettempdir()) / "instructune-models"))
+)
+LINEAGE_PACKAGES = (
+    "instructune",
+    "torch",
+    "transformers",
+    "peft",
+    "deepspeed",
+    "ray",
+    "tokenizers",
+    "safetensors",
+    "bitsandbytes",
+    "accelerate",
+)
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -178,14 +191,20 @@ class Storage:
             found = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
                 for item in page.get("Contents", []):
-                    found.append(StoredObject(f"s3://{bucket}/{item['Key']}", item["ETag"].strip('"'), item["Size"]))
+                    found.append(
+                        StoredObject(f"s3://{bucket}/{item['Key']}", item["ETag"].strip('"'), item["Size"])
+                    )
             return sorted(found, key=lambda o: o.uri)
         root = _local(prefix_uri)
         if not root.is_dir():
             return []
-        return [StoredObject(str(p), _file_md5(p), p.stat().st_size) for p in sorted(root.rglob("*")) if p.is_file()]
+        return [
+            StoredObject(str(p), _file_md5(p), p.stat().st_size)
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        ]
 
-    def upload_directory(self, local_dir: Path, uri: str) -> list[str]:
+    def upload_directory(self, local_dir: Path, uri: str) -> builtins.list[str]:
         written = []
         for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
             target = join_uri(uri, path.relative_to(local_dir).as_posix())
@@ -198,13 +217,17 @@ class Storage:
             written.append(target)
         return written
 
-    def download_prefix(self, uri: str, dest: Path) -> list[StoredObject]:
+    def download_prefix(self, uri: str, dest: Path) -> builtins.list[StoredObject]:
         objects = self.list(uri)
         if not objects:
             raise FileNotFoundError(f"no objects under {uri}")
         base = uri.rstrip("/") + "/"
         for obj in objects:
-            target = dest / obj.uri[len(base):] if uri.startswith("s3://") else dest / Path(obj.uri).relative_to(_local(uri))
+            target = (
+                dest / obj.uri[len(base) :]
+                if uri.startswith("s3://")
+                else dest / Path(obj.uri).relative_to(_local(uri))
+            )
             target.parent.mkdir(parents=True, exist_ok=True)
             if uri.startswith("s3://"):
                 bucket, key = split_s3_uri(obj.uri)
@@ -231,8 +254,9 @@ def ray_storage(root: str) -> tuple[str, Any]:
     from pyarrow import fs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("INSTRUCTUNE_S3_ENDPOINT")
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                              or "us-east-1"}
+    kwargs: dict[str, Any] = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
@@ -257,14 +281,28 @@ class CheckpointState:
     uri: str
 
     def to_json(self) -> str:
-        return json.dumps({"step": self.step, "epoch": self.epoch, "config_hash": self.config_hash,
-                           "loss": self.loss, "time": self.time}, indent=2)
+        return json.dumps(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "config_hash": self.config_hash,
+                "loss": self.loss,
+                "time": self.time,
+            },
+            indent=2,
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes, uri: str) -> CheckpointState:
         raw = json.loads(text)
-        return cls(int(raw["step"]), float(raw["epoch"]), str(raw["config_hash"]), raw.get("loss"),
-                   str(raw.get("time", "")), uri)
+        return cls(
+            int(raw["step"]),
+            float(raw["epoch"]),
+            str(raw["config_hash"]),
+            raw.get("loss"),
+            str(raw.get("time", "")),
+            uri,
+        )
 
 
 class ConfigMismatchError(RuntimeError):
@@ -331,7 +369,9 @@ def content_revision(objects: list[StoredObject], base_uri: str) -> str:
     return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
 
 
-def fetch_base_model(cfg: TrainConfig, storage: Storage | None = None, cache_dir: Path = MODEL_CACHE) -> LocalModel:
+def fetch_base_model(
+    cfg: TrainConfig, storage: Storage | None = None, cache_dir: Path = MODEL_CACHE
+) -> LocalModel:
     """A local copy of the base model and its revision. s3:// prefixes are downloaded once per
     node (keyed by content), hf:// through the hub client at the pinned revision, local paths used
     as they are."""
@@ -385,13 +425,25 @@ def build_lineage_status(cfg: TrainConfig, base_revision: str, data_etags: dict[
     }
 
 
-def build_manifest(cfg: TrainConfig, *, base: LocalModel, data_stats: dict[str, Any], data_etags: dict[str, str],
-                   template_hash: str, outputs: dict[str, str], training: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    cfg: TrainConfig,
+    *,
+    base: LocalModel,
+    data_stats: dict[str, Any],
+    data_etags: dict[str, str],
+    template_hash: str,
+    outputs: dict[str, str],
+    training: dict[str, Any],
+) -> dict[str, Any]:
     """Everything needed to reproduce (and trust) the trained weights."""
     return {
         "kind": "InstructionTuneManifest",
-        "tune": {"namespace": cfg.run.namespace, "name": cfg.run.name, "uid": cfg.run.uid,
-                 "attempt": cfg.run.attempt},
+        "tune": {
+            "namespace": cfg.run.namespace,
+            "name": cfg.run.name,
+            "uid": cfg.run.uid,
+            "attempt": cfg.run.attempt,
+        },
         "baseModel": {"uri": base.source, "revision": base.revision},
         "data": {"etags": dict(sorted(data_etags.items())), **data_stats},
         "configHash": cfg.config_hash(),

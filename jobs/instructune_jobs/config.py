@@ -98,8 +98,19 @@ class InvalidRowsPolicy(_Model):
 
 # Canonical field names a mapping may rename (canonical -> column name in the data).
 CANONICAL_FIELDS = frozenset(
-    {"instruction", "input", "output", "context", "response", "prompt", "completion", "messages",
-     "role", "content", "system"}
+    {
+        "instruction",
+        "input",
+        "output",
+        "context",
+        "response",
+        "prompt",
+        "completion",
+        "messages",
+        "role",
+        "content",
+        "system",
+    }
 )
 
 
@@ -306,8 +317,11 @@ class TrainConfig(_Model):
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainConfig:
-        if self.method.type == "qlora" and self.distributed.strategy == "deepspeed" \
-                and self.distributed.zero_stage == 3:
+        if (
+            self.method.type == "qlora"
+            and self.distributed.strategy == "deepspeed"
+            and self.distributed.zero_stage == 3
+        ):
             # bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3.
             raise ValueError("qlora is incompatible with DeepSpeed ZeRO stage 3; use zero_stage 2 or ddp")
         if self.distributed.strategy == "ddp" and self.distributed.offload != "none":

@@ -198,11 +198,12 @@ def check_template(template: str, tokenizer: Any, artifacts: TrainedArtifacts | 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def mean_assistant_loss(model: Any, examples: Sequence[TokenizedExample], pad_token_id: int,
-                        batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[float, int]:
+def mean_assistant_loss(
+    model: Any, examples: Sequence[TokenizedExample], pad_token_id: int, batch_size: int = DEFAULT_BATCH_SIZE
+) -> tuple[float, int]:
     """(mean cross-entropy per assistant token, number of those tokens). Token-weighted over the
     whole set, like the training loss, so long and short answers count by their tokens."""
     import torch
@@ -222,8 +223,10 @@ def mean_assistant_loss(model: Any, examples: Sequence[TokenizedExample], pad_to
             shift_logits = logits[:, :-1, :].float()
             shift_labels = batch["labels"][:, 1:]
             total += torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum",
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             ).item()
             tokens += int((shift_labels != IGNORE_INDEX).sum().item())
     return (total / tokens if tokens else math.nan), tokens
@@ -234,7 +237,9 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     <|eot_id|>), so that generation ends where the template's assistant turn ends."""
     ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [tokenizer.eos_token_id]:
+    for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [
+        tokenizer.eos_token_id
+    ]:
         if isinstance(value, int) and value not in ids:
             ids.append(value)
     return ids
@@ -247,8 +252,13 @@ class Generation:
     stopped: bool  # ended with a stop token; False: cut off at max_new_tokens
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = DEFAULT_BATCH_SIZE) -> list[Generation]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[Generation]:
     """Greedy continuations of the rendered prompts, in input order.
 
     Left padding keeps every prompt's last token at the end of the row, where generation
@@ -259,8 +269,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     device = next(model.parameters()).device
     stop_ids = _stop_token_ids(model, tokenizer)
     config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
     )
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -272,18 +285,21 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, index in enumerate(chunk):
                 ids = encoded[index]
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention_mask[row, width - len(ids):] = 1
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
             generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
             )
             for row, index in enumerate(chunk):
                 new_tokens = generated[row, width:].tolist()
                 # Cut at the first stop token: rows that stopped early are padded after it.
                 stop = next((pos for pos, token in enumerate(new_tokens) if token in stop_ids), None)
                 kept = new_tokens if stop is None else new_tokens[:stop]
-                outputs[index] = Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept),
-                                            stop is not None)
+                outputs[index] = Generation(
+                    tokenizer.decode(kept, skip_special_tokens=True), len(kept), stop is not None
+                )
     return outputs
 
 
@@ -307,8 +323,9 @@ class EvalSet:
     etags: dict[str, str] = field(default_factory=dict)
 
 
-def read_any_format(uri: str, reader: ObjectReader, field_mapping: dict[str, str],
-                    system_prompt: str | None) -> ConversationsRead:
+def read_any_format(
+    uri: str, reader: ObjectReader, field_mapping: dict[str, str], system_prompt: str | None
+) -> ConversationsRead:
     """Evaluation sets and probes may come in any supported format (detected per object). The
     training field mapping applies when the set shares the training data's columns; a set in
     canonical columns (a general probe, typically) is read without it."""
@@ -318,21 +335,44 @@ def read_any_format(uri: str, reader: ObjectReader, field_mapping: dict[str, str
     return read
 
 
-def prepare_eval_set(name: str, uri: str, cfg: TrainConfig, tokenizer: Any, template: str,
-                     reader: ObjectReader, max_samples: int | None, with_prompts: bool) -> EvalSet:
+def prepare_eval_set(
+    name: str,
+    uri: str,
+    cfg: TrainConfig,
+    tokenizer: Any,
+    template: str,
+    reader: ObjectReader,
+    max_samples: int | None,
+    with_prompts: bool,
+) -> EvalSet:
     """Conversations of an evaluation (or probe) source, tokenized for the loss exactly as for
     training, and the first max_samples prompts rendered for generation."""
     read = read_any_format(uri, reader, cfg.dataset.field_mapping, cfg.template.system_prompt)
     if not read.conversations:
         # A gate must not pass (or fail) on metrics of nothing.
         raise DataValidationError(f"evaluation source {uri} has no valid rows", read.invalid, read.rows)
-    examples, rejected = tokenize_conversations(read.conversations, tokenizer, template, cfg.training.max_seq_length)
-    eval_set = EvalSet(name, uri, read.conversations, examples, [], [], [], read.rows, len(read.invalid),
-                       len(rejected), read.etags)
+    examples, rejected = tokenize_conversations(
+        read.conversations, tokenizer, template, cfg.training.max_seq_length
+    )
+    eval_set = EvalSet(
+        name,
+        uri,
+        read.conversations,
+        examples,
+        [],
+        [],
+        [],
+        read.rows,
+        len(read.invalid),
+        len(rejected),
+        read.etags,
+    )
     if with_prompts:
         for conversation in read.conversations[:max_samples]:
             prompt_messages, reference = split_for_generation(conversation.messages)
-            eval_set.prompts.append(render_chat(tokenizer, prompt_messages, template, add_generation_prompt=True))
+            eval_set.prompts.append(
+                render_chat(tokenizer, prompt_messages, template, add_generation_prompt=True)
+            )
             eval_set.references.append(reference)
             eval_set.prompt_messages.append(prompt_messages)
     return eval_set
@@ -345,8 +385,16 @@ class ModelScores:
     samples: dict[str, list[dict[str, Any]]]  # dataset -> per-sample scores
 
 
-def score_model(model: Any, tokenizer: Any, eval_sets: Sequence[EvalSet], probe: EvalSet | None,
-                spec: scoring.MetricSpec, want_loss: bool, max_new_tokens: int, batch_size: int) -> ModelScores:
+def score_model(
+    model: Any,
+    tokenizer: Any,
+    eval_sets: Sequence[EvalSet],
+    probe: EvalSet | None,
+    spec: scoring.MetricSpec,
+    want_loss: bool,
+    max_new_tokens: int,
+    batch_size: int,
+) -> ModelScores:
     """Every metric of one model (tuned or base) on every evaluation set, plus its probe loss."""
     result = ModelScores({}, {}, {})
     for eval_set in eval_sets:
@@ -354,13 +402,19 @@ def score_model(model: Any, tokenizer: Any, eval_sets: Sequence[EvalSet], probe:
         if want_loss:
             loss, _tokens = mean_assistant_loss(model, eval_set.examples, tokenizer.pad_token_id, batch_size)
             result.metrics[f"{prefix}.loss"] = float(loss)
-            result.metrics[f"{prefix}.perplexity"] = scoring.perplexity(loss) if math.isfinite(loss) else math.nan
+            result.metrics[f"{prefix}.perplexity"] = (
+                scoring.perplexity(loss) if math.isfinite(loss) else math.nan
+            )
         if spec.needs_generation:
             started = time.monotonic()
             outputs = generate(model, tokenizer, eval_set.prompts, max_new_tokens, batch_size)
-            log.info("generated %d responses for %s in %.1fs", len(outputs), prefix, time.monotonic() - started)
-            per_sample = [scoring.score_sample(out.text, ref, spec) for out, ref in
-                          zip(outputs, eval_set.references, strict=True)]
+            log.info(
+                "generated %d responses for %s in %.1fs", len(outputs), prefix, time.monotonic() - started
+            )
+            per_sample = [
+                scoring.score_sample(out.text, ref, spec)
+                for out, ref in zip(outputs, eval_set.references, strict=True)
+            ]
             for key, value in scoring.aggregate_scores(per_sample, spec).items():
                 result.metrics[f"{prefix}.{key}"] = value
             result.outputs[prefix] = outputs
@@ -379,7 +433,7 @@ def add_means_over_datasets(metrics: dict[str, float], dataset_names: Sequence[s
     for name in dataset_names:
         for key, value in metrics.items():
             if key.startswith(name + "."):
-                suffixes.setdefault(key[len(name) + 1:], []).append(value)
+                suffixes.setdefault(key[len(name) + 1 :], []).append(value)
     for suffix, values in suffixes.items():
         out[suffix] = float(sum(values) / len(values))
     return out
@@ -431,7 +485,9 @@ def run_evaluation(
     evaluation = cfg.evaluation
     names = [d.name for d in evaluation.datasets]
     if "forgetting" in names or len(set(names)) != len(names):
-        raise ValueError(f"evaluation dataset names must be unique and not 'forgetting' (metric keys): {names}")
+        raise ValueError(
+            f"evaluation dataset names must be unique and not 'forgetting' (metric keys): {names}"
+        )
     reader = reader or SchemeReader()
     storage = storage or Storage()
     torch.manual_seed(cfg.training.seed)
@@ -447,7 +503,9 @@ def run_evaluation(
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="instructune-eval-")))
         artifacts = locate_trained_artifacts(materialize(source, scratch, storage), source)
         # The base weights are needed under an adapter, for baseMetrics and for the probe's baseline.
-        needs_base = artifacts.kind == "adapter" or evaluation.compare_to_base or evaluation.general_probe is not None
+        needs_base = (
+            artifacts.kind == "adapter" or evaluation.compare_to_base or evaluation.general_probe is not None
+        )
         base_ref: Path | None = None
         base_revision: str | None = None
         if base_model_dir is not None:
@@ -465,23 +523,38 @@ def run_evaluation(
         spec = scoring.MetricSpec.from_config(evaluation.metrics)
         want_loss = any(metric.type == "loss" for metric in evaluation.metrics)
         eval_sets = [
-            prepare_eval_set(d.name, d.uri, cfg, tokenizer, template, reader, evaluation.max_samples,
-                             spec.needs_generation)
+            prepare_eval_set(
+                d.name, d.uri, cfg, tokenizer, template, reader, evaluation.max_samples, spec.needs_generation
+            )
             for d in evaluation.datasets
         ]
-        probe = prepare_eval_set("probe", evaluation.general_probe.uri, cfg, tokenizer, template, reader, None,
-                                 False) if evaluation.general_probe else None
+        probe = (
+            prepare_eval_set(
+                "probe", evaluation.general_probe.uri, cfg, tokenizer, template, reader, None, False
+            )
+            if evaluation.general_probe
+            else None
+        )
 
         model = load_tuned_model(artifacts, base_ref, cfg)
-        tuned = score_model(model, tokenizer, eval_sets, probe, spec, want_loss, evaluation.max_new_tokens,
-                            batch_size)
+        tuned = score_model(
+            model, tokenizer, eval_sets, probe, spec, want_loss, evaluation.max_new_tokens, batch_size
+        )
         base: ModelScores | None = None
         if base_ref is not None and (evaluation.compare_to_base or probe is not None):
             # The forgetting probe needs the base's probe loss even when compare_to_base is off.
             with base_model_context(model, artifacts, base_ref, cfg) as base_model:
                 base_sets = eval_sets if evaluation.compare_to_base else []
-                base = score_model(base_model, tokenizer, base_sets, probe, spec, want_loss,
-                                   evaluation.max_new_tokens, batch_size)
+                base = score_model(
+                    base_model,
+                    tokenizer,
+                    base_sets,
+                    probe,
+                    spec,
+                    want_loss,
+                    evaluation.max_new_tokens,
+                    batch_size,
+                )
         del model
 
     metrics = add_means_over_datasets(tuned.metrics, names)
@@ -497,16 +570,21 @@ def run_evaluation(
         "kind": "InstructionTuneEvaluation",
         "createdAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "tune": {"namespace": cfg.run.namespace, "name": cfg.run.name, "uid": cfg.run.uid},
-        "model": {"source": source, "kind": artifacts.kind, "baseModel": cfg.base_model.uri,
-                  "baseModelRevision": base_revision},
+        "model": {
+            "source": source,
+            "kind": artifacts.kind,
+            "baseModel": cfg.base_model.uri,
+            "baseModelRevision": base_revision,
+        },
         "configHash": cfg.config_hash(),
         "templateHash": digest,
         "scoring": _SCORING_RULES,
         "metrics": metrics,
         "baseMetrics": base_metrics,
         "datasets": [_dataset_report(s, tuned, base, report_samples) for s in eval_sets],
-        "probe": None if probe is None else {"uri": probe.uri, "rows": probe.rows, "examples": len(probe.examples),
-                                             "etags": probe.etags},
+        "probe": None
+        if probe is None
+        else {"uri": probe.uri, "rows": probe.rows, "examples": len(probe.examples), "etags": probe.etags},
         "durationSeconds": round(time.monotonic() - started, 1),
     }
     write_report(report, report_uri, storage)
@@ -515,8 +593,9 @@ def run_evaluation(
 
 
 @contextlib.contextmanager
-def base_model_context(tuned_model: Any, artifacts: TrainedArtifacts, base_ref: Path,
-                       cfg: TrainConfig) -> Iterator[Any]:
+def base_model_context(
+    tuned_model: Any, artifacts: TrainedArtifacts, base_ref: Path, cfg: TrainConfig
+) -> Iterator[Any]:
     """The base model: the tuned PEFT model with its adapter (and modules_to_save) disabled, or,
     for full fine-tuning, the base weights loaded anew."""
     if artifacts.kind == "adapter":
@@ -532,16 +611,18 @@ def base_model_context(tuned_model: Any, artifacts: TrainedArtifacts, base_ref: 
 
 _SCORING_RULES = {
     "jsonValid": "the whole response (surrounding whitespace aside) is one JSON object; prose, code fences, "
-                 "trailing text or a truncated object make it invalid",
+    "trailing text or a truncated object make it invalid",
     "jsonSchema": "jsonValid and the object satisfies the schema",
     "regex": "re.fullmatch of the pattern on the whitespace-stripped response",
     "exactMatch": "jsonValid and every named field equals the reference's value (JSON equality); "
-                  "without fields the whole response equals the reference",
+    "without fields the whole response equals the reference",
     "loss": "mean cross-entropy per assistant token (training's masking), perplexity = exp(loss)",
 }
 
 
-def _dataset_report(eval_set: EvalSet, tuned: ModelScores, base: ModelScores | None, limit: int) -> dict[str, Any]:
+def _dataset_report(
+    eval_set: EvalSet, tuned: ModelScores, base: ModelScores | None, limit: int
+) -> dict[str, Any]:
     samples = []
     outputs = tuned.outputs.get(eval_set.name, [])
     base_outputs = base.outputs.get(eval_set.name, []) if base else []
@@ -555,8 +636,10 @@ def _dataset_report(eval_set: EvalSet, tuned: ModelScores, base: ModelScores | N
         }
         if base_outputs and base:
             sample["baseOutput"] = base_outputs[index].text
-            sample["baseScores"] = {**base.samples[eval_set.name][index],
-                                    "hitMaxNewTokens": not base_outputs[index].stopped}
+            sample["baseScores"] = {
+                **base.samples[eval_set.name][index],
+                "hitMaxNewTokens": not base_outputs[index].stopped,
+            }
         samples.append(sample)
     return {
         "name": eval_set.name,
@@ -581,18 +664,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m instructune_jobs.evaluate",
         description="Evaluate a tuned model (and its base) and write the report; prints the status dict as JSON.",
     )
-    parser.add_argument("--config-file", required=True, help="TrainConfig JSON (what the operator's ConfigMap holds)")
-    parser.add_argument("--model", help="final/ prefix or directory, or an adapter/model directory "
-                                        "(default: <checkpointing.uri>/final/)")
-    parser.add_argument("--base-model-dir", help="local copy of the base model (default: download base_model.uri)")
-    parser.add_argument("--report-uri", help="where to write report.json (default: <checkpointing.uri>/eval/)")
+    parser.add_argument(
+        "--config-file", required=True, help="TrainConfig JSON (what the operator's ConfigMap holds)"
+    )
+    parser.add_argument(
+        "--model",
+        help="final/ prefix or directory, or an adapter/model directory "
+        "(default: <checkpointing.uri>/final/)",
+    )
+    parser.add_argument(
+        "--base-model-dir", help="local copy of the base model (default: download base_model.uri)"
+    )
+    parser.add_argument(
+        "--report-uri", help="where to write report.json (default: <checkpointing.uri>/eval/)"
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     cfg = TrainConfig.from_json(Path(args.config_file).read_text())
-    result = run_evaluation(cfg, args.model, args.base_model_dir, report_uri=args.report_uri,
-                            batch_size=args.batch_size)
+    result = run_evaluation(
+        cfg, args.model, args.base_model_dir, report_uri=args.report_uri, batch_size=args.batch_size
+    )
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -43,7 +43,7 @@ def utc_now() -> str:
 
 
 def format_eta(seconds: float | None) -> str | None:
-    """"1h02m", "3m05s", "42s": what `kubectl get` can show in a column."""
+    """ "1h02m", "3m05s", "42s": what `kubectl get` can show in a column."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return None
     seconds = round(seconds)
@@ -74,8 +74,10 @@ class StatusEndpoint:
 
     @property
     def url(self) -> str:
-        return (f"{self.server.rstrip('/')}/apis/{STATUS_GROUP_VERSION}/namespaces/{self.namespace}/"
-                f"{STATUS_PLURAL}/{self.name}/status")
+        return (
+            f"{self.server.rstrip('/')}/apis/{STATUS_GROUP_VERSION}/namespaces/{self.namespace}/"
+            f"{STATUS_PLURAL}/{self.name}/status"
+        )
 
 
 def status_endpoint_from_env(run: RunIdentity, env: dict[str, str] | None = None) -> StatusEndpoint | None:
@@ -119,28 +121,41 @@ class StatusPatcher:
             token = Path(self.endpoint.token_file).read_text().strip()
         except OSError as err:
             self.failures += 1
-            log.warning("status patch skipped: cannot read token file %s: %s", self.endpoint.token_file,
-                        err.strerror)
+            log.warning(
+                "status patch skipped: cannot read token file %s: %s", self.endpoint.token_file, err.strerror
+            )
             return False
         try:
             response = httpx.patch(
                 self.endpoint.url,
                 content=json.dumps({"status": status}, allow_nan=False).encode(),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": MERGE_PATCH,
-                         "Accept": "application/json"},
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": MERGE_PATCH,
+                    "Accept": "application/json",
+                },
                 verify=self._tls,
                 timeout=self.timeout_s,
             )
         except (httpx.HTTPError, OSError, ValueError) as err:
             self.failures += 1
             # The exception text names the URL at most, never the headers.
-            log.warning("status patch of %s/%s failed: %s", self.endpoint.namespace, self.endpoint.name,
-                        type(err).__name__ + ": " + str(err))
+            log.warning(
+                "status patch of %s/%s failed: %s",
+                self.endpoint.namespace,
+                self.endpoint.name,
+                type(err).__name__ + ": " + str(err),
+            )
             return False
         if response.status_code >= 300:
             self.failures += 1
-            log.warning("status patch of %s/%s refused: HTTP %s %s", self.endpoint.namespace,
-                        self.endpoint.name, response.status_code, response.text[:300])
+            log.warning(
+                "status patch of %s/%s refused: HTTP %s %s",
+                self.endpoint.namespace,
+                self.endpoint.name,
+                response.status_code,
+                response.text[:300],
+            )
             return False
         self.successes += 1
         return True
@@ -173,17 +188,26 @@ class ProgressReporter:
     _start_step: int = 0
     _pending_status: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, start_step: int, previous_metrics: str = "", previous_checkpoints: list[dict[str, Any]] | None = None,
-              data: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None) -> None:
+    def start(
+        self,
+        start_step: int,
+        previous_metrics: str = "",
+        previous_checkpoints: list[dict[str, Any]] | None = None,
+        data: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> None:
         """A (re)started run: keep the metrics lines of earlier attempts (the file is the run's
         history; a resumed run repeats at most the steps after its checkpoint, and the lines say
         which attempt wrote them), and publish data statistics and lineage once."""
         self.metric_lines = [line for line in previous_metrics.splitlines() if line.strip()]
-        self.checkpoints = list(previous_checkpoints or [])[-self.keep_checkpoints:]
+        self.checkpoints = list(previous_checkpoints or [])[-self.keep_checkpoints :]
         self._start_step = start_step
         self._started = time.monotonic()
-        self.progress = {"step": start_step, "totalSteps": self.total_steps,
-                         "percent": self._percent(start_step)}
+        self.progress = {
+            "step": start_step,
+            "totalSteps": self.total_steps,
+            "percent": self._percent(start_step),
+        }
         status: dict[str, Any] = {"progress": self.progress, "checkpoints": self.checkpoints}
         if data is not None:
             status["data"] = data
@@ -196,12 +220,22 @@ class ProgressReporter:
     def _percent(self, step: int) -> int:
         return int(100 * step / self.total_steps) if self.total_steps else 0
 
-    def step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens_per_second: float) -> None:
+    def step(
+        self, step: int, epoch: float, loss: float, learning_rate: float, tokens_per_second: float
+    ) -> None:
         """One optimizer step done: a metrics line always, S3/status at most every min_interval_s."""
-        line = {"step": step, "epoch": round(epoch, 4), "loss": round(loss, 6), "lr": learning_rate,
-                "tokens_per_s": round(tokens_per_second, 1), "time": utc_now(), "attempt": self.attempt_id}
-        self.metric_lines.append(json.dumps(line, allow_nan=False) if math.isfinite(loss) else
-                                 json.dumps({**line, "loss": None}))
+        line = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": round(loss, 6),
+            "lr": learning_rate,
+            "tokens_per_s": round(tokens_per_second, 1),
+            "time": utc_now(),
+            "attempt": self.attempt_id,
+        }
+        self.metric_lines.append(
+            json.dumps(line, allow_nan=False) if math.isfinite(loss) else json.dumps({**line, "loss": None})
+        )
         elapsed = time.monotonic() - self._started
         done_here = step - self._start_step
         eta = elapsed / done_here * (self.total_steps - step) if done_here > 0 else None
@@ -222,10 +256,14 @@ class ProgressReporter:
 
     def checkpoint(self, step: int, uri: str, loss: float | None) -> None:
         """A checkpoint is persisted: listed in progress.json and status.checkpoints at once."""
-        ref = {"step": step, "uri": uri, "loss": round(loss, 6) if loss is not None and math.isfinite(loss) else None,
-               "time": utc_now()}
+        ref = {
+            "step": step,
+            "uri": uri,
+            "loss": round(loss, 6) if loss is not None and math.isfinite(loss) else None,
+            "time": utc_now(),
+        }
         self.checkpoints = [c for c in self.checkpoints if c["step"] != step] + [ref]
-        self.checkpoints = self.checkpoints[-self.keep_checkpoints:]
+        self.checkpoints = self.checkpoints[-self.keep_checkpoints :]
         self._pending_status["checkpoints"] = self.checkpoints
         self._pending_status["progress"] = self.progress
         self._dirty = True
@@ -246,7 +284,9 @@ class ProgressReporter:
         self._last_flush = time.monotonic()
         self._dirty = False
         try:
-            self.write(self.metrics_uri, ("\n".join(self.metric_lines) + "\n").encode(), "application/x-ndjson")
+            self.write(
+                self.metrics_uri, ("\n".join(self.metric_lines) + "\n").encode(), "application/x-ndjson"
+            )
             document = {"progress": self.progress, "checkpoints": self.checkpoints, "updated": utc_now()}
             self.write(self.progress_uri, json.dumps(document, indent=2).encode(), "application/json")
         except Exception as err:  # reporting must never stop training

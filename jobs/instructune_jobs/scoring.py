@@ -130,7 +130,9 @@ def regex_full_match(text: str, pattern: str | re.Pattern[str]) -> bool:
     return re.fullmatch(pattern, text.strip()) is not None
 
 
-def field_matches(parsed: ParsedResponse, reference: ParsedResponse, fields: Sequence[str]) -> dict[str, bool]:
+def field_matches(
+    parsed: ParsedResponse, reference: ParsedResponse, fields: Sequence[str]
+) -> dict[str, bool]:
     """Per named field: the strictly valid response has the reference's value for it.
 
     A field the reference lacks is expected to be absent from the response as well.
@@ -184,8 +186,12 @@ class MetricSpec:
 
     @property
     def needs_generation(self) -> bool:
-        return self.json_valid or self.json_schema is not None or self.regex is not None \
+        return (
+            self.json_valid
+            or self.json_schema is not None
+            or self.regex is not None
             or self.exact_match is not None
+        )
 
 
 @dataclass
@@ -201,8 +207,12 @@ class SampleScore:
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"parse": self.parse}
-        for key, value in (("jsonValid", self.json_valid), ("jsonSchema", self.json_schema),
-                           ("regex", self.regex), ("exactMatch", self.exact_match)):
+        for key, value in (
+            ("jsonValid", self.json_valid),
+            ("jsonSchema", self.json_schema),
+            ("regex", self.regex),
+            ("exactMatch", self.exact_match),
+        ):
             if value is not None:
                 out[key] = value
         if self.fields:

@@ -62,15 +62,66 @@ EXTRACTION_SCHEMA: dict[str, Any] = {
 }
 
 _NAME_HEADS = [
-    "Acme", "Borealis", "Cobalt", "Delta", "Evergreen", "Falcon", "Granite", "Harbor", "Ionic", "Juniper",
-    "Keystone", "Lumen", "Meridian", "Northwind", "Orion", "Pinnacle", "Quartz", "Redwood", "Summit", "Titan",
-    "Umbra", "Vertex", "Willow", "Xenon", "Yarrow", "Zephyr", "Atlas", "Beacon", "Crescent", "Drift",
+    "Acme",
+    "Borealis",
+    "Cobalt",
+    "Delta",
+    "Evergreen",
+    "Falcon",
+    "Granite",
+    "Harbor",
+    "Ionic",
+    "Juniper",
+    "Keystone",
+    "Lumen",
+    "Meridian",
+    "Northwind",
+    "Orion",
+    "Pinnacle",
+    "Quartz",
+    "Redwood",
+    "Summit",
+    "Titan",
+    "Umbra",
+    "Vertex",
+    "Willow",
+    "Xenon",
+    "Yarrow",
+    "Zephyr",
+    "Atlas",
+    "Beacon",
+    "Crescent",
+    "Drift",
 ]
-_NAME_TAILS = ["Logistics", "Holdings", "Systems", "Foods", "Energy", "Labs", "Partners", "Media", "Capital",
-               "Robotics", "Textiles", "Freight"]
+_NAME_TAILS = [
+    "Logistics",
+    "Holdings",
+    "Systems",
+    "Foods",
+    "Energy",
+    "Labs",
+    "Partners",
+    "Media",
+    "Capital",
+    "Robotics",
+    "Textiles",
+    "Freight",
+]
 _NAME_SUFFIXES = ["Inc.", "Ltd.", "LLC", "GmbH", "Corp.", "S.A."]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December"]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 _TRAIN_CLAUSES = [
     "{party} shall pay {amount} to the Supplier no later than {date}.",
@@ -85,14 +136,14 @@ _TRAIN_CLAUSES = [
 _HELDOUT_CLAUSES = [
     "Effective {date}, the licensee {party} is obligated to settle a statement totalling {amount}.",
     "As consideration, {amount} shall be delivered by {party}, with the deadline set at {date}.",
-    "{party} (the \"Tenant\") must deposit {amount} into escrow before {date}.",
+    '{party} (the "Tenant") must deposit {amount} into escrow before {date}.',
     "It is hereby agreed that the sum of {amount} will be paid by {party} no later than {date}.",
     "By {date}, a payment amounting to {amount} must be received from {party}.",
 ]
 _TRAIN_INSTRUCTIONS = [
     "Extract the party, amount and date from the clause. Answer with a JSON object with the keys party, "
     "amount and date.",
-    "Read the contract clause and return a JSON object with the keys \"party\", \"amount\" and \"date\".",
+    'Read the contract clause and return a JSON object with the keys "party", "amount" and "date".',
     "Return the paying party, the amount and the due date of this clause as JSON (keys: party, amount, date).",
     "Give a JSON object with keys party, amount, date for the following clause.",
 ]
@@ -126,8 +177,11 @@ def extraction_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[st
     JSON. split="heldout" uses clause and instruction wordings never seen in split="train"."""
     if split not in ("train", "heldout"):
         raise ValueError("split is train or heldout")
-    clauses, instructions = (_TRAIN_CLAUSES, _TRAIN_INSTRUCTIONS) if split == "train" else \
-        (_HELDOUT_CLAUSES, _HELDOUT_INSTRUCTIONS)
+    clauses, instructions = (
+        (_TRAIN_CLAUSES, _TRAIN_INSTRUCTIONS)
+        if split == "train"
+        else (_HELDOUT_CLAUSES, _HELDOUT_INSTRUCTIONS)
+    )
     rng = random.Random(f"extraction-{split}-{seed}")
     rows = []
     for _ in range(n):
@@ -145,15 +199,61 @@ def extraction_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[st
 # ---------------------------------------------------------------------------------------------
 
 _WORDS = [
-    "apple", "river", "mountain", "garden", "window", "silver", "planet", "candle", "forest", "bridge",
-    "harbor", "pencil", "thunder", "meadow", "rocket", "violin", "desert", "island", "lantern", "marble",
-    "orange", "pepper", "quiet", "rabbit", "sunset", "tiger", "valley", "winter", "yellow", "zebra",
+    "apple",
+    "river",
+    "mountain",
+    "garden",
+    "window",
+    "silver",
+    "planet",
+    "candle",
+    "forest",
+    "bridge",
+    "harbor",
+    "pencil",
+    "thunder",
+    "meadow",
+    "rocket",
+    "violin",
+    "desert",
+    "island",
+    "lantern",
+    "marble",
+    "orange",
+    "pepper",
+    "quiet",
+    "rabbit",
+    "sunset",
+    "tiger",
+    "valley",
+    "winter",
+    "yellow",
+    "zebra",
 ]
-_OPPOSITES = [("hot", "cold"), ("up", "down"), ("early", "late"), ("light", "dark"), ("open", "closed"),
-              ("fast", "slow"), ("full", "empty"), ("high", "low"), ("happy", "sad"), ("strong", "weak")]
-_CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima"),
-             ("Norway", "Oslo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("India", "New Delhi"),
-             ("Chile", "Santiago"), ("Spain", "Madrid")]
+_OPPOSITES = [
+    ("hot", "cold"),
+    ("up", "down"),
+    ("early", "late"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("fast", "slow"),
+    ("full", "empty"),
+    ("high", "low"),
+    ("happy", "sad"),
+    ("strong", "weak"),
+]
+_CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("India", "New Delhi"),
+    ("Chile", "Santiago"),
+    ("Spain", "Madrid"),
+]
 
 
 def _general_row(rng: random.Random) -> dict[str, str]:
@@ -165,20 +265,33 @@ def _general_row(rng: random.Random) -> dict[str, str]:
     if kind == 1:
         return {"instruction": "Reverse the letters of the word.", "input": word, "output": word[::-1]}
     if kind == 2:
-        return {"instruction": f"Write the word '{word}' in capital letters.", "input": "", "output": word.upper()}
+        return {
+            "instruction": f"Write the word '{word}' in capital letters.",
+            "input": "",
+            "output": word.upper(),
+        }
     if kind == 3:
-        return {"instruction": f"How many letters does the word '{word}' have?", "input": "",
-                "output": f"The word '{word}' has {len(word)} letters."}
+        return {
+            "instruction": f"How many letters does the word '{word}' have?",
+            "input": "",
+            "output": f"The word '{word}' has {len(word)} letters.",
+        }
     if kind == 4:
         numbers = rng.sample(range(100), 5)
-        return {"instruction": "Sort these numbers in ascending order.", "input": ", ".join(map(str, numbers)),
-                "output": ", ".join(map(str, sorted(numbers)))}
+        return {
+            "instruction": "Sort these numbers in ascending order.",
+            "input": ", ".join(map(str, numbers)),
+            "output": ", ".join(map(str, sorted(numbers))),
+        }
     if kind == 5:
         low, high = rng.choice(_OPPOSITES)
         return {"instruction": f"What is the opposite of '{low}'?", "input": "", "output": high}
     country, capital = rng.choice(_CAPITALS)
-    return {"instruction": f"What is the capital of {country}?", "input": "",
-            "output": f"The capital of {country} is {capital}."}
+    return {
+        "instruction": f"What is the capital of {country}?",
+        "input": "",
+        "output": f"The capital of {country} is {capital}.",
+    }
 
 
 def general_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -192,13 +305,88 @@ def general_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------
 
 _FILLER = [
-    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on",
-    "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you",
-    "were", "her", "she", "there", "one", "all", "we", "can", "has", "been", "if", "more", "when", "will",
-    "would", "who", "so", "no", "model", "data", "answer", "question", "system", "language", "first",
-    "time", "people", "years", "way", "work", "world", "life", "day", "part", "number", "city", "country",
-    "water", "history", "music", "science", "house", "school", "family", "story", "example", "result",
-    "process", "level", "order", "company", "market",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "one",
+    "all",
+    "we",
+    "can",
+    "has",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "model",
+    "data",
+    "answer",
+    "question",
+    "system",
+    "language",
+    "first",
+    "time",
+    "people",
+    "years",
+    "way",
+    "work",
+    "world",
+    "life",
+    "day",
+    "part",
+    "number",
+    "city",
+    "country",
+    "water",
+    "history",
+    "music",
+    "science",
+    "house",
+    "school",
+    "family",
+    "story",
+    "example",
+    "result",
+    "process",
+    "level",
+    "order",
+    "company",
+    "market",
 ]
 
 
@@ -215,17 +403,21 @@ def length_mix_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for index in range(n):
         if index % 2 == 0:
-            rows.append({
-                "instruction": _words(rng, 2.4, 0.5, 80),
-                "input": _words(rng, 2.8, 0.9, 300) if rng.random() < 0.4 else "",
-                "output": _words(rng, 3.5, 0.9, 700),
-            })
+            rows.append(
+                {
+                    "instruction": _words(rng, 2.4, 0.5, 80),
+                    "input": _words(rng, 2.8, 0.9, 300) if rng.random() < 0.4 else "",
+                    "output": _words(rng, 3.5, 0.9, 700),
+                }
+            )
         else:
-            rows.append({
-                "instruction": _words(rng, 2.5, 0.6, 100),
-                "context": _words(rng, 4.6, 0.9, 900) if rng.random() < 0.3 else "",
-                "response": _words(rng, 3.8, 1.0, 900),
-            })
+            rows.append(
+                {
+                    "instruction": _words(rng, 2.5, 0.6, 100),
+                    "context": _words(rng, 4.6, 0.9, 900) if rng.random() < 0.3 else "",
+                    "response": _words(rng, 3.8, 1.0, 900),
+                }
+            )
     return rows
 
 
@@ -241,7 +433,9 @@ def _chatml(messages: Sequence[dict[str, str]]) -> str:
 def tokenizer_corpus(seed: int = 0) -> Iterator[str]:
     """Text the tokenizer learns its merges from: the synthetic tasks rendered as chats, plus
     filler prose, so that the benchmark and test texts tokenize to a realistic 1-2 tokens a word."""
-    rows = extraction_rows(600, seed, "train") + extraction_rows(200, seed, "heldout") + general_rows(600, seed)
+    rows = (
+        extraction_rows(600, seed, "train") + extraction_rows(200, seed, "heldout") + general_rows(600, seed)
+    )
     for row in rows:
         user = f"{row['instruction']}\n\n{row['input']}" if row["input"] else row["instruction"]
         yield _chatml([{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}])

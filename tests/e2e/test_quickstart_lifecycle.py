@@ -25,7 +25,9 @@ def _status(stack: Any, ns: str, name: str) -> dict[str, Any]:
 
 
 def _ray_jobs(stack: Any, tune: str) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {stack.env['RAY_AUTH_TOKEN']}"} if stack.env.get("RAY_AUTH_TOKEN") else {}
+    headers = (
+        {"Authorization": f"Bearer {stack.env['RAY_AUTH_TOKEN']}"} if stack.env.get("RAY_AUTH_TOKEN") else {}
+    )
     jobs = httpx.get(f"{stack.ray_address}/api/jobs/", headers=headers, timeout=10).json()
     return [j for j in jobs if (j.get("metadata") or {}).get("tune") == tune]
 
@@ -40,8 +42,12 @@ def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def seeded(crd_installed: Any) -> dict[str, str]:
-    client = boto3.client("s3", endpoint_url=crd_installed.s3_endpoint,
-                          aws_access_key_id=crd_installed.access_key, aws_secret_access_key=crd_installed.secret_key)
+    client = boto3.client(
+        "s3",
+        endpoint_url=crd_installed.s3_endpoint,
+        aws_access_key_id=crd_installed.access_key,
+        aws_secret_access_key=crd_installed.secret_key,
+    )
     return seed_quickstart(client)
 
 
@@ -63,19 +69,29 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     stack.kubectl("patch", "itune", "quickstart", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     wait_for(lambda: _status(stack, ns, "quickstart").get("phase") == "Suspended", 60, "phase Suspended")
     wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be removed while suspended")
-    wait_for(lambda: all(j["status"] in ("STOPPED", "SUCCEEDED", "FAILED") for j in _ray_jobs(stack, f"{ns}/quickstart")),
-             60, "the running job to stop")
+    wait_for(
+        lambda: all(
+            j["status"] in ("STOPPED", "SUCCEEDED", "FAILED") for j in _ray_jobs(stack, f"{ns}/quickstart")
+        ),
+        60,
+        "the running job to stop",
+    )
 
     # 3. Resume: a new attempt continues from the latest checkpoint, not from step 0.
-    stack.kubectl("patch", "itune", "quickstart", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    stack.kubectl(
+        "patch", "itune", "quickstart", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
     resumed_at = max(c["step"] for c in first)
     wait_for(lambda: (_status(stack, ns, "quickstart").get("attempts") or 0) >= 2, 120, "the second attempt")
     operator.kill()  # 4. and once more while the resumed attempt trains
     time.sleep(2)
     operator.start()
 
-    final = wait_for(lambda: (s := _status(stack, ns, "quickstart")).get("phase") in ("Succeeded", "Failed") and s,
-                     1200, "the tune to finish")
+    final = wait_for(
+        lambda: (s := _status(stack, ns, "quickstart")).get("phase") in ("Succeeded", "Failed") and s,
+        1200,
+        "the tune to finish",
+    )
     assert final["phase"] == "Succeeded", json.dumps(final, indent=1)[-3000:]
 
     # No duplicate submissions: one Ray job per attempt, ids all distinct.
@@ -91,7 +107,10 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     # Data, lineage and evaluation are in status; the gate passed on measured values.
     assert final["data"]["templateHash"] and final["data"]["rows"] > 0
     lineage = final["lineage"]
-    assert lineage["configHash"] and seeded["s3://datasets/extraction/train.jsonl"] in lineage["dataEtags"].values()
+    assert (
+        lineage["configHash"]
+        and seeded["s3://datasets/extraction/train.jsonl"] in lineage["dataEtags"].values()
+    )
     evaluation = final["evaluation"]
     assert evaluation["passed"] is True
     assert evaluation["metrics"]["heldout.jsonSchema"] >= 0.8
@@ -107,9 +126,16 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert serving["templateHash"] == final["data"]["templateHash"]
     assert _condition(final, "Serving")["status"] == "True"
     row = held_out_question()
-    response = httpx.post(f"{serving['endpoint']}/chat/completions", timeout=120, json={
-        "model": serving["model"], "messages": [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}],
-        "max_tokens": 48, "temperature": 0})
+    response = httpx.post(
+        f"{serving['endpoint']}/chat/completions",
+        timeout=120,
+        json={
+            "model": serving["model"],
+            "messages": [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}],
+            "max_tokens": 48,
+            "temperature": 0,
+        },
+    )
     answer = json.loads(response.json()["choices"][0]["message"]["content"])
     assert sorted(answer) == ["amount", "date", "party"]
 
@@ -128,8 +154,11 @@ def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_re
     doc["spec"]["serving"] = {"enabled": False}
     doc["spec"]["checkpointing"]["uri"] = "s3://artifacts/broken/"
     stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-    final = wait_for(lambda: (s := _status(stack, ns, "broken")).get("phase") in ("Succeeded", "Failed") and s,
-                     600, "the broken tune to fail")
+    final = wait_for(
+        lambda: (s := _status(stack, ns, "broken")).get("phase") in ("Succeeded", "Failed") and s,
+        600,
+        "the broken tune to fail",
+    )
     assert final["phase"] == "Failed"
     assert final["attempts"] == 2
     succeeded = _condition(final, "Succeeded")

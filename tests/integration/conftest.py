@@ -55,8 +55,9 @@ class OperatorProcess:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "instructune_operator"], env=self.env, stdout=out,
-                                         stderr=out)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "instructune_operator"], env=self.env, stdout=out, stderr=out
+            )
         time.sleep(1)
         if self.proc.poll() is not None:
             pytest.fail(f"operator exited at start:\n{self.log.read_text()[-3000:]}")

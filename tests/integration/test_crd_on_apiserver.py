@@ -21,7 +21,15 @@ def test_example_is_accepted_by_server_side_dry_run(
     doc = yaml.safe_load(example.read_text())
     doc["metadata"].pop("namespace", None)  # each test runs in a namespace of its own
     result = crd_installed.kubectl(
-        "apply", "--server-side", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc), check=False
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(doc),
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 

@@ -70,7 +70,9 @@ def s3_env(stack: Any) -> Iterator[dict[str, str]]:
             os.environ[key] = value
 
 
-def train_lora(base_dir: Path, final_dir: Path, rows: list[dict[str, str]], steps: int, seed: int = 0) -> float:
+def train_lora(
+    base_dir: Path, final_dir: Path, rows: list[dict[str, str]], steps: int, seed: int = 0
+) -> float:
     """Minimal LoRA tuning (settings measured to learn the task on a random base, see
     ARCHITECTURE.md), saved as the recipe saves it: final/adapter/ and final/tokenizer/.
     Returns the mean loss of the last 20 steps."""
@@ -80,10 +82,17 @@ def train_lora(base_dir: Path, final_dir: Path, rows: list[dict[str, str]], step
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(
-        r=32, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-        modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM",
-    ))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=32,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            modules_to_save=["embed_tokens", "lm_head"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     conversations, invalid, _ = rows_to_conversations(
         [LocatedRow("train", i, row) for i, row in enumerate(rows)], "alpaca"
     )
@@ -123,7 +132,9 @@ def tuned_run(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     torch.set_num_threads(1)
     started = time.monotonic()
     try:
-        final_loss = train_lora(base_dir, work / "final", extraction_rows(2000, seed=0, split="train"), TRAIN_STEPS)
+        final_loss = train_lora(
+            base_dir, work / "final", extraction_rows(2000, seed=0, split="train"), TRAIN_STEPS
+        )
     finally:
         torch.set_num_threads(threads)
     train_seconds = time.monotonic() - started
@@ -139,26 +150,38 @@ def tuned_run(s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     upload_rows(extraction_rows(64, seed=0, split="train"), uris["train"])
     upload_rows(extraction_rows(HELDOUT, seed=1, split="heldout"), uris["heldout"])
     upload_rows(general_rows(48, seed=1), uris["probe"])
-    return {"uris": uris, "base_dir": base_dir, "work": work, "final_loss": final_loss,
-            "train_seconds": train_seconds}
+    return {
+        "uris": uris,
+        "base_dir": base_dir,
+        "work": work,
+        "final_loss": final_loss,
+        "train_seconds": train_seconds,
+    }
 
 
 def extraction_config(uris: dict[str, str], **evaluation: Any) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "base_model": {"uri": uris["base"]},
-        "dataset": {"train": [{"uri": uris["train"]}], "format": "alpaca"},
-        "training": {"max_seq_length": 512},
-        "checkpointing": {"uri": uris["root"]},
-        "evaluation": {
-            "datasets": [{"name": "extraction", "uri": uris["heldout"]}],
-            "metrics": ["loss", "json_valid", {"json_schema": EXTRACTION_SCHEMA},
-                        {"regex": r"\{.*\}"}, {"exact_match": list(EXTRACTION_KEYS)}],
-            "compare_to_base": True,
-            "general_probe": {"uri": uris["probe"]},
-            "max_new_tokens": 48,
-            **evaluation,
-        },
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": {"uri": uris["base"]},
+            "dataset": {"train": [{"uri": uris["train"]}], "format": "alpaca"},
+            "training": {"max_seq_length": 512},
+            "checkpointing": {"uri": uris["root"]},
+            "evaluation": {
+                "datasets": [{"name": "extraction", "uri": uris["heldout"]}],
+                "metrics": [
+                    "loss",
+                    "json_valid",
+                    {"json_schema": EXTRACTION_SCHEMA},
+                    {"regex": r"\{.*\}"},
+                    {"exact_match": list(EXTRACTION_KEYS)},
+                ],
+                "compare_to_base": True,
+                "general_probe": {"uri": uris["probe"]},
+                "max_new_tokens": 48,
+                **evaluation,
+            },
+        }
+    )
 
 
 def read_s3_json(uri: str) -> dict[str, Any]:
@@ -171,20 +194,30 @@ def evaluated(tuned_run: dict[str, Any]) -> dict[str, Any]:
     """run_evaluation as the job calls it: everything (adapter, base, data) read from S3."""
     started = time.monotonic()
     result = run_evaluation(extraction_config(tuned_run["uris"]))
-    print(f"\ntraining {tuned_run['train_seconds']:.0f}s (final loss {tuned_run['final_loss']:.3f}), "
-          f"evaluation {time.monotonic() - started:.0f}s\nmetrics {result['metrics']}\nbase {result['baseMetrics']}")
+    print(
+        f"\ntraining {tuned_run['train_seconds']:.0f}s (final loss {tuned_run['final_loss']:.3f}), "
+        f"evaluation {time.monotonic() - started:.0f}s\nmetrics {result['metrics']}\nbase {result['baseMetrics']}"
+    )
     return result
 
 
-def test_report_with_tuned_and_base_metrics_lands_in_s3(evaluated: dict[str, Any], tuned_run: dict[str, Any]) -> None:
+def test_report_with_tuned_and_base_metrics_lands_in_s3(
+    evaluated: dict[str, Any], tuned_run: dict[str, Any]
+) -> None:
     uris = tuned_run["uris"]
     assert evaluated["reportURI"] == f"{uris['root']}eval/report.json"
     assert evaluated["templateHash"] == template_hash(CHATML_TEMPLATE)
     metrics, base = evaluated["metrics"], evaluated["baseMetrics"]
-    expected = {f"extraction.{k}" for k in ("loss", "perplexity", "jsonValid", "jsonSchema", "regex", "exactMatch")}
+    expected = {
+        f"extraction.{k}" for k in ("loss", "perplexity", "jsonValid", "jsonSchema", "regex", "exactMatch")
+    }
     assert expected <= metrics.keys()
     assert expected <= base.keys()
-    assert {"forgetting.probeLoss", "forgetting.lossIncrease", "forgetting.relativeLossIncrease"} <= metrics.keys()
+    assert {
+        "forgetting.probeLoss",
+        "forgetting.lossIncrease",
+        "forgetting.relativeLossIncrease",
+    } <= metrics.keys()
     assert all(isinstance(v, float) and math.isfinite(v) for v in [*metrics.values(), *base.values()])
 
     report = read_s3_json(evaluated["reportURI"])
@@ -193,7 +226,9 @@ def test_report_with_tuned_and_base_metrics_lands_in_s3(evaluated: dict[str, Any
     assert report["templateHash"] == evaluated["templateHash"]
     (dataset,) = report["datasets"]
     assert dataset["generated"] == HELDOUT and len(dataset["samples"]) == HELDOUT
-    assert {"messages", "reference", "output", "scores", "baseOutput", "baseScores"} <= dataset["samples"][0].keys()
+    assert {"messages", "reference", "output", "scores", "baseOutput", "baseScores"} <= dataset["samples"][
+        0
+    ].keys()
     # The per-sample scores are the ones aggregated into the metrics.
     valid = sum(s["scores"]["jsonValid"] for s in dataset["samples"])
     assert valid / HELDOUT == metrics["extraction.jsonValid"]
@@ -218,7 +253,8 @@ def test_tuned_model_beats_the_random_base_on_held_out_format_and_loss(evaluated
     assert metrics["jsonValid"] == metrics["extraction.jsonValid"]
     # Forgetting: the tuned model's probe loss against the base's.
     assert metrics["forgetting.lossIncrease"] == pytest.approx(
-        metrics["forgetting.probeLoss"] - base["forgetting.probeLoss"])
+        metrics["forgetting.probeLoss"] - base["forgetting.probeLoss"]
+    )
 
 
 def test_cli_scoring_the_base_as_a_full_model_reproduces_the_disabled_adapter_base_scores(
@@ -232,17 +268,35 @@ def test_cli_scoring_the_base_as_a_full_model_reproduces_the_disabled_adapter_ba
     config_file.write_text(cfg.to_json())
     report_uri = f"{uris['root']}eval/base-as-full.json"
     out = subprocess.run(
-        [sys.executable, "-m", "instructune_jobs.evaluate", "--config-file", str(config_file),
-         "--model", uris["base"], "--report-uri", report_uri],
-        env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "instructune_jobs.evaluate",
+            "--config-file",
+            str(config_file),
+            "--model",
+            uris["base"],
+            "--report-uri",
+            report_uri,
+        ],
+        env={**os.environ, **s3_env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["reportURI"] == report_uri
-    assert result["baseMetrics"] == {"forgetting.probeLoss": pytest.approx(result["metrics"]["forgetting.probeLoss"])}
-    assert result["metrics"]["extraction.loss"] == pytest.approx(evaluated["baseMetrics"]["extraction.loss"], rel=1e-4)
+    assert result["baseMetrics"] == {
+        "forgetting.probeLoss": pytest.approx(result["metrics"]["forgetting.probeLoss"])
+    }
+    assert result["metrics"]["extraction.loss"] == pytest.approx(
+        evaluated["baseMetrics"]["extraction.loss"], rel=1e-4
+    )
     assert result["metrics"]["forgetting.probeLoss"] == pytest.approx(
-        evaluated["baseMetrics"]["forgetting.probeLoss"], rel=1e-4)
+        evaluated["baseMetrics"]["forgetting.probeLoss"], rel=1e-4
+    )
     assert result["metrics"]["forgetting.lossIncrease"] == pytest.approx(0.0, abs=1e-5)
     assert read_s3_json(report_uri)["model"]["kind"] == "full"
 

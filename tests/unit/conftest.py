@@ -15,7 +15,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
     from instructune_jobs.synthetic import build_tiny_llama
 
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=64, layers=2, heads=4, vocab_size=1200)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama"), hidden=64, layers=2, heads=4, vocab_size=1200
+    )
 
 
 @pytest.fixture(scope="session")

@@ -32,31 +32,54 @@ def minimal(**overrides: Any) -> dict[str, Any]:
 
 
 def full() -> TrainConfig:
-    return TrainConfig.model_validate({
-        "base_model": {"uri": "hf://meta-llama/Llama-3.1-8B@0e9e39f"},
-        "dataset": {
-            "train": [{"uri": "s3://bucket/prefix/", "weight": 0.8}, {"uri": "s3://general/alpaca.jsonl", "weight": 0.2}],
-            "validation": {"fraction": 0.1},
-            "format": "alpaca",
-            "field_mapping": {"instruction": "question", "output": "answer"},
-            "invalid_rows": {"policy": "fail", "max_fraction": 0.0},
-        },
-        "template": {"chat_template": "{{ messages }}", "system_prompt": "Be terse."},
-        "method": {"type": "lora", "lora": {"r": 32, "alpha": 64, "target_modules": ["q_proj", "v_proj"],
-                                             "modules_to_save": ["embed_tokens", "lm_head"]}},
-        "training": {"epochs": 3, "max_steps": 500, "learning_rate": 3e-3, "max_seq_length": 512, "seed": 7},
-        "distributed": {"strategy": "deepspeed", "zero_stage": 3, "offload": "optimizer"},
-        "resources": {"workers": 2, "gpus_per_worker": 8, "cpus_per_worker": 4},
-        "checkpointing": {"uri": "s3://artifacts/demo/", "every_steps": 50, "keep_last": 2},
-        "evaluation": {
-            "datasets": [{"name": "heldout", "uri": "s3://data/heldout.jsonl"}],
-            "metrics": ["loss", "json_valid", {"json_schema": {"type": "object", "required": ["party"]}},
-                        {"regex": "^\\{"}, {"exact_match": ["party", "date"]}],
-            "general_probe": {"uri": "s3://data/general.jsonl"},
-        },
-        "output": {"uri": "s3://artifacts/demo/final/", "merge": True},
-        "run": {"namespace": "team-a", "name": "demo", "uid": "1234", "attempt": 2},
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": {"uri": "hf://meta-llama/Llama-3.1-8B@0e9e39f"},
+            "dataset": {
+                "train": [
+                    {"uri": "s3://bucket/prefix/", "weight": 0.8},
+                    {"uri": "s3://general/alpaca.jsonl", "weight": 0.2},
+                ],
+                "validation": {"fraction": 0.1},
+                "format": "alpaca",
+                "field_mapping": {"instruction": "question", "output": "answer"},
+                "invalid_rows": {"policy": "fail", "max_fraction": 0.0},
+            },
+            "template": {"chat_template": "{{ messages }}", "system_prompt": "Be terse."},
+            "method": {
+                "type": "lora",
+                "lora": {
+                    "r": 32,
+                    "alpha": 64,
+                    "target_modules": ["q_proj", "v_proj"],
+                    "modules_to_save": ["embed_tokens", "lm_head"],
+                },
+            },
+            "training": {
+                "epochs": 3,
+                "max_steps": 500,
+                "learning_rate": 3e-3,
+                "max_seq_length": 512,
+                "seed": 7,
+            },
+            "distributed": {"strategy": "deepspeed", "zero_stage": 3, "offload": "optimizer"},
+            "resources": {"workers": 2, "gpus_per_worker": 8, "cpus_per_worker": 4},
+            "checkpointing": {"uri": "s3://artifacts/demo/", "every_steps": 50, "keep_last": 2},
+            "evaluation": {
+                "datasets": [{"name": "heldout", "uri": "s3://data/heldout.jsonl"}],
+                "metrics": [
+                    "loss",
+                    "json_valid",
+                    {"json_schema": {"type": "object", "required": ["party"]}},
+                    {"regex": "^\\{"},
+                    {"exact_match": ["party", "date"]},
+                ],
+                "general_probe": {"uri": "s3://data/general.jsonl"},
+            },
+            "output": {"uri": "s3://artifacts/demo/final/", "merge": True},
+            "run": {"namespace": "team-a", "name": "demo", "uid": "1234", "attempt": 2},
+        }
+    )
 
 
 def test_defaults_fill_everything_but_model_and_data() -> None:
@@ -87,8 +110,13 @@ def test_json_uses_snake_case_and_schema_key() -> None:
 
 def test_metric_shorthands_expand_to_typed_metrics() -> None:
     metrics = full().evaluation.metrics
-    assert [type(m) for m in metrics] == [LossMetric, JsonValidMetric, JsonSchemaMetric, RegexMetric,
-                                          ExactMatchMetric]
+    assert [type(m) for m in metrics] == [
+        LossMetric,
+        JsonValidMetric,
+        JsonSchemaMetric,
+        RegexMetric,
+        ExactMatchMetric,
+    ]
     assert isinstance(metrics[3], RegexMetric) and metrics[3].pattern == "^\\{"
     assert isinstance(metrics[4], ExactMatchMetric) and metrics[4].fields == ["party", "date"]
 
@@ -161,10 +189,12 @@ def test_config_hash_is_a_sha256_hex() -> None:
 
 
 def test_effective_batch_size_counts_workers_gpus_and_accumulation() -> None:
-    cfg = TrainConfig.model_validate(minimal(
-        resources={"workers": 2, "gpus_per_worker": 4},
-        training={"batch_size_per_device": 3, "gradient_accumulation": 5},
-    ))
+    cfg = TrainConfig.model_validate(
+        minimal(
+            resources={"workers": 2, "gpus_per_worker": 4},
+            training={"batch_size_per_device": 3, "gradient_accumulation": 5},
+        )
+    )
     assert cfg.world_size == 8 and cfg.effective_batch_size == 120
     cpu = TrainConfig.model_validate(minimal(resources={"workers": 2, "gpus_per_worker": 0}))
     assert cpu.world_size == 2

@@ -30,9 +30,20 @@ from instructune_jobs.synthetic import extraction_rows, general_rows, rows_to_by
 pytestmark = pytest.mark.unit
 
 ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
-DOLLY = {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
-MESSAGES = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye!"}]}
+DOLLY = {
+    "instruction": "Summarise.",
+    "context": "A long text.",
+    "response": "Short.",
+    "category": "summarization",
+}
+MESSAGES = {
+    "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye!"},
+    ]
+}
 PROMPT_COMPLETION = {"prompt": "Capital of France?", "completion": "Paris"}
 
 
@@ -116,8 +127,13 @@ def test_messages_keep_every_turn() -> None:
 
 
 def test_sharegpt_style_messages_are_read_through_the_field_mapping() -> None:
-    row = {"conversations": [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi"},
-                             {"from": "gpt", "value": "Hello"}]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "Be nice."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+        ]
+    }
     mapping = {"messages": "conversations", "role": "from", "content": "value"}
     assert row_to_conversation(row, "messages", mapping) == [
         {"role": "system", "content": "Be nice."},
@@ -138,7 +154,9 @@ def test_system_prompt_comes_first_and_a_rows_own_system_wins() -> None:
     with_own = row_to_conversation({**ALPACA, "system": "Row system."}, "alpaca", system_prompt="Be terse.")
     assert with_own[0] == {"role": "system", "content": "Row system."}
     messages_with_system = {"messages": [{"role": "system", "content": "Own."}, *MESSAGES["messages"]]}
-    assert row_to_conversation(messages_with_system, "messages", system_prompt="Spec.")[0]["content"] == "Own."
+    assert (
+        row_to_conversation(messages_with_system, "messages", system_prompt="Spec.")[0]["content"] == "Own."
+    )
     assert row_to_conversation(MESSAGES, "messages", system_prompt="Spec.")[0]["content"] == "Spec."
 
 
@@ -172,11 +190,13 @@ def test_validation_split_is_seeded_disjoint_and_sized_by_fraction() -> None:
 
 
 def config(train: list[dict[str, Any]], **dataset: Any) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "base_model": {"uri": "/models/tiny"},
-        "dataset": {"train": train, **dataset},
-        "training": {"max_seq_length": 256, "seed": 5, "batch_size_per_device": 4},
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": {"uri": "/models/tiny"},
+            "dataset": {"train": train, **dataset},
+            "training": {"max_seq_length": 256, "seed": 5, "batch_size_per_device": 4},
+        }
+    )
 
 
 def test_load_examples_reads_a_prefix_of_mixed_formats_and_records_etags(tokenizer: Any) -> None:
@@ -186,14 +206,21 @@ def test_load_examples_reads_a_prefix_of_mixed_formats_and_records_etags(tokeniz
         "s3://data/task/_SUCCESS": b"",
         "s3://data/dolly.parquet": rows_to_bytes([DOLLY] * 20, "dolly.parquet"),
     }
-    cfg = config([{"uri": "s3://data/task/", "weight": 0.75}, {"uri": "s3://data/dolly.parquet", "weight": 0.25}],
-                 validation={"fraction": 0.1})
+    cfg = config(
+        [{"uri": "s3://data/task/", "weight": 0.75}, {"uri": "s3://data/dolly.parquet", "weight": 0.25}],
+        validation={"fraction": 0.1},
+    )
     prepared = load_examples(cfg, tokenizer, MemoryObjectReader(objects))
     stats = prepared.stats
     assert stats.rows == 80 and stats.invalid_rows == 0
-    assert stats.formats == {"s3://data/task/part-0.jsonl": "alpaca", "s3://data/task/part-1.jsonl.gz": "alpaca",
-                             "s3://data/dolly.parquet": "dolly"}
-    assert stats.etags == {uri: hashlib.md5(data).hexdigest() for uri, data in objects.items() if "_SUCCESS" not in uri}
+    assert stats.formats == {
+        "s3://data/task/part-0.jsonl": "alpaca",
+        "s3://data/task/part-1.jsonl.gz": "alpaca",
+        "s3://data/dolly.parquet": "dolly",
+    }
+    assert stats.etags == {
+        uri: hashlib.md5(data).hexdigest() for uri, data in objects.items() if "_SUCCESS" not in uri
+    }
     # 60 task rows at 0.75 allow 20 dolly rows at 0.25: 80 mixed, 8 held out for validation
     assert (stats.train_examples, stats.validation_examples) == (72, 8)
     assert len(prepared.train) == 72 and prepared.packed_train is not None
@@ -212,8 +239,10 @@ def test_load_examples_is_deterministic(tokenizer: Any) -> None:
 
 
 def test_validation_uri_replaces_the_fraction(tokenizer: Any) -> None:
-    objects = {"s3://dat/train.jsonl": rows_to_bytes(general_rows(40), "train.jsonl"),
-               "s3://dat/val.jsonl": rows_to_bytes(general_rows(7, seed=3), "val.jsonl")}
+    objects = {
+        "s3://dat/train.jsonl": rows_to_bytes(general_rows(40), "train.jsonl"),
+        "s3://dat/val.jsonl": rows_to_bytes(general_rows(7, seed=3), "val.jsonl"),
+    }
     cfg = config([{"uri": "s3://dat/train.jsonl"}], validation={"uri": "s3://dat/val.jsonl", "fraction": 0.3})
     prepared = load_examples(cfg, tokenizer, MemoryObjectReader(objects))
     assert (prepared.stats.train_examples, prepared.stats.validation_examples) == (40, 7)
@@ -247,8 +276,14 @@ class FakeS3:
 
     def paginate(self, Bucket: str, Prefix: str) -> list[dict[str, Any]]:  # boto3 names its arguments so
         keys = sorted(k.split("/", 1)[1] for k in self.objects if k.startswith(f"{Bucket}/{Prefix}"))
-        contents = [{"Key": key, "ETag": f'"{hashlib.md5(self.objects[f"{Bucket}/{key}"]).hexdigest()}"',
-                     "Size": len(self.objects[f"{Bucket}/{key}"])} for key in keys]
+        contents = [
+            {
+                "Key": key,
+                "ETag": f'"{hashlib.md5(self.objects[f"{Bucket}/{key}"]).hexdigest()}"',
+                "Size": len(self.objects[f"{Bucket}/{key}"]),
+            }
+            for key in keys
+        ]
         return [{"Contents": contents[:2]}, {"Contents": contents[2:]}]  # two pages
 
     def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
@@ -260,21 +295,26 @@ class FakeS3:
 def test_s3_reader_lists_an_object_or_every_data_shard_under_a_prefix() -> None:
     from instructune_jobs.data import S3ObjectReader
 
-    fake = FakeS3({
-        "data/train.jsonl": jsonl(ALPACA),
-        "data/train.jsonl.bak": b"old",
-        "data/shards/part-2.jsonl.gz": gzip.compress(jsonl(ALPACA)),
-        "data/shards/part-1.parquet": rows_to_bytes([ALPACA], "x.parquet"),
-        "data/shards/_SUCCESS": b"",
-        "data/shards/part-0.jsonl": jsonl(ALPACA),
-        "data/shards-other/part-9.jsonl": jsonl(ALPACA),
-    })
+    fake = FakeS3(
+        {
+            "data/train.jsonl": jsonl(ALPACA),
+            "data/train.jsonl.bak": b"old",
+            "data/shards/part-2.jsonl.gz": gzip.compress(jsonl(ALPACA)),
+            "data/shards/part-1.parquet": rows_to_bytes([ALPACA], "x.parquet"),
+            "data/shards/_SUCCESS": b"",
+            "data/shards/part-0.jsonl": jsonl(ALPACA),
+            "data/shards-other/part-9.jsonl": jsonl(ALPACA),
+        }
+    )
     reader = S3ObjectReader(fake)
     (single,) = reader.list_objects("s3://data/train.jsonl")
     assert single.uri == "s3://data/train.jsonl" and single.etag == hashlib.md5(jsonl(ALPACA)).hexdigest()
     shards = [ref.uri for ref in reader.list_objects("s3://data/shards")]
-    assert shards == ["s3://data/shards/part-0.jsonl", "s3://data/shards/part-1.parquet",
-                      "s3://data/shards/part-2.jsonl.gz"]
+    assert shards == [
+        "s3://data/shards/part-0.jsonl",
+        "s3://data/shards/part-1.parquet",
+        "s3://data/shards/part-2.jsonl.gz",
+    ]
     assert reader.list_objects("s3://data/shards/") == reader.list_objects("s3://data/shards")
     assert reader.read_object(single) == jsonl(ALPACA)
 
@@ -296,8 +336,13 @@ def test_data_stats_report_as_the_status_data_block() -> None:
     from instructune_jobs.data import DataStats
 
     stats = DataStats(rows=10, invalid_rows=1, tokens=500, padding_fraction=0.0041234567, template_hash="ab")
-    assert stats.to_status() == {"rows": 10, "invalidRows": 1, "tokens": 500, "paddingFraction": 0.004123,
-                                 "templateHash": "ab"}
+    assert stats.to_status() == {
+        "rows": 10,
+        "invalidRows": 1,
+        "tokens": 500,
+        "paddingFraction": 0.004123,
+        "templateHash": "ab",
+    }
 
 
 def test_synthetic_extraction_rows_are_deterministic_valid_alpaca_with_schema_conformant_answers() -> None:
@@ -321,8 +366,10 @@ def test_held_out_extraction_rows_are_worded_differently_from_training_rows() ->
     def wording(row: dict[str, str]) -> str:
         """The clause without its values: the party, and every word with digits or a month or currency."""
         clause = row["input"].replace(json.loads(row["output"])["party"], "")
-        values = re.compile(r"\d|^(January|February|March|April|May|June|July|August|September|October"
-                            r"|November|December|USD|dollars)[,.]?$")
+        values = re.compile(
+            r"\d|^(January|February|March|April|May|June|July|August|September|October"
+            r"|November|December|USD|dollars)[,.]?$"
+        )
         return " ".join(word for word in clause.split() if not values.search(word))
 
     train_wordings, heldout_wordings = {wording(r) for r in train}, {wording(r) for r in heldout}

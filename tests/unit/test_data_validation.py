@@ -65,7 +65,10 @@ def test_a_bom_in_the_middle_of_a_file_is_not_tolerated() -> None:
 
 def test_a_row_that_is_not_an_object_is_reported() -> None:
     _, invalid = parse_jsonl_bytes(b'["a", "b"]\n42\n', "a.jsonl")
-    assert reasons_by_line(invalid) == {1: "row is a JSON array, not an object", 2: "row is a JSON number, not an object"}
+    assert reasons_by_line(invalid) == {
+        1: "row is a JSON array, not an object",
+        2: "row is a JSON number, not an object",
+    }
 
 
 def located(*rows: dict[str, Any]) -> list[LocatedRow]:
@@ -95,8 +98,9 @@ def test_missing_wrong_type_and_empty_fields_are_each_reported_with_their_line()
 
 
 def test_missing_field_names_the_mapped_column() -> None:
-    _, invalid, _ = rows_to_conversations(located({"question": "q"}), "alpaca", {"instruction": "question",
-                                                                                 "output": "answer"})
+    _, invalid, _ = rows_to_conversations(
+        located({"question": "q"}), "alpaca", {"instruction": "question", "output": "answer"}
+    )
     assert invalid[0].reason == "missing field 'answer'"
 
 
@@ -108,10 +112,19 @@ def test_missing_field_names_the_mapped_column() -> None:
         (["hi"], "message 1 must be an object, got string"),
         ([{"role": "robot", "content": "x"}], "message 1: unknown role 'robot'"),
         ([{"role": "user", "content": 3}], "message 1: 'content' must be a string, got number"),
-        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "empty response in message 2"),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}],
+            "empty response in message 2",
+        ),
         ([{"role": "user", "content": "q"}], "conversation must end with an assistant message"),
-        ([{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
-         "message 2: a system message may only come first"),
+        (
+            [
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "message 2: a system message may only come first",
+        ),
     ],
 )
 def test_malformed_conversations_are_reported_with_a_reason(messages: Any, reason: str) -> None:
@@ -152,12 +165,16 @@ def mixed_object(bad_lines: int, good_lines: int) -> bytes:
 
 
 def cfg_with_policy(policy: str, max_fraction: float) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "base_model": {"uri": "/models/tiny"},
-        "dataset": {"train": [{"uri": "s3://data/a.jsonl"}],
-                    "invalid_rows": {"policy": policy, "max_fraction": max_fraction}},
-        "training": {"max_seq_length": 128},
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": {"uri": "/models/tiny"},
+            "dataset": {
+                "train": [{"uri": "s3://data/a.jsonl"}],
+                "invalid_rows": {"policy": policy, "max_fraction": max_fraction},
+            },
+            "training": {"max_seq_length": 128},
+        }
+    )
 
 
 def test_data_step_skips_invalid_rows_within_the_fraction_and_reports_them(tokenizer: Any) -> None:

@@ -95,7 +95,9 @@ def test_schema_passes_only_for_a_valid_object_that_satisfies_it() -> None:
     assert json_schema_valid(parse_response(ref("Acme", 5, "May")), SCHEMA)
     assert not json_schema_valid(parse_response('{"party": "Acme", "amount": "5", "due": "May"}'), SCHEMA)
     assert not json_schema_valid(parse_response('{"party": "Acme", "amount": 5}'), SCHEMA)
-    assert not json_schema_valid(parse_response('{"party": "Acme", "amount": 5, "due": "May", "x": 1}'), SCHEMA)
+    assert not json_schema_valid(
+        parse_response('{"party": "Acme", "amount": 5, "due": "May", "x": 1}'), SCHEMA
+    )
     # Right content but wrapped in prose: a client calling json.loads would fail, so it fails here.
     assert not json_schema_valid(parse_response("Result: " + ref("Acme", 5, "May")), SCHEMA)
 
@@ -120,20 +122,27 @@ def test_exact_match_is_reported_per_field_against_the_reference() -> None:
     got = field_matches(parse_response(ref("Acme", 7, "May")), reference, FIELDS)
     assert got == {"party": True, "amount": False, "due": True}
     # Invalid JSON matches no field, even when the values inside are right.
-    assert field_matches(parse_response("ok " + ref("Acme", 5, "May")), reference, FIELDS) == dict.fromkeys(FIELDS, False)
+    assert field_matches(parse_response("ok " + ref("Acme", 5, "May")), reference, FIELDS) == dict.fromkeys(
+        FIELDS, False
+    )
 
 
 def test_a_field_missing_from_the_reference_must_be_missing_from_the_response() -> None:
     reference = parse_response('{"party": "Acme"}')
-    assert field_matches(parse_response('{"party": "Acme"}'), reference, ["party", "due"]) == {"party": True, "due": True}
-    assert field_matches(parse_response('{"party": "Acme", "due": null}'), reference, ["due"]) == {"due": False}
+    assert field_matches(parse_response('{"party": "Acme"}'), reference, ["party", "due"]) == {
+        "party": True,
+        "due": True,
+    }
+    assert field_matches(parse_response('{"party": "Acme", "due": null}'), reference, ["due"]) == {
+        "due": False
+    }
 
 
 def test_dotted_field_names_reach_into_nested_objects() -> None:
     reference = parse_response('{"buyer": {"name": "Acme"}}')
-    assert field_matches(parse_response('{"buyer": {"name": "Acme", "x": 1}}'), reference, ["buyer.name"]) == {
-        "buyer.name": True
-    }
+    assert field_matches(
+        parse_response('{"buyer": {"name": "Acme", "x": 1}}'), reference, ["buyer.name"]
+    ) == {"buyer.name": True}
 
 
 def test_exact_match_without_fields_compares_the_whole_response() -> None:
@@ -149,8 +158,10 @@ def test_a_model_emitting_one_fixed_json_scores_full_marks_on_keys_but_low_exact
             {"metrics": ["json_valid", {"json_schema": SCHEMA}, {"exact_match": FIELDS}]}
         ).metrics
     )
-    references = [ref(p, a, d) for p, a, d in
-                  [("Acme", 5, "May"), ("Birch", 10, "June"), ("Cobalt", 3, "July"), ("Dune", 8, "May")]]
+    references = [
+        ref(p, a, d)
+        for p, a, d in [("Acme", 5, "May"), ("Birch", 10, "June"), ("Cobalt", 3, "July"), ("Dune", 8, "May")]
+    ]
     fixed = ref("Acme", 5, "May")
     scores = [score_sample(fixed, reference, spec) for reference in references]
     metrics = aggregate_scores(scores, spec)
@@ -164,7 +175,12 @@ def test_a_model_emitting_one_fixed_json_scores_full_marks_on_keys_but_low_exact
 
 def test_aggregate_keys_are_stable_for_zero_samples() -> None:
     spec = MetricSpec(json_valid=True, regex="x", exact_match=["a"])
-    assert aggregate_scores([], spec) == {"jsonValid": 0.0, "regex": 0.0, "exactMatch": 0.0, "fieldMatch.a": 0.0}
+    assert aggregate_scores([], spec) == {
+        "jsonValid": 0.0,
+        "regex": 0.0,
+        "exactMatch": 0.0,
+        "fieldMatch.a": 0.0,
+    }
 
 
 def test_metric_spec_ignores_loss_and_knows_whether_generation_is_needed() -> None:
@@ -177,14 +193,19 @@ def test_metric_spec_ignores_loss_and_knows_whether_generation_is_needed() -> No
 def test_per_sample_scores_serialise_only_the_metrics_asked_for() -> None:
     spec = MetricSpec(json_valid=True, exact_match=["a"])
     assert score_sample('{"a": 1}', '{"a": 1}', spec).as_dict() == {
-        "parse": "ok", "jsonValid": True, "exactMatch": True, "fields": {"a": True}
+        "parse": "ok",
+        "jsonValid": True,
+        "exactMatch": True,
+        "fields": {"a": True},
     }
 
 
 def test_forgetting_is_the_increase_of_probe_loss_from_base_to_tuned() -> None:
     metrics = forgetting_metrics(2.5, 2.0)
     assert metrics == {
-        "forgetting.probeLoss": 2.5, "forgetting.lossIncrease": 0.5, "forgetting.relativeLossIncrease": 0.25
+        "forgetting.probeLoss": 2.5,
+        "forgetting.lossIncrease": 0.5,
+        "forgetting.relativeLossIncrease": 0.25,
     }
     assert forgetting_metrics(2.5, None) == {"forgetting.probeLoss": 2.5}
 
@@ -203,8 +224,13 @@ class _Tokenizer:
 
 
 def _artifacts(tmp_path: Path, manifest: dict | None = None, tokenizer: bool = True) -> TrainedArtifacts:
-    return TrainedArtifacts("adapter", tmp_path / "adapter", tmp_path / "tokenizer" if tokenizer else None,
-                            manifest or {}, str(tmp_path))
+    return TrainedArtifacts(
+        "adapter",
+        tmp_path / "adapter",
+        tmp_path / "tokenizer" if tokenizer else None,
+        manifest or {},
+        str(tmp_path),
+    )
 
 
 def test_the_template_hash_is_checked_against_the_trained_tokenizer_and_the_manifest(tmp_path: Path) -> None:
@@ -215,17 +241,28 @@ def test_the_template_hash_is_checked_against_the_trained_tokenizer_and_the_mani
     with pytest.raises(TemplateMismatchError, match="training manifest"):
         check_template(trained, _Tokenizer(trained), _artifacts(tmp_path, {"templateHash": "0" * 64}))
     # Without a trained tokenizer the manifest alone decides.
-    assert check_template(trained, _Tokenizer(None), _artifacts(tmp_path, {"templateHash": template_hash(trained)},
-                                                                  tokenizer=False))
+    assert check_template(
+        trained,
+        _Tokenizer(None),
+        _artifacts(tmp_path, {"templateHash": template_hash(trained)}, tokenizer=False),
+    )
 
 
 def test_trained_artifacts_are_found_in_the_final_layout_adapter_first(tmp_path: Path) -> None:
-    for sub, marker in (("adapter", "adapter_config.json"), ("model", "config.json"), ("tokenizer", "tokenizer_config.json")):
+    for sub, marker in (
+        ("adapter", "adapter_config.json"),
+        ("model", "config.json"),
+        ("tokenizer", "tokenizer_config.json"),
+    ):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / marker).write_text("{}")
     (tmp_path / "manifest.json").write_text(json.dumps({"templateHash": "abc"}))
     found = locate_trained_artifacts(tmp_path, "s3://artifacts/run/final")
-    assert (found.kind, found.weights_dir, found.tokenizer_dir) == ("adapter", tmp_path / "adapter", tmp_path / "tokenizer")
+    assert (found.kind, found.weights_dir, found.tokenizer_dir) == (
+        "adapter",
+        tmp_path / "adapter",
+        tmp_path / "tokenizer",
+    )
     assert found.manifest == {"templateHash": "abc"}
     assert locate_trained_artifacts(tmp_path / "model", "m").kind == "full"
     with pytest.raises(FileNotFoundError):
