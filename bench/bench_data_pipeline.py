@@ -8,7 +8,8 @@ and render them with the same chat template and tokenizer, in the same process:
   datasets  load_dataset("json") -> .map(batched: apply_chat_template + tokenizer(padding="max_length",
             truncation)) -> torch batches; labels = input_ids (no masking, no validation)
 
-Tokens/s counts real (non-padding) tokens. Prints one JSON line.
+Tokens/s counts real (non-padding) tokens; cpu_seconds is the process's CPU time (all threads), a
+steadier measure of the work done than wall time on a shared machine. Prints one JSON line.
 Run: python bench/bench_data_pipeline.py [--rows 20000] [--max-seq-length 1024]
 """
 
@@ -21,14 +22,17 @@ import os
 import platform
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from instructune_jobs.data import (
     IGNORE_INDEX,
+    InvalidRow,
     PackedCollator,
     PackedSequence,
+    TokenizedExample,
     pack_examples,
     parse_object_bytes,
     rows_to_conversations,
@@ -44,7 +48,12 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "load_average": [round(load, 2) for load in os.getloadavg()],
+    }
 
 
 def mix_objects(rows: int, seed: int) -> dict[str, bytes]:
@@ -57,37 +66,85 @@ def mix_objects(rows: int, seed: int) -> dict[str, bytes]:
 
 def batches(items: list[PackedSequence], batch_size: int) -> Iterator[list[PackedSequence]]:
     for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+        yield items[start : start + batch_size]
 
 
-def run_ours(objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, batch_size: int) -> dict[str, Any]:
-    started = time.perf_counter()
+def run_ours(
+    objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, batch_size: int
+) -> dict[str, Any]:
+    started, cpu_started = time.perf_counter(), time.process_time()
     examples = []
+    rows = 0
+    rejected: list[InvalidRow] = []
     for name, data in objects.items():
-        rows, _unreadable = parse_object_bytes(data, name)
-        conversations, _invalid, _ = rows_to_conversations(rows)
-        accepted, _too_long = tokenize_conversations(conversations, tokenizer, None, max_seq_length)
+        located, unreadable = parse_object_bytes(data, name)
+        conversations, invalid, _ = rows_to_conversations(located)
+        accepted, refused = tokenize_conversations(conversations, tokenizer, None, max_seq_length)
         examples += accepted
+        rows += len(located) + len(unreadable)
+        rejected += unreadable + invalid + refused
     packs = pack_examples(examples, max_seq_length, seed=0)
     collate = PackedCollator(tokenizer.pad_token_id, attention="position_ids")
-    real_tokens = positions = 0
+    real_tokens = positions = trained = 0
     for batch in batches(packs, batch_size):
         tensors = collate(batch)
         positions += tensors["input_ids"].numel()
         real_tokens += sum(len(pack) for pack in batch)
-    seconds = time.perf_counter() - started
+        trained += int((tensors["labels"] != IGNORE_INDEX).sum())
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    check_conservation(rows, examples, rejected, packs, real_tokens, trained)
     target = sum(1 for example in examples for label in example.labels if label != IGNORE_INDEX)
-    return {"seconds": round(seconds, 3), "tokens": real_tokens, "tokens_per_s": round(real_tokens / seconds),
-            "padding_fraction": round(1 - real_tokens / positions, 5), "target_tokens": target}
+    return {
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "tokens": real_tokens,
+        "tokens_per_s": round(real_tokens / seconds),
+        "padding_fraction": round(1 - real_tokens / positions, 5),
+        "target_tokens": target,
+        "examples": len(examples),
+        "too_long_rows": len(rejected),
+    }
+
+
+def check_conservation(
+    rows: int,
+    examples: list[TokenizedExample],
+    rejected: list[InvalidRow],
+    packs: list[PackedSequence],
+    real_tokens: int,
+    trained: int,
+) -> None:
+    """Refuse to report a figure for a pipeline that lost data: every row is either an example or
+    refused as too long (the synthetic rows are all valid), and every example's tokens reach the
+    batches exactly once (a pack's first label of each example is ignored by design)."""
+    reasons = Counter(
+        "too long" if "longer than max_seq_length" in row.reason else row.reason for row in rejected
+    )
+    if len(examples) + len(rejected) != rows or set(reasons) - {"too long"}:
+        raise SystemExit(f"ours lost rows: {rows} rows, {len(examples)} examples, refused: {dict(reasons)}")
+    lengths = sorted(len(example) for example in examples)
+    if sorted(n for pack in packs for n in pack.example_lengths) != lengths:
+        raise SystemExit("ours: the packs do not hold every example exactly once")
+    expected_trained = sum(sum(label != IGNORE_INDEX for label in example.labels[1:]) for example in examples)
+    if real_tokens != sum(lengths) or trained != expected_trained:
+        raise SystemExit(
+            f"ours: batches hold {real_tokens} tokens ({trained} trained), examples "
+            f"{sum(lengths)} ({expected_trained} trained)"
+        )
 
 
 def to_messages(row: dict[str, str]) -> list[dict[str, str]]:
     extra = row.get("input") or row.get("context") or ""
     user = f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": row.get("output") or row["response"]}]
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": row.get("output") or row["response"]},
+    ]
 
 
-def run_datasets(objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, batch_size: int) -> dict[str, Any]:
+def run_datasets(
+    objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, batch_size: int
+) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -95,29 +152,47 @@ def run_datasets(objects: dict[str, bytes], tokenizer: Any, max_seq_length: int,
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in objects.items():
             Path(tmp, name).write_bytes(data)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         real_tokens = positions = 0
         for name in objects:
-            dataset = datasets.load_dataset("json", data_files=str(Path(tmp, name)), split="train",
-                                            cache_dir=str(Path(tmp, "cache")), keep_in_memory=True)
+            dataset = datasets.load_dataset(
+                "json",
+                data_files=str(Path(tmp, name)),
+                split="train",
+                cache_dir=str(Path(tmp, "cache")),
+                keep_in_memory=True,
+            )
 
             def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
                 rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
                 texts = tokenizer.apply_chat_template([to_messages(row) for row in rows], tokenize=False)
-                encoded = tokenizer(texts, add_special_tokens=False, padding="max_length", truncation=True,
-                                    max_length=max_seq_length)
+                encoded = tokenizer(
+                    texts,
+                    add_special_tokens=False,
+                    padding="max_length",
+                    truncation=True,
+                    max_length=max_seq_length,
+                )
                 encoded["labels"] = encoded["input_ids"]
                 return dict(encoded)
 
-            tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
+            tokenized = dataset.map(
+                tokenize, batched=True, remove_columns=dataset.column_names, keep_in_memory=True
+            )
             tokenized.set_format("torch")
             for start in range(0, len(tokenized), batch_size):
-                batch = tokenized[start:start + batch_size]
+                batch = tokenized[start : start + batch_size]
                 positions += batch["input_ids"].numel()
                 real_tokens += int(batch["attention_mask"].sum())
-        seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 3), "tokens": real_tokens, "tokens_per_s": round(real_tokens / seconds),
-            "padding_fraction": round(1 - real_tokens / positions, 5), "datasets_version": datasets.__version__}
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return {
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "tokens": real_tokens,
+        "tokens_per_s": round(real_tokens / seconds),
+        "padding_fraction": round(1 - real_tokens / positions, 5),
+        "datasets_version": datasets.__version__,
+    }
 
 
 def main() -> None:
@@ -131,8 +206,16 @@ def main() -> None:
 
     tokenizer = build_tokenizer(tokenizer_corpus(args.seed), vocab_size=2000)
     objects = mix_objects(args.rows, args.seed)
-    result: dict[str, Any] = {"bench": "data_pipeline", "rows": args.rows, "max_seq_length": args.max_seq_length,
-                              "batch_size": args.batch_size, "repeat": args.repeat, "jsonl_bytes": sum(map(len, objects.values()))}
+    result: dict[str, Any] = {
+        "bench": "data_pipeline",
+        "rows": args.rows,
+        "max_seq_length": args.max_seq_length,
+        "batch_size": args.batch_size,
+        "repeat": args.repeat,
+        "jsonl_bytes": sum(map(len, objects.values())),
+    }
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401  (both pipelines end in torch tensors: keep its import out of the timings)
     # Alternate the two pipelines and keep each one's fastest run: the machine may be shared.
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
@@ -140,9 +223,19 @@ def main() -> None:
         ours.append(run_ours(objects, tokenizer, args.max_seq_length, args.batch_size))
         with contextlib.suppress(ImportError):  # datasets is an optional peer
             theirs.append(run_datasets(objects, tokenizer, args.max_seq_length, args.batch_size))
+    if len({(run["tokens"], run["target_tokens"]) for run in ours}) != 1:
+        raise SystemExit(f"ours: runs disagree on the tokens: {ours}")
     result["ours"] = min(ours, key=lambda run: run["seconds"])
     if theirs:
         result["datasets"] = min(theirs, key=lambda run: run["seconds"])
+        # Same rows, template and tokenizer: datasets truncates each too-long row to max_seq_length
+        # where ours refuses it, and that is the only difference in what the two count.
+        expected = result["ours"]["tokens"] + result["ours"]["too_long_rows"] * args.max_seq_length
+        if result["datasets"]["tokens"] != expected:
+            raise SystemExit(
+                f"token counts disagree: datasets {result['datasets']['tokens']}, ours + refused "
+                f"rows at max_seq_length {expected}"
+            )
         result["speedup"] = round(result["ours"]["tokens_per_s"] / result["datasets"]["tokens_per_s"], 2)
     else:
         result["datasets"] = "not installed (pip install datasets==5.2.0)"

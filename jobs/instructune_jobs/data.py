@@ -27,13 +27,14 @@ records which one was used.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -199,7 +200,7 @@ def is_data_object(key: str) -> bool:
 def split_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3 uri: {uri}")
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key
 
 
@@ -347,10 +348,14 @@ def parse_jsonl_bytes(data: bytes, object_name: str) -> tuple[list[LocatedRow], 
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:
-            invalid.append(InvalidRow(object_name, line_number, f"invalid JSON: {err.msg} (column {err.colno})"))
+            invalid.append(
+                InvalidRow(object_name, line_number, f"invalid JSON: {err.msg} (column {err.colno})")
+            )
             continue
         if not isinstance(value, dict):
-            invalid.append(InvalidRow(object_name, line_number, f"row is a JSON {_json_type(value)}, not an object"))
+            invalid.append(
+                InvalidRow(object_name, line_number, f"row is a JSON {_json_type(value)}, not an object")
+            )
             continue
         rows.append(LocatedRow(object_name, line_number, value))
     return rows, invalid
@@ -370,7 +375,9 @@ def parse_json_array_bytes(data: bytes, object_name: str) -> tuple[list[LocatedR
         if isinstance(value, dict):
             rows.append(LocatedRow(object_name, number, value))
         else:
-            invalid.append(InvalidRow(object_name, number, f"item is a JSON {_json_type(value)}, not an object"))
+            invalid.append(
+                InvalidRow(object_name, number, f"item is a JSON {_json_type(value)}, not an object")
+            )
     return rows, invalid
 
 
@@ -421,8 +428,9 @@ def detect_row_format(row: Row, field_mapping: Mapping[str, str] | None = None) 
     return None
 
 
-def detect_format(rows: Iterable[Row], field_mapping: Mapping[str, str] | None = None,
-                  sample_size: int = 100) -> Format:
+def detect_format(
+    rows: Iterable[Row], field_mapping: Mapping[str, str] | None = None, sample_size: int = 100
+) -> Format:
     """The format most of the first `sample_size` rows look like (one malformed row must not
     decide the format of a whole object)."""
     votes: Counter[Format] = Counter()
@@ -473,7 +481,9 @@ def _with_system(messages: Conversation, system: str | None) -> Conversation:
     return [{"role": "system", "content": system}, *messages] if system else messages
 
 
-def _messages_to_conversation(row: Row, mapping: Mapping[str, str], system_prompt: str | None) -> Conversation:
+def _messages_to_conversation(
+    row: Row, mapping: Mapping[str, str], system_prompt: str | None
+) -> Conversation:
     column = _column("messages", mapping)
     turns = row.get(column)
     if turns is None:
@@ -505,8 +515,9 @@ def _messages_to_conversation(row: Row, mapping: Mapping[str, str], system_promp
     return conversation
 
 
-def row_to_conversation(row: Row, fmt: Format, field_mapping: Mapping[str, str] | None = None,
-                        system_prompt: str | None = None) -> Conversation:
+def row_to_conversation(
+    row: Row, fmt: Format, field_mapping: Mapping[str, str] | None = None, system_prompt: str | None = None
+) -> Conversation:
     """One row as a chat conversation; raises RowError saying what is wrong with the row.
     A row's own `system` field wins over the spec's system prompt."""
     mapping = field_mapping or {}
@@ -517,7 +528,9 @@ def row_to_conversation(row: Row, fmt: Format, field_mapping: Mapping[str, str] 
         user = _user_turn(_required_text(row, "instruction", mapping), _optional_text(row, "input", mapping))
         answer = _required_text(row, "output", mapping, response=True)
     elif fmt == "dolly":
-        user = _user_turn(_required_text(row, "instruction", mapping), _optional_text(row, "context", mapping))
+        user = _user_turn(
+            _required_text(row, "instruction", mapping), _optional_text(row, "context", mapping)
+        )
         answer = _required_text(row, "response", mapping, response=True)
     elif fmt == "prompt-completion":
         user = _required_text(row, "prompt", mapping)
@@ -575,8 +588,12 @@ def template_hash(template_text: str) -> str:
     return hashlib.sha256(template_text.encode("utf-8")).hexdigest()
 
 
-def render_chat(tokenizer: Any, conversation: Conversation, chat_template: str | None = None,
-                add_generation_prompt: bool = False) -> str:
+def render_chat(
+    tokenizer: Any,
+    conversation: Conversation,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
     """The conversation as text, rendered by the tokenizer's jinja machinery with the template
     in force. Training, evaluation and serving all go through this function."""
     template = resolve_chat_template(tokenizer, chat_template)
@@ -602,7 +619,9 @@ def has_generation_markers(template_text: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def assistant_char_spans(tokenizer: Any, conversation: Conversation, template: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_char_spans(
+    tokenizer: Any, conversation: Conversation, template: str
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character span of every assistant turn in it.
 
     The span of turn i starts where rendering turns [0, i) with a generation prompt ends and stops
@@ -630,8 +649,9 @@ def assistant_char_spans(tokenizer: Any, conversation: Conversation, template: s
     return full, spans
 
 
-def labels_from_char_spans(input_ids: Sequence[int], offsets: Sequence[tuple[int, int]],
-                           spans: Sequence[tuple[int, int]]) -> list[int]:
+def labels_from_char_spans(
+    input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
     """A token carries loss when it starts inside an assistant span. Token start offsets never
     decrease along the sequence, so each span is one slice found by bisection."""
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -642,27 +662,65 @@ def labels_from_char_spans(input_ids: Sequence[int], offsets: Sequence[tuple[int
     return labels
 
 
+@contextlib.contextmanager
+def _plain_encoding(backend: Any) -> Iterator[Any]:
+    """The Rust tokenizer with its padding and truncation switched off, restored on exit.
+
+    Those are mutable state on the backend: any `tokenizer(..., padding=..., truncation=True)` call
+    (an evaluation loop, a data collator, a `datasets` .map over the same tokenizer) leaves them set
+    until the next `tokenizer(...)` call resets them, and `encode_batch` applies whatever is set. A
+    padded encoding has (0, 0) offsets on its pad tokens, so the label spans come out empty and the
+    row is rejected ("no assistant tokens"); a truncated one would slip a too-long row through."""
+    padding, truncation = backend.padding, backend.truncation
+    if padding is not None:
+        backend.no_padding()
+    if truncation is not None:
+        backend.no_truncation()
+    try:
+        yield backend
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+
+
 def encode_with_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """Token ids and character offsets of each text, without added special tokens (templates
-    write their own). Goes straight to the Rust tokenizer when there is one: the same encoding
-    as tokenizer(...) gives, without building a BatchEncoding (a third of the cost here)."""
+    write their own), never padded or truncated (too-long rows are rejected, not cut). Goes
+    straight to the Rust tokenizer when there is one: the same encoding as tokenizer(...) gives,
+    without building a BatchEncoding (a third of the cost here)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return [(encoding.ids, encoding.offsets) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(list(ids), list(offsets)) for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"],
-                                                                strict=True)]
+        with _plain_encoding(backend) as plain:
+            encodings = plain.encode_batch(texts, add_special_tokens=False)
+        return [(encoding.ids, encoding.offsets) for encoding in encodings]
+    encoded = tokenizer(
+        texts, add_special_tokens=False, return_offsets_mapping=True, padding=False, truncation=False
+    )
+    return [
+        (list(ids), list(offsets))
+        for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    ]
 
 
-def _tokenize_with_generation_markers(tokenizer: Any, conversation: Conversation, template: str) -> TokenizedExample:
+def _tokenize_with_generation_markers(
+    tokenizer: Any, conversation: Conversation, template: str
+) -> TokenizedExample:
     """For templates that are not prefix-stable: their {% generation %} markers say which tokens
     are the assistant's."""
     encoded = tokenizer.apply_chat_template(
-        conversation, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        conversation,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
     )
     input_ids = list(encoded["input_ids"])
     mask = list(encoded["assistant_masks"])
-    return TokenizedExample(input_ids, [tid if m else IGNORE_INDEX for tid, m in zip(input_ids, mask, strict=True)])
+    return TokenizedExample(
+        input_ids, [tid if m else IGNORE_INDEX for tid, m in zip(input_ids, mask, strict=True)]
+    )
 
 
 def tokenize_conversations(
@@ -681,15 +739,20 @@ def tokenize_conversations(
 
     def accept(conv: SourcedConversation, example: TokenizedExample) -> None:
         if max_seq_length is not None and len(example) > max_seq_length:
-            invalid.append(InvalidRow(conv.object, conv.line,
-                                      f"row has {len(example)} tokens, longer than max_seq_length {max_seq_length}"))
+            invalid.append(
+                InvalidRow(
+                    conv.object,
+                    conv.line,
+                    f"row has {len(example)} tokens, longer than max_seq_length {max_seq_length}",
+                )
+            )
         elif all(label == IGNORE_INDEX for label in example.labels):
             invalid.append(InvalidRow(conv.object, conv.line, "no assistant tokens to learn from"))
         else:
             examples.append(example)
 
     for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start:start + batch_size]
+        chunk = conversations[start : start + batch_size]
         # Render in Python, then tokenize the whole chunk in one call: the Rust tokenizer
         # batches (and parallelises) far better than one call per row.
         rendered: list[tuple[SourcedConversation, str, list[tuple[int, int]]]] = []
@@ -716,7 +779,9 @@ def tokenize_conversations(
 # ---------------------------------------------------------------------------------------------
 
 
-def enforce_invalid_rows_policy(invalid: Sequence[InvalidRow], total_rows: int, policy: InvalidRowsPolicy) -> None:
+def enforce_invalid_rows_policy(
+    invalid: Sequence[InvalidRow], total_rows: int, policy: InvalidRowsPolicy
+) -> None:
     """fail: any invalid row fails the step. skip: fail only when the invalid fraction is above
     max_fraction (a broken export should not silently train on what is left of it)."""
     if not invalid:
@@ -792,8 +857,9 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def pack_examples(examples: Sequence[TokenizedExample], max_seq_length: int,
-                  seed: int | None = None) -> list[PackedSequence]:
+def pack_examples(
+    examples: Sequence[TokenizedExample], max_seq_length: int, seed: int | None = None
+) -> list[PackedSequence]:
     """Examples packed into sequences of at most max_seq_length tokens (best-fit decreasing).
 
     position_ids restart at 0 for each example, and the first label of each example is ignored so
@@ -827,8 +893,10 @@ def packing_padding_fraction(packs: Sequence[PackedSequence], max_seq_length: in
 
 def dynamic_padding_fraction(lengths: Sequence[int], batch_size: int) -> float:
     """Padding share when consecutive batches are padded to their own longest sequence."""
-    padded = sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
-                 for i in range(0, len(lengths), batch_size))
+    padded = sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
+        for i in range(0, len(lengths), batch_size)
+    )
     return 1.0 - sum(lengths) / padded if padded else 0.0
 
 
@@ -910,7 +978,9 @@ class PackedCollator:
 
         length = _round_up(max(len(pack) for pack in batch), self.pad_to_multiple_of)
         pads = [length - len(pack) for pack in batch]
-        input_ids = [pack.input_ids + [self.pad_token_id] * pad for pack, pad in zip(batch, pads, strict=True)]
+        input_ids = [
+            pack.input_ids + [self.pad_token_id] * pad for pack, pad in zip(batch, pads, strict=True)
+        ]
         labels = [pack.labels + [IGNORE_INDEX] * pad for pack, pad in zip(batch, pads, strict=True)]
         position_ids = [pack.position_ids + list(range(pad)) for pack, pad in zip(batch, pads, strict=True)]
         result = {
@@ -974,7 +1044,9 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
     invalid: list[InvalidRow] = []
 
     def read_and_tokenize(uri: str) -> list[TokenizedExample]:
-        read = read_conversations(uri, reader, data_cfg.format, data_cfg.field_mapping, cfg.template.system_prompt)
+        read = read_conversations(
+            uri, reader, data_cfg.format, data_cfg.field_mapping, cfg.template.system_prompt
+        )
         stats.rows += read.rows
         stats.etags.update(read.etags)
         stats.formats.update(read.formats)
@@ -982,7 +1054,9 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
         # policy "fail" stops at the first bad row, before spending time tokenizing
         if data_cfg.invalid_rows.policy == "fail":
             enforce_invalid_rows_policy(invalid, stats.rows, data_cfg.invalid_rows)
-        examples, too_long = tokenize_conversations(read.conversations, tokenizer, template, training.max_seq_length)
+        examples, too_long = tokenize_conversations(
+            read.conversations, tokenizer, template, training.max_seq_length
+        )
         invalid.extend(too_long)
         return examples
 
@@ -1008,7 +1082,9 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
     if packed is not None:
         stats.padding_fraction = packing_padding_fraction(packed, training.max_seq_length)
     else:
-        stats.padding_fraction = dynamic_padding_fraction([len(ex) for ex in train], training.batch_size_per_device)
+        stats.padding_fraction = dynamic_padding_fraction(
+            [len(ex) for ex in train], training.batch_size_per_device
+        )
     return PreparedData(train, validation, packed, template, stats, invalid)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from instructune_jobs.data import (
     fixed_padding_fraction,
     pack_examples,
     packing_padding_fraction,
+    render_chat,
     rows_to_conversations,
     tokenize_conversations,
 )
@@ -81,7 +83,7 @@ def test_packs_respect_the_limit_and_contain_every_example_once() -> None:
     for pack in packs:
         offset = 0
         for length in pack.example_lengths:
-            rebuilt.append(tuple(pack.input_ids[offset:offset + length]))
+            rebuilt.append(tuple(pack.input_ids[offset : offset + length]))
             offset += length
     assert sorted(rebuilt) == sorted(tuple(e.input_ids) for e in examples)
     assert len(concatenated) == len(packs)
@@ -100,8 +102,9 @@ def test_packing_is_deterministic_and_a_seed_shuffles_pack_order() -> None:
     examples = [example(n, seed=n) for n in range(5, 200, 7)]
     assert pack_examples(examples, 256) == pack_examples(examples, 256)
     shuffled = pack_examples(examples, 256, seed=3)
-    assert sorted(map(tuple, (p.input_ids for p in shuffled))) == \
-        sorted(map(tuple, (p.input_ids for p in pack_examples(examples, 256))))
+    assert sorted(map(tuple, (p.input_ids for p in shuffled))) == sorted(
+        map(tuple, (p.input_ids for p in pack_examples(examples, 256)))
+    )
 
 
 def test_block_diagonal_mask_keeps_examples_apart_and_causal() -> None:
@@ -138,7 +141,9 @@ def test_padding_collator_pads_right_with_ignored_labels() -> None:
     batch = PaddingCollator(pad_token_id=7)([example(3), example(5, seed=1)])
     assert batch["input_ids"].shape == (2, 5)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert batch["input_ids"][0, 3:].tolist() == [7, 7] and batch["labels"][0, 3:].tolist() == [IGNORE_INDEX] * 2
+    assert (
+        batch["input_ids"][0, 3:].tolist() == [7, 7] and batch["labels"][0, 3:].tolist() == [IGNORE_INDEX] * 2
+    )
 
 
 def per_example_losses_unpacked(model: Any, examples: list[TokenizedExample], pad_id: int) -> list[float]:
@@ -147,13 +152,18 @@ def per_example_losses_unpacked(model: Any, examples: list[TokenizedExample], pa
     losses = []
     for ex in examples:
         batch = PaddingCollator(pad_id)([ex])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        losses.append(F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX).item())
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        losses.append(
+            F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX).item()
+        )
     return losses
 
 
-def per_example_losses_packed(model: Any, examples: list[TokenizedExample], pad_id: int, attention: str,
-                              max_seq_length: int) -> list[float]:
+def per_example_losses_packed(
+    model: Any, examples: list[TokenizedExample], pad_id: int, attention: str, max_seq_length: int
+) -> list[float]:
     import torch.nn.functional as F
 
     packs = pack_examples(examples, max_seq_length)
@@ -166,23 +176,105 @@ def per_example_losses_packed(model: Any, examples: list[TokenizedExample], pad_
         offset = 0
         for length in pack.example_lengths:
             span = slice(offset, offset + length)
-            loss = F.cross_entropy(logits[row, span][:-1], batch["labels"][row, span][1:], ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits[row, span][:-1], batch["labels"][row, span][1:], ignore_index=IGNORE_INDEX
+            )
             by_identity[tuple(pack.input_ids[span])] = loss.item()
             offset += length
     return [by_identity[tuple(ex.input_ids)] for ex in examples]
 
 
-@pytest.mark.parametrize(("attn_implementation", "attention"),
-                         [("eager", "4d_mask"), ("sdpa", "4d_mask"), ("sdpa", "position_ids")])
-def test_packed_and_unpacked_per_example_losses_agree(tokenizer: Any, tiny_model_dir: Path,
-                                                      attn_implementation: str, attention: str) -> None:
+@pytest.mark.parametrize(
+    ("attn_implementation", "attention"),
+    [("eager", "4d_mask"), ("sdpa", "4d_mask"), ("sdpa", "position_ids")],
+)
+def test_packed_and_unpacked_per_example_losses_agree(
+    tokenizer: Any, tiny_model_dir: Path, attn_implementation: str, attention: str
+) -> None:
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn_implementation).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, attn_implementation=attn_implementation
+    ).eval()
     rows = extraction_rows(5, seed=4) + general_rows(7, seed=4)
     examples = list({tuple(e.input_ids): e for e in tokenized(tokenizer, rows, 256)}.values())
     with torch.no_grad():
         unpacked = per_example_losses_unpacked(model, examples, tokenizer.pad_token_id)
         packed = per_example_losses_packed(model, examples, tokenizer.pad_token_id, attention, 256)
     assert max(abs(a - b) for a, b in zip(unpacked, packed, strict=True)) < 1e-2
+
+
+@pytest.fixture
+def tokenizer_left_padding(tokenizer: Any) -> Iterator[Any]:
+    """The session tokenizer as another caller leaves it: a `tokenizer(..., padding="max_length",
+    truncation=True)` call (an eval loop, a `datasets` .map, the bench's peer) leaves padding and
+    truncation switched on in the Rust backend, which `encode_batch` then applies."""
+    tokenizer(["warm up"], add_special_tokens=False, padding="max_length", truncation=True, max_length=256)
+    backend = tokenizer.backend_tokenizer
+    assert backend.padding is not None and backend.truncation is not None
+    yield tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+
+
+def test_every_accepted_examples_tokens_reach_the_batches_exactly_once(tokenizer_left_padding: Any) -> None:
+    """Rows -> conversations -> tokens -> packs -> position_ids batches conserves every token, on a
+    tokenizer another caller left padding/truncating (this lost ~99% of the rows: padded encodings
+    got empty label spans and were rejected as "no assistant tokens")."""
+    torch = pytest.importorskip("torch")
+    tokenizer, max_seq_length = tokenizer_left_padding, 256
+    rows = length_mix_rows(300, seed=3)
+    examples: list[TokenizedExample] = []
+    too_long: list[str] = []
+    rendered: list[str] = []
+    for kind in ("output", "response"):
+        located = [LocatedRow("mem", i + 1, row) for i, row in enumerate(rows) if kind in row]
+        conversations, invalid, _ = rows_to_conversations(located)
+        assert invalid == []
+        # several chunks, the last one partial
+        accepted, rejected = tokenize_conversations(
+            conversations, tokenizer, None, max_seq_length, batch_size=64
+        )
+        examples += accepted
+        too_long += [row.reason for row in rejected]
+        rendered += [render_chat(tokenizer, conv.messages) for conv in conversations]
+    assert tokenizer.backend_tokenizer.padding["length"] == 256  # the caller's state is given back
+
+    # every row is accounted for, and only too-long rows are refused, exactly those
+    assert len(examples) + len(too_long) == len(rows)
+    assert all("longer than max_seq_length" in reason for reason in too_long)
+    expected = [ids for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    assert sorted(tuple(e.input_ids) for e in examples) == sorted(
+        tuple(ids) for ids in expected if len(ids) <= max_seq_length
+    )
+    assert 0 < len(too_long) < len(rows) // 10  # the size exercises both paths
+
+    packs = pack_examples(examples, max_seq_length, seed=0)
+    segments: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for pack in packs:
+        offset = 0
+        for length in pack.example_lengths:
+            segments.append(
+                (
+                    tuple(pack.input_ids[offset : offset + length]),
+                    tuple(pack.labels[offset : offset + length]),
+                )
+            )
+            offset += length
+        assert offset == len(pack) <= max_seq_length
+    assert sorted(segments) == sorted((tuple(e.input_ids), (IGNORE_INDEX, *e.labels[1:])) for e in examples)
+
+    total = target = 0
+    collate = PackedCollator(tokenizer.pad_token_id, attention="position_ids")
+    for start in range(0, len(packs), 8):
+        batch = packs[start : start + 8]
+        tensors = collate(batch)
+        for row, pack in enumerate(batch):
+            assert tensors["input_ids"][row, : len(pack)].tolist() == pack.input_ids
+            assert (tensors["labels"][row, len(pack) :] == IGNORE_INDEX).all()
+        total += sum(len(pack) for pack in batch)
+        target += int((tensors["labels"] != IGNORE_INDEX).sum())
+    assert total == sum(len(e) for e in examples)
+    assert target == sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples)
+    assert torch.is_tensor(tensors["position_ids"])
