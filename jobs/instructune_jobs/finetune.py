@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from instructune_jobs.artifacts import (
     RUN_NAME,
@@ -86,13 +86,21 @@ def check_supported(cfg: TrainConfig, cuda_available: bool) -> None:
             "qlora needs CUDA GPUs (bitsandbytes 4-bit kernels): set resources.gpusPerWorker > 0 on a GPU "
             "pool, or use method lora/full on CPU"
         )
-    if cfg.distributed.strategy == "deepspeed" and cfg.distributed.offload == "all" \
-            and cfg.distributed.zero_stage != 3:
+    if (
+        cfg.distributed.strategy == "deepspeed"
+        and cfg.distributed.offload == "all"
+        and cfg.distributed.zero_stage != 3
+    ):
         raise UnsupportedSetupError("offload 'all' (parameters too) needs DeepSpeed zeroStage 3")
 
 
-def run_training(cfg: TrainConfig, *, ray_address: str | None = None, local_root: str | None = None,
-                 storage: Storage | None = None) -> TrainingOutcome:
+def run_training(
+    cfg: TrainConfig,
+    *,
+    ray_address: str | None = None,
+    local_root: str | None = None,
+    storage: Storage | None = None,
+) -> TrainingOutcome:
     """Train on the Ray cluster (connecting to ray_address or the ambient one) and return once the
     final artifacts are written. Raises ConfigMismatchError when the root holds another run."""
     import ray
@@ -115,12 +123,19 @@ def run_training(cfg: TrainConfig, *, ray_address: str | None = None, local_root
     gpus = cfg.resources.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config_json": cfg.to_json(), "root": layout.root, "attempt": uuid.uuid4().hex[:8]},
+        train_loop_config={
+            "config_json": cfg.to_json(),
+            "root": layout.root,
+            "attempt": uuid.uuid4().hex[:8],
+        },
         # One Ray Train worker per device; a node with 8 GPUs runs 8 workers.
         scaling_config=ScalingConfig(
             num_workers=cfg.world_size,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.resources.cpus_per_worker / max(1, gpus), **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.resources.cpus_per_worker / max(1, gpus),
+                **({"GPU": 1} if use_gpu else {}),
+            },
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -166,9 +181,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_json(loop_config["config_json"])
     layout = ArtifactLayout(loop_config["root"])
     context = ray.train.get_context()
-    rank, world_size, local_rank = context.get_world_rank(), context.get_world_size(), context.get_local_rank()
+    rank, world_size, local_rank = (
+        context.get_world_rank(),
+        context.get_world_size(),
+        context.get_local_rank(),
+    )
     is_rank0 = rank == 0
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
+    )
     storage = Storage()
 
     # ----------------------------------------------------------------------------- 1. setup
@@ -195,19 +216,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ds_config = build_deepspeed_config(cfg, world_size, compute_dtype)
     model = build_model(cfg, base.path, device, compute_dtype, ds_config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.training.learning_rate,
+        weight_decay=cfg.training.weight_decay,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     engine = wrap_for_distributed(cfg, model, optimizer, plan, ds_config, device)
     collate = make_collator(cfg, tokenizer, device, compute_dtype)
 
     restored = restore_latest_checkpoint(cfg, engine)
     start_step = restored.step if restored else 0
-    reporter = make_reporter(cfg, layout, storage, plan, loop_config["attempt"], start_step, data, base) \
-        if is_rank0 else None
+    reporter = (
+        make_reporter(cfg, layout, storage, plan, loop_config["attempt"], start_step, data, base)
+        if is_rank0
+        else None
+    )
     if is_rank0:
-        log.info("training %s: %d items, %d steps (%d per epoch), world size %d, %s%s", cfg.method.type, len(items),
-                 plan.total_steps, plan.steps_per_epoch, world_size, cfg.distributed.strategy,
-                 f", resumed at step {start_step}" if restored else "")
+        log.info(
+            "training %s: %d items, %d steps (%d per epoch), world size %d, %s%s",
+            cfg.method.type,
+            len(items),
+            plan.total_steps,
+            plan.steps_per_epoch,
+            world_size,
+            cfg.distributed.strategy,
+            f", resumed at step {start_step}" if restored else "",
+        )
 
     # ----------------------------------------------------------------------------- 2. train
     last_loss = restored.loss if restored and restored.loss is not None else math.nan
@@ -224,10 +260,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += loss
             tokens += sum(len(item) for item in batch_items)
         engine.optimizer_step()
-        last_loss, global_tokens = all_reduce_step_stats(loss_sum / plan.accumulation, tokens, device, world_size)
+        last_loss, global_tokens = all_reduce_step_stats(
+            loss_sum / plan.accumulation, tokens, device, world_size
+        )
         if reporter is not None:
-            reporter.step(step, plan.epoch_at(step), last_loss, learning_rate,
-                          global_tokens / max(time.monotonic() - step_started, 1e-9))
+            reporter.step(
+                step,
+                plan.epoch_at(step),
+                last_loss,
+                learning_rate,
+                global_tokens / max(time.monotonic() - step_started, 1e-9),
+            )
 
         # ------------------------------------------------------------------------ 3. checkpoint
         if step % cfg.checkpointing.every_steps == 0 or step == plan.total_steps:
@@ -236,16 +279,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # ----------------------------------------------------------------------------- 4. finish
     if start_step >= plan.total_steps and is_rank0:
         log.info("all %d steps were done before this attempt: exporting only", plan.total_steps)
-    outputs = export_final_artifacts(cfg, engine, tokenizer, data.chat_template, base.path, layout, storage,
-                                     compute_dtype, is_rank0)
+    outputs = export_final_artifacts(
+        cfg, engine, tokenizer, data.chat_template, base.path, layout, storage, compute_dtype, is_rank0
+    )
     if is_rank0 and reporter is not None:
         final_loss = last_loss if math.isfinite(last_loss) else None
         manifest = build_manifest(
-            cfg, base=base, data_stats=data.stats.to_status() | {"trainExamples": data.stats.train_examples,
-                                                                 "trainItems": len(items)},
-            data_etags=data.stats.etags, template_hash=data.stats.template_hash, outputs=outputs,
-            training={"steps": plan.total_steps, "finalLoss": final_loss, "worldSize": world_size,
-                      "resumedFromStep": start_step if restored else None, "computeDtype": str(compute_dtype)},
+            cfg,
+            base=base,
+            data_stats=data.stats.to_status()
+            | {"trainExamples": data.stats.train_examples, "trainItems": len(items)},
+            data_etags=data.stats.etags,
+            template_hash=data.stats.template_hash,
+            outputs=outputs,
+            training={
+                "steps": plan.total_steps,
+                "finalLoss": final_loss,
+                "worldSize": world_size,
+                "resumedFromStep": start_step if restored else None,
+                "computeDtype": str(compute_dtype),
+            },
         )
         body = json.dumps(manifest, indent=2).encode()
         storage.write_bytes(layout.manifest, body, "application/json")
@@ -321,7 +374,7 @@ class StepPlan:
         epoch, within = divmod(global_micro, micro_per_epoch)
         order = epoch_order(self.items, seed, epoch)
         start = (within * self.world_size + rank) * self.batch_size
-        return order[start:start + self.batch_size]
+        return order[start : start + self.batch_size]
 
 
 _ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
@@ -371,8 +424,9 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, compute_dtype: Any
     }
 
 
-def build_model(cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: Any,
-                ds_config: dict[str, Any] | None) -> Any:
+def build_model(
+    cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: Any, ds_config: dict[str, Any] | None
+) -> Any:
     """The base model through transformers' loading code, wrapped with PEFT for (Q)LoRA."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -386,7 +440,9 @@ def build_model(cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: A
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
         kwargs["device_map"] = {"": device.index or 0}
@@ -416,15 +472,25 @@ def apply_method(cfg: TrainConfig, model: Any, device: Any, keep_on_cpu: bool) -
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method.type == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     lora = cfg.method.lora
     # Adapter initialisation draws random numbers: seed right before, so it is the same every run.
     torch.manual_seed(cfg.training.seed)
-    model = get_peft_model(model, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM",
-    ))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r: floats work
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            modules_to_save=lora.modules_to_save or None,
+            task_type="CAUSAL_LM",
+        ),
+    )
     # Trainable weights in fp32 (AdamW updates are lost in bf16); the frozen base stays in 16 bit.
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
@@ -450,7 +516,9 @@ def make_collator(cfg: TrainConfig, tokenizer: Any, device: Any, compute_dtype: 
     # Multiples of 8 let tensor cores run on GPUs; on CPU they only add padding.
     multiple = 8 if device.type == "cuda" else None
     if cfg.training.packing:
-        attention = "position_ids" if attention_implementation(device) == "flash_attention_2" else "4d_mask"
+        attention: Literal["position_ids", "4d_mask"] = (
+            "position_ids" if attention_implementation(device) == "flash_attention_2" else "4d_mask"
+        )
         collator: Any = PackedCollator(pad_id, multiple, attention=attention, mask_dtype=compute_dtype)
     else:
         collator = PaddingCollator(pad_id, multiple)
@@ -468,7 +536,9 @@ def make_collator(cfg: TrainConfig, tokenizer: Any, device: Any, compute_dtype: 
 
 
 class DeepSpeedEngine:
-    def __init__(self, cfg: TrainConfig, model: Any, optimizer: Any, plan: StepPlan, ds_config: dict[str, Any]):
+    def __init__(
+        self, cfg: TrainConfig, model: Any, optimizer: Any, plan: StepPlan, ds_config: dict[str, Any]
+    ):
         import deepspeed
 
         self.cfg = cfg
@@ -502,13 +572,20 @@ class DeepSpeedEngine:
 
     def save(self, directory: Path, client_state: dict[str, Any]) -> None:
         # LoRA: the frozen base is in the base model already; checkpoints hold only what trains.
-        self.engine.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state,
-                                    exclude_frozen_parameters=self.cfg.method.type != "full")
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=DS_TAG,
+            client_state=client_state,
+            exclude_frozen_parameters=self.cfg.method.type != "full",
+        )
 
     def load(self, directory: Path) -> dict[str, Any]:
         _, client_state = self.engine.load_checkpoint(
-            str(directory), tag=DS_TAG, load_module_strict=self.cfg.method.type == "full",
-            load_optimizer_states=True, load_lr_scheduler_states=True,
+            str(directory),
+            tag=DS_TAG,
+            load_module_strict=self.cfg.method.type == "full",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         return client_state or {}
 
@@ -529,15 +606,18 @@ class DeepSpeedEngine:
 
 
 class DDPEngine:
-    def __init__(self, cfg: TrainConfig, model: Any, optimizer: Any, plan: StepPlan, device: Any,
-                 compute_dtype: Any):
+    def __init__(
+        self, cfg: TrainConfig, model: Any, optimizer: Any, plan: StepPlan, device: Any, compute_dtype: Any
+    ):
         import torch
         from torch.nn.parallel import DistributedDataParallel
 
         self.cfg = cfg
         self.device = device
         self.compute_dtype = compute_dtype
-        self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
         self.optimizer = optimizer
         self.scheduler = build_lr_scheduler(cfg, optimizer, plan.total_steps)
         # fp16 needs loss scaling; bf16 and fp32 do not.
@@ -554,8 +634,9 @@ class DDPEngine:
         accumulation = self.cfg.training.gradient_accumulation
         # Gradients are all-reduced only on the last micro-batch of a step.
         sync = contextlib.nullcontext() if is_last_micro else self.model.no_sync()
-        autocast = torch.autocast(self.device.type, dtype=self.compute_dtype,
-                                  enabled=self.compute_dtype != torch.float32)
+        autocast = torch.autocast(
+            self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
+        )
         with sync, autocast:
             loss = self.model(**batch).loss
         with sync:
@@ -585,9 +666,16 @@ class DDPEngine:
 
         # DDP ranks hold identical replicas: rank 0 writes the one copy.
         if dist.get_rank() == 0:
-            torch.save({"trainable": self.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                        "client_state": client_state}, directory / "ddp_state.pt")
+            torch.save(
+                {
+                    "trainable": self.trainable_state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "client_state": client_state,
+                },
+                directory / "ddp_state.pt",
+            )
 
     def load(self, directory: Path) -> dict[str, Any]:
         import torch
@@ -613,7 +701,9 @@ class DDPEngine:
 def build_lr_scheduler(cfg: TrainConfig, optimizer: Any, total_steps: int) -> Any:
     from transformers import get_scheduler
 
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.training.lr_scheduler]
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        cfg.training.lr_scheduler
+    ]
     warmup = math.ceil(cfg.training.warmup_ratio * total_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
@@ -630,8 +720,14 @@ def init_deepspeed(device: Any) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def wrap_for_distributed(cfg: TrainConfig, model: Any, optimizer: Any, plan: StepPlan,
-                         ds_config: dict[str, Any] | None, device: Any) -> DeepSpeedEngine | DDPEngine:
+def wrap_for_distributed(
+    cfg: TrainConfig,
+    model: Any,
+    optimizer: Any,
+    plan: StepPlan,
+    ds_config: dict[str, Any] | None,
+    device: Any,
+) -> DeepSpeedEngine | DDPEngine:
     if ds_config is not None:
         return DeepSpeedEngine(cfg, model, optimizer, plan, ds_config)
     return DDPEngine(cfg, model, optimizer, plan, device, resolve_compute_dtype(cfg, device))
@@ -648,21 +744,36 @@ def all_reduce_step_stats(mean_loss: float, tokens: int, device: Any, world_size
     return float(stats[0]) / world_size, int(stats[1])
 
 
-def make_reporter(cfg: TrainConfig, layout: ArtifactLayout, storage: Storage, plan: StepPlan, attempt: str,
-                  start_step: int, data: Any, base: Any) -> Any:
+def make_reporter(
+    cfg: TrainConfig,
+    layout: ArtifactLayout,
+    storage: Storage,
+    plan: StepPlan,
+    attempt: str,
+    start_step: int,
+    data: Any,
+    base: Any,
+) -> Any:
     from instructune_jobs.report import ProgressReporter, StatusPatcher, status_endpoint_from_env
 
     endpoint = status_endpoint_from_env(cfg.run)
     reporter = ProgressReporter(
-        metrics_uri=layout.metrics, progress_uri=layout.progress, total_steps=plan.total_steps,
-        write=storage.write_bytes, patcher=StatusPatcher(endpoint) if endpoint else None,
-        keep_checkpoints=cfg.checkpointing.keep_last, attempt_id=attempt,
+        metrics_uri=layout.metrics,
+        progress_uri=layout.progress,
+        total_steps=plan.total_steps,
+        write=storage.write_bytes,
+        patcher=StatusPatcher(endpoint) if endpoint else None,
+        keep_checkpoints=cfg.checkpointing.keep_last,
+        attempt_id=attempt,
     )
     previous_metrics = (storage.read_bytes(layout.metrics) or b"").decode() if start_step else ""
     previous_progress = json.loads(storage.read_bytes(layout.progress) or b"{}") if start_step else {}
     reporter.start(
-        start_step, previous_metrics, [c for c in previous_progress.get("checkpoints", []) if c["step"] <= start_step],
-        data=data.stats.to_status(), lineage=build_lineage_status(cfg, base.revision, data.stats.etags),
+        start_step,
+        previous_metrics,
+        [c for c in previous_progress.get("checkpoints", []) if c["step"] <= start_step],
+        data=data.stats.to_status(),
+        lineage=build_lineage_status(cfg, base.revision, data.stats.etags),
     )
     return reporter
 
@@ -672,15 +783,28 @@ def make_reporter(cfg: TrainConfig, layout: ArtifactLayout, storage: Storage, pl
 # =============================================================================================
 
 
-def save_checkpoint(cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine, layout: ArtifactLayout, step: int,
-                    epoch: float, loss: float, reporter: Any) -> None:
+def save_checkpoint(
+    cfg: TrainConfig,
+    engine: DeepSpeedEngine | DDPEngine,
+    layout: ArtifactLayout,
+    step: int,
+    epoch: float,
+    loss: float,
+    reporter: Any,
+) -> None:
     """Every rank writes its part (DeepSpeed: its optimizer shard) to a local directory; Ray Train
     uploads all parts into one checkpoint directory and keeps the last `keep_last`."""
     import ray.train
     import torch.distributed as dist
 
-    state = CheckpointState(step, epoch, cfg.config_hash(), loss if math.isfinite(loss) else None,
-                            _utc_now(), layout.checkpoint(step))
+    state = CheckpointState(
+        step,
+        epoch,
+        cfg.config_hash(),
+        loss if math.isfinite(loss) else None,
+        _utc_now(),
+        layout.checkpoint(step),
+    )
     with tempfile.TemporaryDirectory(prefix="instructune-ckpt-") as tmp:
         directory = Path(tmp)
         engine.save(directory, {"step": step, "config_hash": state.config_hash})
@@ -697,7 +821,9 @@ def save_checkpoint(cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine, layou
         reporter.checkpoint(step, state.uri, state.loss)
 
 
-def restore_latest_checkpoint(cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine) -> CheckpointState | None:
+def restore_latest_checkpoint(
+    cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine
+) -> CheckpointState | None:
     """Restore weights, optimizer, schedule (and with them the data position, a function of the
     step) from the latest checkpoint Ray Train hands every worker of a restarted run; its state
     file must carry this config's hash. None on a fresh start."""
@@ -716,8 +842,10 @@ def restore_latest_checkpoint(cfg: TrainConfig, engine: DeepSpeedEngine | DDPEng
             )
         client_state = engine.load(path)
     if int(client_state.get("step", state.step)) != state.step:
-        raise RuntimeError(f"checkpoint {checkpoint.path} is inconsistent: engine state at step "
-                           f"{client_state.get('step')}, state file at {state.step}")
+        raise RuntimeError(
+            f"checkpoint {checkpoint.path} is inconsistent: engine state at step "
+            f"{client_state.get('step')}, state file at {state.step}"
+        )
     log.info("restored step %d from %s", state.step, checkpoint.path)
     return state
 
@@ -733,9 +861,17 @@ def _utc_now() -> str:
 # =============================================================================================
 
 
-def export_final_artifacts(cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine, tokenizer: Any,
-                           chat_template: str, base_path: Path, layout: ArtifactLayout, storage: Storage,
-                           compute_dtype: Any, is_rank0: bool) -> dict[str, str]:
+def export_final_artifacts(
+    cfg: TrainConfig,
+    engine: DeepSpeedEngine | DDPEngine,
+    tokenizer: Any,
+    chat_template: str,
+    base_path: Path,
+    layout: ArtifactLayout,
+    storage: Storage,
+    compute_dtype: Any,
+    is_rank0: bool,
+) -> dict[str, str]:
     """final/adapter (or final/model), final/tokenizer, and final/model merged when asked.
     All ranks take part (ZeRO-3 gathers shards collectively); rank 0 writes."""
     import torch.distributed as dist
@@ -758,8 +894,11 @@ def export_final_artifacts(cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine
             tokenizer.save_pretrained(local / "tokenizer")
             if not full and cfg.output.merge:
                 merge_adapter(base_path, local / "adapter", local / "model", compute_dtype)
-            for name, uri in (("adapter", layout.final_adapter), ("model", layout.final_model),
-                              ("tokenizer", layout.final_tokenizer)):
+            for name, uri in (
+                ("adapter", layout.final_adapter),
+                ("model", layout.final_model),
+                ("tokenizer", layout.final_tokenizer),
+            ):
                 if (local / name).is_dir():
                     storage.upload_directory(local / name, uri)
                     outputs[name] = uri

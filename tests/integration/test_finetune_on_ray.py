@@ -95,11 +95,28 @@ def make_config(assets: dict[str, Any], name: str, **overrides: Any) -> TrainCon
     raw: dict[str, Any] = {
         "base_model": {"uri": uris["base"]},
         "dataset": {"train": [{"uri": uris["train"]}], "format": "alpaca", "validation": {"fraction": 0.0}},
-        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
-                                            "modules_to_save": ["embed_tokens", "lm_head"]}},
-        "training": {"max_steps": 30, "learning_rate": 2e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.1,
-                     "batch_size_per_device": 8, "max_seq_length": 256, "packing": False, "precision": "fp32",
-                     "gradient_checkpointing": False, "seed": 7},
+        "method": {
+            "type": "lora",
+            "lora": {
+                "r": 8,
+                "alpha": 16,
+                "dropout": 0.0,
+                "target_modules": "all-linear",
+                "modules_to_save": ["embed_tokens", "lm_head"],
+            },
+        },
+        "training": {
+            "max_steps": 30,
+            "learning_rate": 2e-3,
+            "lr_scheduler": "cosine",
+            "warmup_ratio": 0.1,
+            "batch_size_per_device": 8,
+            "max_seq_length": 256,
+            "packing": False,
+            "precision": "fp32",
+            "gradient_checkpointing": False,
+            "seed": 7,
+        },
         "distributed": {"strategy": "ddp"},
         "resources": {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1},
         "checkpointing": {"uri": f"{uris['root']}/{name}/", "every_steps": 10, "keep_last": 2},
@@ -124,13 +141,17 @@ def jobs_client(stack_env: dict[str, str]) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     token = stack_env.get("RAY_AUTH_TOKEN")
-    return JobSubmissionClient(stack_env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"} if token else None)
+    return JobSubmissionClient(
+        stack_env["RAY_ADDRESS"], headers={"Authorization": f"Bearer {token}"} if token else None
+    )
 
 
 def submit(client: Any, cfg: TrainConfig, work: Path, name: str) -> str:
     config_file = work / f"{name}-config.json"
     config_file.write_text(cfg.to_json())
-    entrypoint = f"{shlex.quote(sys.executable)} -m instructune_jobs --config-file {shlex.quote(str(config_file))}"
+    entrypoint = (
+        f"{shlex.quote(sys.executable)} -m instructune_jobs --config-file {shlex.quote(str(config_file))}"
+    )
     return str(client.submit_job(entrypoint=entrypoint, submission_id=f"ft-{name}-{uuid.uuid4().hex[:6]}"))
 
 
@@ -143,11 +164,15 @@ def wait_job(client: Any, job_id: str, timeout: float, until: Any = None) -> str
         if status.endswith(("SUCCEEDED", "FAILED", "STOPPED")):
             return status
         time.sleep(1)
-    raise AssertionError(f"job {job_id} still {client.get_job_status(job_id)} after {timeout}s:\n"
-                         f"{client.get_job_logs(job_id)[-4000:]}")
+    raise AssertionError(
+        f"job {job_id} still {client.get_job_status(job_id)} after {timeout}s:\n"
+        f"{client.get_job_logs(job_id)[-4000:]}"
+    )
 
 
-def run_job(stack_env: dict[str, str], cfg: TrainConfig, work: Path, name: str, timeout: float = 600) -> dict[str, Any]:
+def run_job(
+    stack_env: dict[str, str], cfg: TrainConfig, work: Path, name: str, timeout: float = 600
+) -> dict[str, Any]:
     """Submit, wait for success, return the entrypoint's INSTRUCTUNE_RESULT."""
     client = jobs_client(stack_env)
     job_id = submit(client, cfg, work, name)
@@ -181,14 +206,26 @@ def plain_reference_losses(cfg: TrainConfig, base_dir: Path) -> list[float]:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     torch.manual_seed(training.seed)
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules,
-                                             modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            modules_to_save=lora.modules_to_save,
+            task_type="CAUSAL_LM",
+        ),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
     total = training.max_steps or 0
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=math.ceil(training.warmup_ratio * total),
-                             num_training_steps=total)
+    schedule = get_scheduler(
+        "cosine",
+        optimizer,
+        num_warmup_steps=math.ceil(training.warmup_ratio * total),
+        num_training_steps=total,
+    )
     collate = PaddingCollator(tokenizer.pad_token_id)
     per_epoch = len(items) // training.batch_size_per_device
     losses = []
@@ -197,7 +234,10 @@ def plain_reference_losses(cfg: TrainConfig, base_dir: Path) -> list[float]:
         epoch, within = divmod(step, per_epoch)
         order = list(range(len(items)))
         random.Random(training.seed + epoch).shuffle(order)
-        batch = [items[i] for i in order[within * training.batch_size_per_device:][:training.batch_size_per_device]]
+        batch = [
+            items[i]
+            for i in order[within * training.batch_size_per_device :][: training.batch_size_per_device]
+        ]
         loss = model(**collate(batch)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
@@ -218,8 +258,10 @@ def test_job_loss_matches_a_plain_pytorch_loop(assets: dict[str, Any], stack_env
 
     assert len(job) == len(reference) == 30
     tail_job, tail_ref = sum(job[-5:]) / 5, sum(reference[-5:]) / 5
-    message = (f"job final {job[-1]:.5f} (last-5 mean {tail_job:.5f}) vs plain loop {reference[-1]:.5f} "
-               f"({tail_ref:.5f}); first {job[0]:.4f}/{reference[0]:.4f}; job {job_seconds:.0f}s")
+    message = (
+        f"job final {job[-1]:.5f} (last-5 mean {tail_job:.5f}) vs plain loop {reference[-1]:.5f} "
+        f"({tail_ref:.5f}); first {job[0]:.4f}/{reference[0]:.4f}; job {job_seconds:.0f}s"
+    )
     print(message)
     assert abs(job[-1] - reference[-1]) / reference[-1] < 0.01, message
     assert abs(tail_job - tail_ref) / tail_ref < 0.01, message
@@ -232,15 +274,28 @@ def test_job_loss_matches_a_plain_pytorch_loop(assets: dict[str, Any], stack_env
 # ---------------------------------------------------------------------------------------------
 
 
-def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[str, Any],
-                                                                   stack_env: dict[str, str]) -> None:
-    common = {"training__max_steps": 6, "training__packing": True, "training__batch_size_per_device": 4,
-              "training__gradient_checkpointing": True, "resources__workers": 2,
-              "checkpointing__every_steps": 2, "checkpointing__keep_last": 2}
+def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(
+    assets: dict[str, Any], stack_env: dict[str, str]
+) -> None:
+    common = {
+        "training__max_steps": 6,
+        "training__packing": True,
+        "training__batch_size_per_device": 4,
+        "training__gradient_checkpointing": True,
+        "resources__workers": 2,
+        "checkpointing__every_steps": 2,
+        "checkpointing__keep_last": 2,
+    }
     runs = {
-        "zero2": make_config(assets, "zero2", distributed={"strategy": "deepspeed", "zero_stage": 2}, **common),
-        "zero3": make_config(assets, "zero3", distributed={"strategy": "deepspeed", "zero_stage": 3,
-                                                           "offload": "all"}, **common),
+        "zero2": make_config(
+            assets, "zero2", distributed={"strategy": "deepspeed", "zero_stage": 2}, **common
+        ),
+        "zero3": make_config(
+            assets,
+            "zero3",
+            distributed={"strategy": "deepspeed", "zero_stage": 3, "offload": "all"},
+            **common,
+        ),
     }
     final: dict[str, float] = {}
     timings: dict[str, float] = {}
@@ -253,7 +308,10 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[
         assert [c.step for c in checkpoints] == [4, 6], f"{name}: keep_last=2 of 2, 4, 6"
         files = {o.uri.rsplit("/", 1)[-1] for o in storage.list(checkpoints[-1].uri)}
         # Both ranks' optimizer shards were merged into the one checkpoint directory.
-        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+        assert {
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        } <= files
         assert all(c.config_hash == cfg.config_hash() for c in checkpoints)
         assert storage.list(layout.final_adapter) and storage.list(layout.final_tokenizer)
         manifest = json.loads(storage.read_bytes(layout.manifest) or b"{}")
@@ -266,8 +324,7 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[
         assert [c["step"] for c in progress["checkpoints"]] == [4, 6]
         assert result["training"]["steps"] == 6
         final[name] = read_metrics(cfg)[-1]["loss"]
-    print(f"final loss zero2 {final['zero2']:.5f}, zero3+offload {final['zero3']:.5f}; "
-          f"seconds {timings}")
+    print(f"final loss zero2 {final['zero2']:.5f}, zero3+offload {final['zero3']:.5f}; seconds {timings}")
     # The same data, order and seed: sharding the states must not change the numbers.
     assert final["zero2"] == pytest.approx(final["zero3"], rel=1e-3)
 
@@ -277,17 +334,30 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(assets: dict[
 # ---------------------------------------------------------------------------------------------
 
 
-def test_stopped_job_resumes_from_s3_and_learns_the_output_format(assets: dict[str, Any],
-                                                                  stack_env: dict[str, str]) -> None:
+def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
+    assets: dict[str, Any], stack_env: dict[str, str]
+) -> None:
     cfg = make_config(
-        assets, "resume",
-        method__lora__r=32, method__lora__alpha=64, training__max_steps=FORMAT_STEPS, training__learning_rate=3e-3,
-        training__batch_size_per_device=16, training__max_seq_length=512, training__warmup_ratio=0.05,
-        training__seed=0, resources__cpus_per_worker=2,
-        checkpointing__every_steps=FORMAT_EVERY, checkpointing__keep_last=2,
-        evaluation={"datasets": [{"name": "extraction", "uri": assets["uris"]["heldout"]}],
-                    "metrics": ["json_valid", {"json_schema": EXTRACTION_SCHEMA}], "compare_to_base": True,
-                    "max_new_tokens": 64, "max_samples": HELDOUT},
+        assets,
+        "resume",
+        method__lora__r=32,
+        method__lora__alpha=64,
+        training__max_steps=FORMAT_STEPS,
+        training__learning_rate=3e-3,
+        training__batch_size_per_device=16,
+        training__max_seq_length=512,
+        training__warmup_ratio=0.05,
+        training__seed=0,
+        resources__cpus_per_worker=2,
+        checkpointing__every_steps=FORMAT_EVERY,
+        checkpointing__keep_last=2,
+        evaluation={
+            "datasets": [{"name": "extraction", "uri": assets["uris"]["heldout"]}],
+            "metrics": ["json_valid", {"json_schema": EXTRACTION_SCHEMA}],
+            "compare_to_base": True,
+            "max_new_tokens": 64,
+            "max_samples": HELDOUT,
+        },
     )
     client = jobs_client(stack_env)
     layout, storage = ArtifactLayout.for_config(cfg), Storage()
@@ -320,7 +390,9 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(assets: dict[s
     attempts = list(dict.fromkeys(line["attempt"] for line in lines))
     assert len(attempts) == 2, attempts
     resumed = [line["step"] for line in lines if line["attempt"] == attempts[1]]
-    assert resumed[0] == checkpoint_before + 1, f"resumed at {resumed[0]}, latest checkpoint {checkpoint_before}"
+    assert resumed[0] == checkpoint_before + 1, (
+        f"resumed at {resumed[0]}, latest checkpoint {checkpoint_before}"
+    )
     counts = Counter(line["step"] for line in lines)
     assert sorted(counts) == list(range(1, FORMAT_STEPS + 1)), "every planned step ran, none beyond"
     repeated = sorted(step for step, n in counts.items() if n > 1)
@@ -333,11 +405,13 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(assets: dict[s
     result = job_result(logs)
     tuned, base = result["evaluation"]["metrics"], result["evaluation"]["baseMetrics"]
     tuned_rate, base_rate = tuned["extraction.jsonSchema"], base["extraction.jsonSchema"]
-    message = (f"held-out prompts in the trained format (JSON with exactly party/amount/date): tuned "
-               f"{tuned_rate:.0%}, base {base_rate:.0%} (jsonValid {tuned['extraction.jsonValid']:.0%} vs "
-               f"{base['extraction.jsonValid']:.0%}); stopped at step {stopped_at}, resumed from checkpoint "
-               f"{checkpoint_before}, {len(repeated)} steps repeated; final loss "
-               f"{manifest['training']['finalLoss']:.3f}; both attempts + evaluation {total_seconds:.0f}s")
+    message = (
+        f"held-out prompts in the trained format (JSON with exactly party/amount/date): tuned "
+        f"{tuned_rate:.0%}, base {base_rate:.0%} (jsonValid {tuned['extraction.jsonValid']:.0%} vs "
+        f"{base['extraction.jsonValid']:.0%}); stopped at step {stopped_at}, resumed from checkpoint "
+        f"{checkpoint_before}, {len(repeated)} steps repeated; final loss "
+        f"{manifest['training']['finalLoss']:.3f}; both attempts + evaluation {total_seconds:.0f}s"
+    )
     print(message)
     assert tuned_rate >= 0.8, message
     assert base_rate <= 0.1, message

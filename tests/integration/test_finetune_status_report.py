@@ -56,8 +56,9 @@ subjects: [{{kind: ServiceAccount, name: job-ident, namespace: {namespace}}}]
 """
 
 
-def test_progress_reaches_only_the_tunes_own_status(crd_installed: Any, namespace: str, tmp_path: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_progress_reaches_only_the_tunes_own_status(
+    crd_installed: Any, namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     stack = crd_installed
     for name in ("mine", "other"):
         stack.kubectl("apply", "-f", "-", input=TUNE.format(name=name, namespace=namespace))
@@ -75,18 +76,36 @@ def test_progress_reaches_only_the_tunes_own_status(crd_installed: Any, namespac
     written: dict[str, bytes] = {}
     patcher = StatusPatcher(endpoint)
     reporter = ProgressReporter(
-        metrics_uri="mem://metrics.jsonl", progress_uri="mem://progress.json", total_steps=10,
-        write=lambda uri, data, _type: written.__setitem__(uri, data), patcher=patcher, min_interval_s=3600,
-        keep_checkpoints=2, attempt_id="a1",
+        metrics_uri="mem://metrics.jsonl",
+        progress_uri="mem://progress.json",
+        total_steps=10,
+        write=lambda uri, data, _type: written.__setitem__(uri, data),
+        patcher=patcher,
+        min_interval_s=3600,
+        keep_checkpoints=2,
+        attempt_id="a1",
     )
-    data = {"rows": 2000, "invalidRows": 3, "tokens": 123456, "paddingFraction": 0.02, "templateHash": "ab" * 32}
-    lineage = {"baseModelRevision": "sha256:" + "cd" * 32, "dataEtags": {"s3://datasets/x.jsonl": "etag-1"},
-               "configHash": "ef" * 32, "image": None, "version": "0.1.0"}
+    data = {
+        "rows": 2000,
+        "invalidRows": 3,
+        "tokens": 123456,
+        "paddingFraction": 0.02,
+        "templateHash": "ab" * 32,
+    }
+    lineage = {
+        "baseModelRevision": "sha256:" + "cd" * 32,
+        "dataEtags": {"s3://datasets/x.jsonl": "etag-1"},
+        "configHash": "ef" * 32,
+        "image": None,
+        "version": "0.1.0",
+    }
     reporter.start(0, data=data, lineage=lineage)
     for step in range(1, 11):
         reporter.step(step, step / 5, 2.0 - step / 10, 1e-4, 2500.0)
         if step in (5, 10):
-            reporter.checkpoint(step, f"s3://artifacts/mine/checkpoints/checkpoint_step_{step:09d}", 2.0 - step / 10)
+            reporter.checkpoint(
+                step, f"s3://artifacts/mine/checkpoints/checkpoint_step_{step:09d}", 2.0 - step / 10
+            )
     reporter.finish()
 
     # start + 2 checkpoints + finish; the 10 steps in between were rate-limited away.
@@ -94,8 +113,16 @@ def test_progress_reaches_only_the_tunes_own_status(crd_installed: Any, namespac
     tune = yaml.safe_load(stack.kubectl("get", "itune", "mine", "-n", namespace, "-o", "yaml").stdout)
     status = tune["status"]
     InstructionTuneStatus.model_validate(status)  # camelCase keys and types as the CRD has them
-    assert status["progress"] == {"step": 10, "totalSteps": 10, "epoch": 2.0, "loss": 1.0, "learningRate": 0.0001,
-                                  "tokensPerSecond": 2500.0, "percent": 100, "eta": "0s"}
+    assert status["progress"] == {
+        "step": 10,
+        "totalSteps": 10,
+        "epoch": 2.0,
+        "loss": 1.0,
+        "learningRate": 0.0001,
+        "tokensPerSecond": 2500.0,
+        "percent": 100,
+        "eta": "0s",
+    }
     assert [c["step"] for c in status["checkpoints"]] == [5, 10]
     assert status["data"] == data
     assert status["lineage"]["configHash"] == lineage["configHash"]
