@@ -18,6 +18,8 @@ stack-up: stack-build venv
 	@$(PY) hack/localstack.py up --dir $(STACK_DIR)
 
 stack-down:
+	@# The demo's operator first (its process group), then every process of the stack.
+	@if [ -f $(STACK_DIR)/operator.pid ]; then kill -TERM -- -$$(cat $(STACK_DIR)/operator.pid) 2>/dev/null || true; rm -f $(STACK_DIR)/operator.pid; fi
 	@python3 hack/localstack.py down --dir $(STACK_DIR)
 
 crds: venv
