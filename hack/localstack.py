@@ -816,7 +816,8 @@ def _up(
          "--object-manager-port", str(ports["ray_object_manager"]),
          "--metrics-export-port", str(ports["ray_metrics"]),
          "--runtime-env-agent-port", str(ports["ray_runtime_env_agent"]),
-         "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(1 << 30),
+         # Logical CPUs: two training workers, an evaluation task and a Serve replica fit at once.
+         "--num-cpus", "4", "--num-gpus", "0", "--object-store-memory", str(1 << 30),
          "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
         # Ray 2.60 enables token authentication by default; the token is ours, not ~/.ray/auth_token.
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's switch that keeps `--node-ip-address 127.0.0.1`

@@ -25,6 +25,7 @@ the driver and the worker both refuse a checkpoint written by another configurat
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -86,6 +87,8 @@ def check_supported(cfg: TrainConfig, cuda_available: bool) -> None:
             "qlora needs CUDA GPUs (bitsandbytes 4-bit kernels): set resources.gpusPerWorker > 0 on a GPU "
             "pool, or use method lora/full on CPU"
         )
+    if cfg.method.type == "qlora" and cuda_available and importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedSetupError("qlora needs the bitsandbytes package in the training image")
     if (
         cfg.distributed.strategy == "deepspeed"
         and cfg.distributed.offload == "all"
@@ -144,7 +147,9 @@ def run_training(
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.keep_last),
             # A failed worker fails the attempt; the operator retries it from the latest checkpoint.
-            failure_config=FailureConfig(max_failures=0),
+            # Retries belong to the operator (backoffLimit, from the latest checkpoint): fail at once,
+            # also when the worker group cannot start (Ray's default retries that forever).
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),  # type: ignore[call-arg]  # Train V2
         ),
     )
     trainer.fit()

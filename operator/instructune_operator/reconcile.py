@@ -202,6 +202,14 @@ def release_tune(body: dict[str, Any], clients: Clients) -> None:
             clients.ray(ray_address(clients.settings, meta["namespace"], meta["name"])).stop(job_id)
         except Exception as err:  # the cluster may already be gone with the job
             log.info("could not stop Ray job %s on delete: %s", job_id, err)
+    spec, _ = validate_spec(dict(body.get("spec") or {}), clients.settings)
+    if spec is not None:
+        from instructune_operator.serving import delete_serving
+
+        try:
+            delete_serving(clients, body, spec)
+        except Exception as err:  # the Ray cluster may be gone, and the app with it
+            log.info("could not remove the Ray Serve application on delete: %s", err)
     if clients.settings.local_job_identity_dir:
         Path(clients.settings.local_job_identity_dir, f"{meta['namespace']}.{meta['name']}.token").unlink(
             missing_ok=True

@@ -102,3 +102,23 @@ def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTun
     if st.get("updatedReplicas", 0) < deployment["spec"].get("replicas", 1):
         return 0
     return int(st.get("availableReplicas") or 0)
+
+
+def delete_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> None:
+    """Removes a Ray Serve application this tune rolled out (vLLM objects go by owner reference)."""
+    if not spec.serving.enabled or spec.serving.runtime != "ray-serve":
+        return
+    from instructune_operator.reconcile import ray_address
+
+    meta = body["metadata"]
+    name = serving_name(meta["name"], spec.serving.target)
+    serving = (body.get("status") or {}).get("serving") or {}
+    if not serving.get("endpoint"):
+        return  # never rolled out
+    ray = clients.ray(ray_address(clients.settings, meta["namespace"], meta["name"]))
+    ray.submit(
+        f"serve-delete-{meta['namespace']}-{name}-{meta['uid'][:8]}",
+        f"python -m instructune_jobs.serve --delete --name {shlex.quote(name)}",
+        env_vars={},
+        metadata={"tune": f"{meta['namespace']}/{meta['name']}", "serving": name},
+    )

@@ -139,6 +139,14 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     answer = json.loads(response.json()["choices"][0]["message"]["content"])
     assert sorted(answer) == ["amount", "date", "party"]
 
+    # Deleting the tune removes its serving (and frees the shared Ray head for the next test).
+    stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
+    wait_for(
+        lambda: httpx.get(f"{serving['endpoint']}/models", timeout=5).status_code == 404,
+        120,
+        "the Serve application to be removed",
+    )
+
 
 def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_reason(
     crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
