@@ -65,7 +65,7 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     initial_delay=SETTINGS.reconcile_interval_seconds,
 )
 def reconcile_periodically(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _write(reconcile_tune(dict(body), clients()), body, patch)
+    _write(reconcile_tune(dict(body), clients(), periodic=True), body, patch)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="release")

@@ -50,7 +50,8 @@ class Settings(_Model):
     # ServiceAccount token as a file here instead of a projected volume.
     local_job_identity_dir: str | None = None
     namespaces: list[str] = Field(default_factory=list, description="Watched namespaces; empty means all.")
-    reconcile_interval_seconds: float = Field(default=3.0, gt=0)
+    # The timer follows jobs and pods; changes of the tune itself arrive by watch at once.
+    reconcile_interval_seconds: float = Field(default=10.0, gt=0)
     # Port of Ray Serve's HTTP proxy for runtime ray-serve (the embedded local serving).
     ray_serve_http_port: int = 8000
     delete_cluster_after_finish: bool = True

@@ -279,7 +279,7 @@ def test_settings_change_rolls_the_operator(helm: Path, default_docs: list[dict[
     def checksum(docs: list[dict[str, Any]]) -> str:
         return one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/settings"]
 
-    assert checksum(default_docs) != checksum(render(helm, "--set", "settings.reconcileIntervalSeconds=10"))
+    assert checksum(default_docs) != checksum(render(helm, "--set", "settings.reconcileIntervalSeconds=30"))
 
 
 def test_namespaced_mode_renders_roles_per_namespace(helm: Path) -> None:
