@@ -14,8 +14,9 @@ Reports (one JSON object on stdout; progress on stderr):
   settled       apply -> status.observedGeneration, and first create -> last tune settled
   memory        operator RSS after start-up, peak (VmHWM) and at the end
   api_requests  kube-apiserver /metrics apiserver_request_total deltas per tune, by resource and verb,
-                from just before the first create until every tune settled (the bench's own creates
-                and watches subtracted), then a steady-state window (timer passes) per tune per minute
+                from just before the first create until every tune settled and KubeRay created every
+                pod (the bench's own creates and watches subtracted), then a steady-state window
+                (the operator's timer passes) per tune per minute
   machine       nproc, load average before/after, pinned stack versions
 
 Run:  python bench/bench_operator_scale.py [--tunes 500] [--rate 10]     (--tunes 50: quick smoke)
@@ -55,7 +56,9 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "hack"))
+# This clone's operator, whatever clone the shared venv's editable install points at.
+SOURCES = [str(ROOT / "operator"), str(ROOT / "jobs")]
+sys.path[:0] = [str(ROOT / "hack"), *SOURCES]
 
 import localstack  # noqa: E402
 from demo import operator_env  # noqa: E402
@@ -146,6 +149,13 @@ class Watcher(threading.Thread):
         self.connected = threading.Event()
         self.closed_at: list[float] = []  # monotonic times at which one of our WATCH requests ended
         self.errors: list[str] = []
+        self.resp: Any = None
+
+    def close(self) -> None:
+        """Ends the watch now (its connection too: the API server need not wait for it at shutdown)."""
+        self.stop.set()
+        with contextlib.suppress(Exception):
+            self.resp.shutdown()
 
     def run(self) -> None:
         rv: str | None = None
@@ -155,6 +165,7 @@ class Watcher(threading.Thread):
                     watch=True, allow_watch_bookmarks=True, timeout_seconds=WATCH_TIMEOUT_S,
                     resource_version=rv, _preload_content=False,
                 )  # fmt: skip
+                self.resp = resp
                 self.connected.set()
                 try:
                     for line in iter_resp_lines(resp):
@@ -370,6 +381,7 @@ def run(
 
     settings_path = state_dir / "bench-settings.yaml"
     settings = bench_settings(settings_path, args.workers, args.reconcile_interval)
+    from instructune_operator.naming import ray_cluster_name
     from instructune_operator.settings import load_settings
 
     effective = load_settings(str(settings_path), {})
@@ -390,6 +402,7 @@ def run(
         **operator_env(env, state_dir),
         "INSTRUCTUNE_SETTINGS": str(settings_path),
         "INSTRUCTUNE_NAMESPACES": args.namespace,
+        "PYTHONPATH": os.pathsep.join([*SOURCES, *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
     operator_cmd = (
         shlex.split(args.operator_cmd)
@@ -433,7 +446,7 @@ def run(
     phases: dict[str, str] = {}
     job_ids: set[str] = set()
     pods_seen: dict[str, float] = {}
-    cluster_of = {f"bench-{i:04d}-ray": f"bench-{i:04d}" for i in range(n)}
+    cluster_of = {ray_cluster_name(f"bench-{i:04d}"): f"bench-{i:04d}" for i in range(n)}
 
     def on_cluster(kind: str, obj: dict[str, Any], now: float) -> None:
         tune = cluster_of.get(obj["metadata"]["name"])
@@ -469,10 +482,7 @@ def run(
         if not w.connected.wait(30):
             raise RuntimeError(f"could not watch {w.plural}")
 
-        def stop_watch(w: Watcher = w) -> None:
-            w.stop.set()
-
-        cleanup.append(stop_watch)
+        cleanup.append(w.close)
 
     # Background: what the stack does with the operator idle (leases, controllers, KubeRay).
     m_idle = scrape(api_url, ctx)
@@ -497,37 +507,46 @@ def run(
         created[name] = time.monotonic()
 
     log(f"creating {n} tunes at {args.rate}/s ...")
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="create") as pool:
-        for i in range(n):
-            delay = t0 + i / args.rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            pool.submit(create, f"bench-{i:04d}")
-    t_created = time.monotonic()
-    log(f"created {len(created)} in {t_created - t0:.1f}s; waiting for RayClusters and status ...")
-
-    deadline, last_log = time.monotonic() + args.timeout, 0.0
+    expected_pods = n * (1 + args.workers)
+    interrupted: str | None = None
     timed_out = False
+    t_created: float | None = None
     t_settled: float | None = None
-    while True:
-        with lock:
-            done_rc = sum(1 for k in created if k in rc_seen)
-            done_st = sum(1 for k in created if k in settled)
-            done_pods = len(pods_seen)
-        if done_rc >= len(created) and done_st >= len(created) and t_settled is None:
-            t_settled = time.monotonic()
-        if t_settled is not None and done_pods >= len(created) * (1 + args.workers):
-            break
-        if operator.poll() is not None:
-            raise RuntimeError(f"the operator exited with {operator.returncode}; see {op_log}")
-        if time.monotonic() > deadline:
-            timed_out = True
-            break
-        if time.monotonic() - last_log > 10:
-            last_log = time.monotonic()
-            log(f"  {done_rc}/{len(created)} RayClusters, {done_st} settled, {done_pods} pods, load {loadavg()}, "
-                f"operator RSS {mb(proc_status(operator.pid).get('VmRSS'))} MB")  # fmt: skip
-        time.sleep(0.2)
+    try:
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="create") as pool:
+            for i in range(n):
+                delay = t0 + i / args.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                pool.submit(create, f"bench-{i:04d}")
+        t_created = time.monotonic()
+        log(f"created {len(created)} in {t_created - t0:.1f}s; waiting for RayClusters and status ...")
+        deadline, last_log = time.monotonic() + args.timeout, 0.0
+        while True:
+            with lock:
+                done_rc = sum(1 for k in created if k in rc_seen)
+                done_st = sum(1 for k in created if k in settled)
+                done_pods = len(pods_seen)
+            now = time.monotonic()
+            if done_rc >= len(created) and done_st >= len(created) and t_settled is None:
+                t_settled = now
+                log(f"every tune settled after {now - t0:.1f}s; waiting for KubeRay's pods ...")
+            if t_settled is not None and (done_pods >= expected_pods or now - t_settled > args.kuberay_wait):
+                break
+            if operator.poll() is not None:
+                raise RuntimeError(f"the operator exited with {operator.returncode}; see {op_log}")
+            if now > deadline:
+                timed_out = True
+                break
+            if now - last_log > 10:
+                last_log = now
+                log(f"  {done_rc}/{len(created)} RayClusters, {done_st} settled, {done_pods} pods, load {loadavg()}, "
+                    f"operator RSS {mb(proc_status(operator.pid).get('VmRSS'))} MB")  # fmt: skip
+            time.sleep(0.2)
+    except (KeyboardInterrupt, SystemExit) as err:
+        interrupted = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else f"exit {err.code}"
+        log(f"interrupted ({interrupted}): reporting what was measured so far (Ctrl-C again aborts)")
+        result["interrupted"] = interrupted
     t1 = time.monotonic()
     m1 = scrape(api_url, ctx)
     cpu1 = proc_cpu_s(operator.pid)
@@ -544,8 +563,9 @@ def run(
         own += take_watches(creation_delta - own, plural, count)
     creation_delta.subtract(own)
 
-    log(f"settled after {t1 - t0:.1f}s; steady state for {args.steady_seconds:.0f}s ...")
-    time.sleep(args.steady_seconds)
+    if not interrupted:
+        log(f"window closed after {t1 - t0:.1f}s; steady state for {args.steady_seconds:.0f}s ...")
+        time.sleep(args.steady_seconds)
     m2 = scrape(api_url, ctx)
     t2 = time.monotonic()
     cpu2 = proc_cpu_s(operator.pid)
@@ -593,7 +613,8 @@ def run(
             "kuberay_all_pods_after_first_create_s": round(max(pods_seen.values()) - t0, 2)
             if pods_seen
             else None,
-            "creating_took_s": round(t_created - t0, 2),
+            "creating_took_s": round(t_created - t0, 2) if t_created else None,
+            "kuberay_pods_in_window": f"{len(pods_seen)}/{expected_pods}",
             "phases_at_end": dict(Counter(phases.values())),
             "tunes_with_job_submitted": len(job_ids),
             "pending_pods_at_end": pending_pods,
@@ -628,7 +649,9 @@ def run(
                     "GETs, pod LISTs); its core Events are operator_events_per_tune"
                 ),
             },
-            "steady_state_requests_per_tune_per_min": {
+            "steady_state_requests_per_tune_per_min": None
+            if interrupted
+            else {
                 "window_s": round(t2 - t1, 1),
                 "all_components_per_s": steady_total_per_s,
                 **steady,
@@ -652,9 +675,10 @@ def run(
                 )
     p99 = result["latency_apply_to_raycluster_s"].get("p99")
     peak = result["operator"]["rss_peak_mb_vmhwm"]
-    result["goal"] = {
-        "p99_apply_to_raycluster_under_2s": p99 is not None and p99 < 2.0 and not timed_out,
-        "operator_peak_rss_under_150mb": peak is not None and peak < 150,
+    complete = not timed_out and not interrupted and len(rc_seen) == n
+    result["goal"] = {  # None: the run did not get through all N tunes
+        "p99_apply_to_raycluster_under_2s": (p99 is not None and p99 < 2.0) if complete else None,
+        "operator_peak_rss_under_150mb": (peak is not None and peak < 150) if complete else None,
     }
 
 
@@ -681,6 +705,10 @@ def main() -> int:
         help="operator settings reconcileIntervalSeconds (default: the operator's)",
     )
     parser.add_argument(
+        "--kuberay-wait", type=float, default=300,
+        help="after every tune settled, seconds to wait at most for KubeRay to create every pod",
+    )  # fmt: skip
+    parser.add_argument(
         "--operator-cmd",
         help="command that runs the operator, e.g. under a profiler (default: this python -m instructune_operator)",
     )
@@ -701,7 +729,7 @@ def main() -> int:
     try:
         run(args, state_dir, result, cleanup)
     except KeyboardInterrupt:
-        result["interrupted"] = True
+        result["interrupted"] = "Ctrl-C"
         rc = 130
     except SystemExit as e:
         result["interrupted"] = f"exit {e.code}"
@@ -712,6 +740,8 @@ def main() -> int:
     finally:
         # Ctrl-C during cleanup must not leave the stack running: ignore it until down is done.
         old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if cleanup:
+            log("stopping the operator and the stack ...")
         for step in reversed(cleanup):
             try:
                 step()
@@ -724,7 +754,7 @@ def main() -> int:
             shutil.rmtree(state_dir, ignore_errors=True)
         signal.signal(signal.SIGINT, old)
     print(json.dumps(result, indent=1))
-    return rc
+    return rc or (130 if result.get("interrupted") else 0)
 
 
 if __name__ == "__main__":
