@@ -36,6 +36,13 @@ def _clusters(stack: Any, ns: str) -> list[str]:
     return stack.kubectl("get", "rayclusters", "-n", ns, "-o", "name").stdout.split()
 
 
+def _gone(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 404
+    except httpx.HTTPError:
+        return True  # nothing listens any more
+
+
 def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
@@ -142,8 +149,8 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     # Deleting the tune removes its serving (and frees the shared Ray head for the next test).
     stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
     wait_for(
-        lambda: httpx.get(f"{serving['endpoint']}/models", timeout=5).status_code == 404,
-        120,
+        lambda: _gone(f"{serving['endpoint']}/models"),
+        180,
         "the Serve application to be removed",
     )
 
