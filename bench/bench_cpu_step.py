@@ -1,20 +1,21 @@
 """CPU training throughput of the instructune recipe vs a plain Hugging Face Trainer.
 
-Same run, same tiny random Llama (built offline), same LoRA settings, same rows (alpaca- and
+Same process, same tiny random Llama (built offline), same LoRA settings, same rows (alpaca- and
 dolly-shaped, with those sets' length mix), same batch size and threads:
 
-- instructune_packed: the recipe as it runs in production (Ray Train worker, DDP, best-fit
-  packing with a block-diagonal mask), its tokens/s read from the run's own metrics.jsonl;
-- instructune_padded: the same recipe with packing off (dynamic padding per batch);
+- instructune_packed: the recipe's step as a Ray Train worker runs it (finetune.build_model,
+  the DDP engine on a one-process gloo group, the step plan and collator: best-fit packing with
+  a block-diagonal mask). Ray only starts that process, so it is left out here;
+- instructune_padded: the same with packing off (dynamic padding per batch);
 - hf_trainer_padded: transformers.Trainer + PEFT with DataCollatorForSeq2Seq (dynamic padding),
-  timed by a callback around the same number of steps.
+  timed by a callback around each step (its data loading falls outside that window).
 
-Tokens are real (non-padding) tokens, so packing's gain shows up as throughput. The first
-`--warmup` steps are excluded from every measurement. Prints one JSON document.
+Tokens are real (non-padding) tokens, so packing's gain shows up as throughput. Shared machines
+make single measurements noisy, so the contenders run interleaved for --rounds rounds; each
+round reports the median tokens/s of its measured steps (after --warmup), and the summary takes
+each contender's best round. Prints one JSON document.
 
-    python bench/bench_cpu_step.py [--steps 30] [--warmup 5] [--batch 4] [--threads 2] [--seq 1024]
-
-Uses a local Ray instance unless RAY_ADDRESS names a cluster; needs no S3 (local files).
+    python bench/bench_cpu_step.py [--steps 8] [--warmup 2] [--rounds 3] [--batch 4] [--seq 512] [--threads 2]
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ def write_rows(work: Path, rows_count: int) -> list[str]:
     from instructune_jobs.synthetic import length_mix_rows, rows_to_bytes
 
     rows = length_mix_rows(rows_count, seed=0)
-    alpaca, dolly = rows[0::2], rows[1::2]
     uris = []
-    for name, part in (("alpaca.jsonl", alpaca), ("dolly.jsonl", dolly)):
+    for name, part in (("alpaca.jsonl", rows[0::2]), ("dolly.jsonl", rows[1::2])):
         (work / name).write_bytes(rows_to_bytes(part, name))
         uris.append(str(work / name))
     return uris
 
 
-def make_config(model_dir: Path, data: list[str], root: Path, args: argparse.Namespace, packing: bool) -> Any:
+def make_config(model_dir: Path, data: list[str], args: argparse.Namespace, packing: bool) -> Any:
     from instructune_jobs.config import TrainConfig
 
     return TrainConfig.model_validate(
@@ -71,55 +71,54 @@ def make_config(model_dir: Path, data: list[str], root: Path, args: argparse.Nam
             },
             "distributed": {"strategy": "ddp"},
             "resources": {"workers": 1, "gpus_per_worker": 0, "cpus_per_worker": args.threads},
-            "checkpointing": {"uri": str(root), "every_steps": 10**6, "keep_last": 1},
         }
     )
 
 
-def bench_recipe(cfg: Any, warmup: int) -> dict[str, Any]:
-    from instructune_jobs.artifacts import ArtifactLayout
-    from instructune_jobs.finetune import run_training
+def run_recipe(cfg: Any, tokenizer: Any, data: Any, round_index: int, warmup: int) -> list[float]:
+    import torch
 
-    started = time.monotonic()
-    run_training(cfg)
-    wall = time.monotonic() - started
-    lines = [
-        json.loads(line) for line in Path(ArtifactLayout.for_config(cfg).metrics).read_text().splitlines()
-    ]
-    measured = lines[warmup:]
-    # Each line's tokens_per_s is that step's real tokens over its wall time (collation included;
-    # the Trainer's callback timing below excludes its data loading, which favours the Trainer).
-    rates = [line["tokens_per_s"] for line in measured]
-    return {
-        "tokens_per_s": round(statistics.fmean(rates), 1),
-        "tokens_per_s_median": round(statistics.median(rates), 1),
-        "steps_measured": len(measured),
-        "final_loss": measured[-1]["loss"],
-        "wall_s_including_ray_startup": round(wall, 1),
-    }
+    from instructune_jobs.finetune import DDPEngine, StepPlan, build_model, make_collator
+
+    device = torch.device("cpu")
+    items = data.training_items
+    plan = StepPlan.build(len(items), 1, cfg)
+    model = build_model(cfg, Path(cfg.base_model.uri), device, torch.float32, None)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.training.learning_rate
+    )
+    engine = DDPEngine(cfg, model, optimizer, plan, device, torch.float32)
+    collate = make_collator(cfg, tokenizer, device, torch.float32)
+    rates = []
+    # Each round starts at another place in the data, the same for every contender.
+    first = 1 + round_index * plan.total_steps
+    for step in range(first, first + plan.total_steps):
+        started = time.perf_counter()
+        batch_items = [items[i] for i in plan.micro_batch(step, 0, 0, cfg.training.seed)]
+        engine.forward_backward(collate(batch_items), is_last_micro=True)
+        engine.optimizer_step()
+        rates.append(sum(len(item) for item in batch_items) / (time.perf_counter() - started))
+    return rates[warmup:]
 
 
-def bench_hf_trainer(cfg: Any, model_dir: Path, warmup: int, threads: int, out_dir: Path) -> dict[str, Any]:
+def run_hf_trainer(
+    cfg: Any, tokenizer: Any, examples: list[Any], round_index: int, warmup: int, out_dir: Path
+) -> list[float]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
-        AutoTokenizer,
         DataCollatorForSeq2Seq,
         Trainer,
         TrainerCallback,
         TrainingArguments,
     )
 
-    from instructune_jobs.data import IGNORE_INDEX, load_examples
+    from instructune_jobs.data import IGNORE_INDEX
 
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = load_examples(
-        cfg.model_copy(update={"training": cfg.training.model_copy(update={"packing": False})}), tokenizer
-    ).train
-    dataset = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model.uri, dtype=torch.float32, attn_implementation="sdpa"
+    )
     lora = cfg.method.lora
     model = get_peft_model(
         model,
@@ -165,40 +164,53 @@ def bench_hf_trainer(cfg: Any, model_dir: Path, warmup: int, threads: int, out_d
             report_to=[],
             use_cpu=True,
             dataloader_num_workers=0,
-            seed=training.seed,
+            seed=training.seed + round_index,
             remove_unused_columns=False,
             disable_tqdm=True,
         ),
-        train_dataset=dataset,  # type: ignore[arg-type]
+        train_dataset=[{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples],  # type: ignore[arg-type]
         data_collator=collate,
         callbacks=[timer],
     )
     trainer.train()
-    # The data loader may prefetch; batch i is consumed by step i.
-    rates = [token_counts[i] / (timer.ends[i] - timer.starts[i]) for i in range(warmup, len(timer.ends))]
-    return {
-        "tokens_per_s": round(statistics.fmean(rates), 1),
-        "tokens_per_s_median": round(statistics.median(rates), 1),
-        "steps_measured": len(rates),
-    }
+    # Without prefetching workers, batch i is collated right before step i.
+    return [token_counts[i] / (timer.ends[i] - timer.starts[i]) for i in range(warmup, len(timer.ends))]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="measured steps")
-    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the measurement")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="steps per round excluded from the measurement")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="sequences (packs) per step")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--seq", type=int, default=1024, help="max sequence length (pack size)")
+    parser.add_argument("--seq", type=int, default=512, help="max sequence length (pack size)")
     parser.add_argument("--rows", type=int, default=1200)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
 
-    import ray
+    import torch
+    import torch.distributed as dist
 
+    from instructune_jobs.data import load_examples
+    from instructune_jobs.finetune import load_tokenizer
     from instructune_jobs.synthetic import build_tiny_llama
 
+    torch.set_num_threads(args.threads)
+    # Libraries print progress to stdout (the Trainer its metrics, DeepSpeed its accelerator):
+    # keep stdout for the one JSON document.
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    # The recipe's DDP engine runs inside a process group, as Ray Train sets one up: a world of one.
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    rounds: dict[str, list[float]] = {
+        "instructune_packed": [],
+        "instructune_padded": [],
+        "hf_trainer_padded": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-cpu-step-") as tmp:
         work = Path(tmp)
         model_dir = build_tiny_llama(
@@ -208,30 +220,23 @@ def main() -> int:
             heads=max(1, args.hidden // 64),
             max_position_embeddings=max(2048, args.seq),
         )
-        data = write_rows(work, args.rows)
-        if not ray.is_initialized():
-            ray.init(
-                address=os.environ.get("RAY_ADDRESS") or None,
-                num_cpus=None if os.environ.get("RAY_ADDRESS") else max(args.threads, 1),
-                log_to_driver=False,
-            )
-        results = {
-            "instructune_packed": bench_recipe(
-                make_config(model_dir, data, work / "packed", args, True), args.warmup
-            ),
-            "instructune_padded": bench_recipe(
-                make_config(model_dir, data, work / "padded", args, False), args.warmup
-            ),
-        }
-        ray.shutdown()
-        results["hf_trainer_padded"] = bench_hf_trainer(
-            make_config(model_dir, data, work / "hf", args, False),
-            model_dir,
-            args.warmup,
-            args.threads,
-            work / "hf-out",
-        )
-    hf = results["hf_trainer_padded"]["tokens_per_s"]
+        files = write_rows(work, args.rows)
+        packed_cfg, padded_cfg = (make_config(model_dir, files, args, packing) for packing in (True, False))
+        tokenizer = load_tokenizer(model_dir)
+        packed_data, padded_data = load_examples(packed_cfg, tokenizer), load_examples(padded_cfg, tokenizer)
+        for index in range(args.rounds):
+            rates = {
+                "instructune_packed": run_recipe(packed_cfg, tokenizer, packed_data, index, args.warmup),
+                "instructune_padded": run_recipe(padded_cfg, tokenizer, padded_data, index, args.warmup),
+                "hf_trainer_padded": run_hf_trainer(
+                    padded_cfg, tokenizer, padded_data.train, index, args.warmup, work / "hf"
+                ),
+            }
+            for name, values in rates.items():
+                rounds[name].append(round(statistics.median(values), 1))
+    dist.destroy_process_group()
+
+    best = {name: max(values) for name, values in rounds.items()}
     report = {
         "benchmark": "cpu_step",
         "model": {"hidden": args.hidden, "layers": args.layers, "lora_r": 16},
@@ -240,16 +245,24 @@ def main() -> int:
         "threads": args.threads,
         "steps": args.steps,
         "warmup": args.warmup,
+        "padding_fraction": {
+            "packed": round(packed_data.stats.padding_fraction, 4),
+            "padded": round(padded_data.stats.padding_fraction, 4),
+        },
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "torch": torch.__version__,
             "load_avg_1m": round(os.getloadavg()[0], 2),
         },
-        "results": results,
-        "speedup_vs_hf_trainer": {name: round(r["tokens_per_s"] / hf, 3) for name, r in results.items()},
+        "tokens_per_s_rounds": rounds,
+        "tokens_per_s_best": best,
+        "speedup_vs_hf_trainer": {
+            name: round(value / best["hf_trainer_padded"], 3) for name, value in best.items()
+        },
     }
-    json.dump(report, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    json.dump(report, real_stdout, indent=2)
+    real_stdout.write("\n")
     return 0
 
 

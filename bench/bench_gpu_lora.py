@@ -415,6 +415,9 @@ def main() -> int:
 
     import torch
 
+    # Libraries print progress to stdout (the Trainer its metrics): keep it for the JSON document.
+    real_stdout = sys.stdout
+    sys.stdout = sys.stderr
     if not torch.cuda.is_available() and not args.smoke:
         print(
             "bench_gpu_lora: no CUDA device here; this benchmark measures one GPU "
@@ -463,8 +466,8 @@ def main() -> int:
         "speedup_tokens_per_s": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
         "versions": {"torch": torch.__version__},
     }
-    json.dump(report, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    json.dump(report, real_stdout, indent=2)
+    real_stdout.write("\n")
     return 0
 
 

@@ -416,3 +416,31 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
     assert tuned_rate >= 0.8, message
     assert base_rate <= 0.1, message
     assert result["evaluation"]["reportURI"] == layout.eval_report
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint root of another configuration is refused before anything runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_of_another_config_are_not_resumed(
+    assets: dict[str, Any], stack_env: dict[str, str]
+) -> None:
+    import subprocess
+
+    from instructune_jobs.artifacts import STATE_FILE, CheckpointState, checkpoint_dir_name
+
+    cfg = make_config(assets, "foreign")
+    layout = ArtifactLayout.for_config(cfg)
+    foreign = CheckpointState(10, 0.5, "0" * 64, 1.0, "2026-01-01T00:00:00Z", layout.checkpoint(10))
+    Storage().write_bytes(f"{layout.checkpoint(10)}/{STATE_FILE}", foreign.to_json().encode())
+    assert layout.checkpoint(10).endswith(checkpoint_dir_name(10))
+    done = subprocess.run(
+        [sys.executable, "-m", "instructune_jobs", "--config-json", cfg.to_json()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},  # refused before Ray is contacted at all
+    )
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "refusing to resume another run" in done.stderr
