@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from machine_facts import machine
 
 from instructune_jobs.data import (
     IGNORE_INDEX,
@@ -39,21 +39,6 @@ from instructune_jobs.data import (
     tokenize_conversations,
 )
 from instructune_jobs.synthetic import build_tokenizer, length_mix_rows, rows_to_bytes, tokenizer_corpus
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cpus": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "load_average": [round(load, 2) for load in os.getloadavg()],
-    }
 
 
 def mix_objects(rows: int, seed: int) -> dict[str, bytes]:

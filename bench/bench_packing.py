@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import time
 from typing import Any
+
+from machine_facts import machine
 
 from instructune_jobs.data import (
     LocatedRow,
@@ -30,16 +30,6 @@ from instructune_jobs.data import (
     tokenize_conversations,
 )
 from instructune_jobs.synthetic import build_tokenizer, length_mix_rows, tokenizer_corpus
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()}
 
 
 def tokenized_length_mix(
