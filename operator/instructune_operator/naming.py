@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from instructune_operator.api import GROUP
+from instructune_operator.settings import Settings
 
 MAX_NAME = 63
 LABEL_TUNE = f"{GROUP}/tune"
@@ -47,3 +48,9 @@ def submission_id(namespace: str, tune: str, uid: str, attempt: int) -> str:
 
 def labels(tune: str, component: str) -> dict[str, str]:
     return {LABEL_TUNE: tune, LABEL_COMPONENT: component, LABEL_MANAGED_BY: MANAGER}
+
+
+def ray_address(settings: Settings, namespace: str, tune: str) -> str:
+    if settings.ray_address_override:
+        return settings.ray_address_override
+    return f"http://{ray_cluster_name(tune)}-head-svc.{namespace}.svc:8265"

@@ -21,7 +21,7 @@ from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.clients.kube import Kube
 from instructune_operator.clients.ray_jobs import RayJobs
 from instructune_operator.lifecycle import Decision, Observation, decide
-from instructune_operator.naming import job_identity_name, ray_cluster_name
+from instructune_operator.naming import job_identity_name, ray_address, ray_cluster_name
 from instructune_operator.settings import Settings
 from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
@@ -49,12 +49,6 @@ class Clients:
         if address not in self._ray:
             self._ray[address] = RayJobs(address, token=os.environ.get("RAY_AUTH_TOKEN"))
         return self._ray[address]
-
-
-def ray_address(settings: Settings, namespace: str, tune: str) -> str:
-    if settings.ray_address_override:
-        return settings.ray_address_override
-    return f"http://{ray_cluster_name(tune)}-head-svc.{namespace}.svc:8265"
 
 
 def observe(body: dict[str, Any], clients: Clients, now: datetime) -> Observation:

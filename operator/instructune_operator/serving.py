@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from instructune_operator.api import InstructionTuneSpec
 from instructune_operator.builders.serving import ANNOTATION_ADAPTER, artifact_layout, build_serving, endpoint
-from instructune_operator.naming import serving_name
+from instructune_operator.naming import ray_address, serving_name
 
 if TYPE_CHECKING:
     from instructune_operator.reconcile import Clients
@@ -44,7 +44,6 @@ def apply_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneS
 def _apply_ray_serve(
     clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec, name: str, served: str
 ) -> dict[str, Any]:
-    from instructune_operator.reconcile import ray_address
 
     meta = body["metadata"]
     settings = clients.settings
@@ -86,8 +85,6 @@ def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTun
     meta = body["metadata"]
     name = serving_name(meta["name"], spec.serving.target)
     if spec.serving.runtime == "ray-serve":
-        from instructune_operator.reconcile import ray_address
-
         return clients.ray(
             ray_address(clients.settings, meta["namespace"], meta["name"])
         ).serve_ready_replicas(name)
@@ -108,7 +105,6 @@ def delete_serving(clients: Clients, body: dict[str, Any], spec: InstructionTune
     """Removes a Ray Serve application this tune rolled out (vLLM objects go by owner reference)."""
     if not spec.serving.enabled or spec.serving.runtime != "ray-serve":
         return
-    from instructune_operator.reconcile import ray_address
 
     meta = body["metadata"]
     name = serving_name(meta["name"], spec.serving.target)
