@@ -2,9 +2,11 @@
 
 Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared with evaluate.py:
 
-    <root>/checkpoints/checkpoint_step_<N>/   Ray Train checkpoints (last `keep_last` kept)
-        instructune_state.json              step, epoch, config hash, loss: read to find and
-                                            verify the checkpoint to resume from
+    <root>/checkpoints/checkpoint_step_<N>/   checkpoints uploaded through Ray Train's storage;
+                                            the last `keep_last` complete ones are kept
+        instructune_state.json              step, epoch, config hash, loss: written last, once
+                                            every rank's part is uploaded, so its presence is
+                                            what makes a checkpoint complete
     <root>/final/adapter/                   PEFT save_pretrained (lora, qlora)
     <root>/final/model/                     full fine-tune, or base+adapter merged (output.merge)
     <root>/final/tokenizer/                 tokenizer with the chat template trained with
@@ -217,6 +219,22 @@ class Storage:
             written.append(target)
         return written
 
+    def delete_prefix(self, uri: str, first: str | None = None) -> None:
+        """Delete every object under a prefix; `first` (a name directly under it) goes before
+        the rest, so a reader never sees the prefix without it but with other parts missing."""
+        objects = self.list(uri)
+        if first is not None:
+            head = join_uri(uri, first)
+            objects.sort(key=lambda o: o.uri.replace(os.sep, "/") != head.replace(os.sep, "/"))
+        for obj in objects:
+            if obj.uri.startswith("s3://"):
+                bucket, key = split_s3_uri(obj.uri)
+                self.client.delete_object(Bucket=bucket, Key=key)
+            else:
+                Path(obj.uri).unlink(missing_ok=True)
+        if not uri.startswith("s3://"):
+            shutil.rmtree(_local(uri), ignore_errors=True)
+
     def download_prefix(self, uri: str, dest: Path) -> builtins.list[StoredObject]:
         objects = self.list(uri)
         if not objects:
@@ -310,11 +328,12 @@ class ConfigMismatchError(RuntimeError):
 
 
 _STATE_KEY = re.compile(rf"/{CHECKPOINT_PREFIX}(\d+)/{re.escape(STATE_FILE)}$")
+_CHECKPOINT_DIR = re.compile(rf"/({CHECKPOINT_PREFIX}\d+)/")
 
 
 def list_checkpoints(layout: ArtifactLayout, storage: Storage) -> list[CheckpointState]:
-    """Checkpoints under the root, oldest first. A checkpoint counts once its state file exists:
-    rank 0 writes that file only after every worker's shards are persisted."""
+    """Complete checkpoints under the root, oldest first. A checkpoint counts once its state file
+    exists: rank 0 writes that file only after every rank's part is uploaded."""
     found = []
     for obj in storage.list(layout.checkpoints):
         match = _STATE_KEY.search(obj.uri.replace(os.sep, "/"))
@@ -323,6 +342,29 @@ def list_checkpoints(layout: ArtifactLayout, storage: Storage) -> list[Checkpoin
             if body is not None:
                 found.append(CheckpointState.from_json(body, obj.uri.rsplit("/", 1)[0]))
     return sorted(found, key=lambda c: c.step)
+
+
+def checkpoints_to_prune(complete_steps: list[int], stored_dirs: list[str], keep_last: int) -> list[str]:
+    """Checkpoint folders to delete: complete ones beyond the newest `keep_last`, and folders
+    without a state file older than the newest complete one (an attempt that died mid-upload).
+    A folder newer than every complete checkpoint may be an upload in progress: kept."""
+    kept = sorted(complete_steps)[-keep_last:] if keep_last > 0 else []
+    if not kept:
+        return []
+    names = {checkpoint_dir_name(step) for step in kept}
+    newest = checkpoint_dir_name(kept[-1])
+    return sorted(name for name in set(stored_dirs) if name not in names and name < newest)
+
+
+def prune_checkpoints(layout: ArtifactLayout, storage: Storage, keep_last: int) -> list[str]:
+    """Apply checkpoints_to_prune to the stored folders; returns the names deleted."""
+    objects = storage.list(layout.checkpoints)
+    dirs = [m.group(1) for o in objects if (m := _CHECKPOINT_DIR.search(o.uri.replace(os.sep, "/")))]
+    complete = [c.step for c in list_checkpoints(layout, storage)]
+    doomed = checkpoints_to_prune(complete, dirs, keep_last)
+    for name in doomed:
+        storage.delete_prefix(join_uri(layout.checkpoints, name), first=STATE_FILE)
+    return doomed
 
 
 def latest_checkpoint(layout: ArtifactLayout, storage: Storage, config_hash: str) -> CheckpointState | None:

@@ -16,10 +16,12 @@ CPU, nccl on GPU). strategy "deepspeed" wraps the model in a DeepSpeed engine (Z
 optional CPU offload), "ddp" in torch DistributedDataParallel. The optimizer is always a torch
 AdamW object handed to DeepSpeed: DeepSpeed's own "AdamW" config JIT-compiles FusedAdam (~1 min).
 
-Resuming: checkpoints go to `<root>/checkpoints/` through Ray Train's persistent storage with
-a fixed run name, so a new driver on a new Ray cluster finds them through Ray's own run snapshot
-(`ray.train.get_checkpoint()`). Each checkpoint carries instructune_state.json (step, config hash);
-the driver and the worker both refuse a checkpoint written by another configuration.
+Resuming: checkpoints go to `<root>/checkpoints/checkpoint_step_<N>/`. Each rank uploads its
+part; after a barrier rank 0 writes instructune_state.json (step, config hash) and prunes to the
+last `keep_last`. The driver picks the newest checkpoint with a state file and hands its URI to
+every worker, which restores it. The state files are the one record of what exists: Ray Train's
+checkpoint snapshot is written after the upload, so a stopped job could leave it behind. The
+driver and the worker both refuse a checkpoint written by another configuration.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ from instructune_jobs.artifacts import (
     Storage,
     build_lineage_status,
     build_manifest,
-    checkpoint_dir_name,
     fetch_base_model,
+    join_uri,
     latest_checkpoint,
+    prune_checkpoints,
     ray_storage,
 )
 from instructune_jobs.config import TrainConfig
@@ -107,7 +110,7 @@ def run_training(
     """Train on the Ray cluster (connecting to ray_address or the ambient one) and return once the
     final artifacts are written. Raises ConfigMismatchError when the root holds another run."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.monotonic()
@@ -130,6 +133,7 @@ def run_training(
             "config_json": cfg.to_json(),
             "root": layout.root,
             "attempt": uuid.uuid4().hex[:8],
+            "resume_uri": resume.uri if resume else None,
         },
         # One Ray Train worker per device; a node with 8 GPUs runs 8 workers.
         scaling_config=ScalingConfig(
@@ -142,10 +146,9 @@ def run_training(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=RUN_NAME,  # fixed: a restarted driver finds this run's snapshot and checkpoints
+            name=RUN_NAME,  # Ray's run files sit beside the checkpoints: one folder per tune
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.keep_last),
             # A failed worker fails the attempt; the operator retries it from the latest checkpoint.
             # Retries belong to the operator (backoffLimit, from the latest checkpoint): fail at once,
             # also when the worker group cannot start (Ray's default retries that forever).
@@ -231,7 +234,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine = wrap_for_distributed(cfg, model, optimizer, plan, ds_config, device)
     collate = make_collator(cfg, tokenizer, device, compute_dtype)
 
-    restored = restore_latest_checkpoint(cfg, engine)
+    restored = restore_checkpoint(cfg, engine, loop_config.get("resume_uri"), storage)
     start_step = restored.step if restored else 0
     reporter = (
         make_reporter(cfg, layout, storage, plan, loop_config["attempt"], start_step, data, base)
@@ -279,7 +282,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # ------------------------------------------------------------------------ 3. checkpoint
         if step % cfg.checkpointing.every_steps == 0 or step == plan.total_steps:
-            save_checkpoint(cfg, engine, layout, step, plan.epoch_at(step), last_loss, reporter)
+            save_checkpoint(cfg, engine, layout, storage, step, plan.epoch_at(step), last_loss, reporter)
 
     # ----------------------------------------------------------------------------- 4. finish
     if start_step >= plan.total_steps and is_rank0:
@@ -792,13 +795,17 @@ def save_checkpoint(
     cfg: TrainConfig,
     engine: DeepSpeedEngine | DDPEngine,
     layout: ArtifactLayout,
+    storage: Storage,
     step: int,
     epoch: float,
     loss: float,
     reporter: Any,
 ) -> None:
-    """Every rank writes its part (DeepSpeed: its optimizer shard) to a local directory; Ray Train
-    uploads all parts into one checkpoint directory and keeps the last `keep_last`."""
+    """Every rank writes its part (DeepSpeed: its optimizer shard) and uploads it into the step's
+    folder; after a barrier rank 0 writes the state file that makes the checkpoint count, then
+    prunes. The storage is the only record: Ray's checkpoint bookkeeping is not used, since its
+    snapshot lags the uploads (a stopped job left it one checkpoint behind) and it refuses to
+    start once a checkpoint it lists is gone."""
     import ray.train
     import torch.distributed as dist
 
@@ -811,47 +818,44 @@ def save_checkpoint(
         layout.checkpoint(step),
     )
     with tempfile.TemporaryDirectory(prefix="instructune-ckpt-") as tmp:
-        directory = Path(tmp)
-        engine.save(directory, {"step": step, "config_hash": state.config_hash})
-        is_rank0 = dist.get_rank() == 0
-        if is_rank0:
-            (directory / STATE_FILE).write_text(state.to_json())
-        has_files = any(directory.iterdir())
-        ray.train.report(
-            {"step": step, "loss": state.loss},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
-            checkpoint_dir_name=checkpoint_dir_name(step),
-        )
+        engine.save(Path(tmp), {"step": step, "config_hash": state.config_hash})
+        storage.upload_directory(Path(tmp), state.uri)
+    ray.train.report({"step": step, "loss": state.loss})
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    if dist.get_rank() == 0:
+        storage.write_bytes(join_uri(state.uri, STATE_FILE), state.to_json().encode(), "application/json")
+        pruned = prune_checkpoints(layout, storage, cfg.checkpointing.keep_last)
+        if pruned:
+            log.info("pruned checkpoints %s (keeping the last %d)", pruned, cfg.checkpointing.keep_last)
     if reporter is not None:
         reporter.checkpoint(step, state.uri, state.loss)
 
 
-def restore_latest_checkpoint(
-    cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine
+def restore_checkpoint(
+    cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine, uri: str | None, storage: Storage
 ) -> CheckpointState | None:
     """Restore weights, optimizer, schedule (and with them the data position, a function of the
-    step) from the latest checkpoint Ray Train hands every worker of a restarted run; its state
-    file must carry this config's hash. None on a fresh start."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    step) from the checkpoint the driver chose; its state file must carry this config's hash.
+    None on a fresh start."""
+    if uri is None:
         return None
-    with checkpoint.as_directory() as directory:
-        path = Path(directory)
-        state = CheckpointState.from_json((path / STATE_FILE).read_text(), str(checkpoint.path))
+    with tempfile.TemporaryDirectory(prefix="instructune-restore-") as tmp:
+        path = Path(tmp)
+        storage.download_prefix(uri, path)
+        state = CheckpointState.from_json((path / STATE_FILE).read_text(), uri)
         if state.config_hash != cfg.config_hash():
             raise ConfigMismatchError(
-                f"checkpoint {checkpoint.path} was written by config {state.config_hash[:12]}, not "
+                f"checkpoint {uri} was written by config {state.config_hash[:12]}, not "
                 f"{cfg.config_hash()[:12]}"
             )
         client_state = engine.load(path)
     if int(client_state.get("step", state.step)) != state.step:
         raise RuntimeError(
-            f"checkpoint {checkpoint.path} is inconsistent: engine state at step "
+            f"checkpoint {uri} is inconsistent: engine state at step "
             f"{client_state.get('step')}, state file at {state.step}"
         )
-    log.info("restored step %d from %s", state.step, checkpoint.path)
+    log.info("restored step %d from %s", state.step, uri)
     return state
 
 

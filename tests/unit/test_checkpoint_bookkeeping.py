@@ -1,0 +1,68 @@
+"""Which checkpoints count and which are pruned: the state file is the one record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from instructune_jobs.artifacts import (
+    STATE_FILE,
+    ArtifactLayout,
+    CheckpointState,
+    Storage,
+    checkpoint_dir_name,
+    checkpoints_to_prune,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def names(*steps: int) -> list[str]:
+    return [checkpoint_dir_name(step) for step in steps]
+
+
+def test_only_the_newest_keep_last_complete_checkpoints_are_kept() -> None:
+    assert checkpoints_to_prune([60, 120, 180], names(60, 120, 180), keep_last=2) == names(60)
+
+
+def test_a_folder_without_state_newer_than_every_complete_one_is_an_upload_in_progress() -> None:
+    assert checkpoints_to_prune([60, 120], names(60, 120, 180), keep_last=2) == []
+
+
+def test_a_folder_without_state_older_than_the_newest_complete_one_is_debris() -> None:
+    assert checkpoints_to_prune([60, 180], names(60, 120, 180), keep_last=2) == names(120)
+
+
+def test_nothing_is_pruned_before_the_first_complete_checkpoint() -> None:
+    assert checkpoints_to_prune([], names(60), keep_last=1) == []
+
+
+def write_checkpoint(storage: Storage, layout: ArtifactLayout, step: int, *, complete: bool) -> None:
+    uri = layout.checkpoint(step)
+    storage.write_bytes(f"{uri}/state/mp_rank_00_model_states.pt", b"weights")
+    if complete:
+        state = CheckpointState(step, 1.0, "hash", 0.5, "now", uri)
+        storage.write_bytes(f"{uri}/{STATE_FILE}", state.to_json().encode())
+
+
+def test_a_checkpoint_whose_upload_finished_without_state_is_not_resumed(tmp_path: Path) -> None:
+    storage, layout = Storage(), ArtifactLayout(str(tmp_path))
+    write_checkpoint(storage, layout, 60, complete=True)
+    write_checkpoint(storage, layout, 120, complete=False)
+    latest = latest_checkpoint(layout, storage, "hash")
+    assert latest is not None and latest.step == 60
+
+
+def test_pruning_deletes_whole_folders_and_keeps_the_newest(tmp_path: Path) -> None:
+    storage, layout = Storage(), ArtifactLayout(str(tmp_path))
+    for step in (60, 120, 180):
+        write_checkpoint(storage, layout, step, complete=True)
+    write_checkpoint(storage, layout, 90, complete=False)
+    assert prune_checkpoints(layout, storage, keep_last=2) == names(60, 90)
+    assert [c.step for c in list_checkpoints(layout, storage)] == [120, 180]
+    remaining = sorted(p.name for p in Path(layout.checkpoints).iterdir())
+    assert remaining == names(120, 180)
