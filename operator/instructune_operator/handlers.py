@@ -1,4 +1,9 @@
-"""Kopf handlers: unpack arguments, call reconcile, write what it returns. Nothing else."""
+"""Kopf handlers: unpack arguments, call reconcile, write what it returns. Nothing else.
+
+Each tune's Ray cluster and Ray pods are followed through watches into two in-memory indices
+(only the fields a pass reads): a pass then costs the API server nothing unless something must
+change. Polling them with a GET and a list per tune and pass starved the operator at 500 tunes.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import kopf
 
 from instructune_operator.api import GROUP, PLURAL, VERSION
 from instructune_operator.clients.kube import Kube
+from instructune_operator.naming import LABEL_TUNE
 from instructune_operator.reconcile import Clients, Outcome, reconcile_tune, release_tune
 from instructune_operator.settings import Settings, load_settings
 
@@ -21,6 +27,12 @@ def clients() -> Clients:
     if _clients is None:
         _clients = Clients(Kube(), SETTINGS)
     return _clients
+
+
+@kopf.on.login(id="login")
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # Named explicitly: with none, Kopf would log in through the `kubernetes` package if installed.
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup(id="configure")
@@ -42,6 +54,31 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.background.cancellation_polling = 2
 
 
+@kopf.index("ray.io", "v1", "rayclusters", id="ray_clusters", labels={LABEL_TUNE: kopf.PRESENT})
+def ray_clusters(namespace: str | None, name: str, labels: kopf.Labels, status: kopf.Status, **_: Any) -> Any:
+    return {(namespace, labels[LABEL_TUNE]): {"metadata": {"name": name}, "status": dict(status)}}
+
+
+@kopf.index("v1", "pods", id="ray_pods", labels={LABEL_TUNE: kopf.PRESENT})
+def ray_pods(namespace: str | None, name: str, labels: kopf.Labels, status: kopf.Status, **_: Any) -> Any:
+    kept = {key: status[key] for key in ("phase", "conditions", "containerStatuses") if key in status}
+    return {(namespace, labels[LABEL_TUNE]): {"metadata": {"name": name}, "status": kept}}
+
+
+class Watched:
+    """reconcile.Seen over the two indices."""
+
+    def __init__(self, clusters: kopf.Index[Any, Any], pods: kopf.Index[Any, Any]) -> None:
+        self.clusters, self.pods_ = clusters, pods
+
+    def cluster(self, namespace: str, tune: str) -> dict[str, Any] | None:
+        found = list(self.clusters.get((namespace, tune), []))
+        return found[0] if found else None
+
+    def pods(self, namespace: str, tune: str) -> list[dict[str, Any]]:
+        return list(self.pods_.get((namespace, tune), []))
+
+
 def _write(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
     for key, value in outcome.status_patch.items():
         patch.status[key] = value
@@ -52,8 +89,9 @@ def _write(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume")
 @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-create")
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-update", field="spec")
-def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _write(reconcile_tune(dict(body), clients()), body, patch)
+def reconcile(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+    seen = Watched(kwargs["ray_clusters"], kwargs["ray_pods"])  # Kopf passes indices by their ids
+    _write(reconcile_tune(dict(body), clients(), seen=seen), body, patch)
 
 
 @kopf.timer(
@@ -64,8 +102,9 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     interval=SETTINGS.reconcile_interval_seconds,
     initial_delay=SETTINGS.reconcile_interval_seconds,
 )
-def reconcile_periodically(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _write(reconcile_tune(dict(body), clients(), periodic=True), body, patch)
+def reconcile_periodically(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+    seen = Watched(kwargs["ray_clusters"], kwargs["ray_pods"])  # Kopf passes indices by their ids
+    _write(reconcile_tune(dict(body), clients(), periodic=True, seen=seen), body, patch)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="release")

@@ -36,10 +36,10 @@ def _create_tune(stack: Any, namespace: str, name: str) -> dict[str, Any]:
 
 
 def _clients(stack: Any) -> Clients:
-    from kubernetes import config
-
-    api = config.new_client_from_config(str(stack.kubeconfig))
-    return Clients(Kube(api), load_settings(str(ROOT / "hack" / "local-settings.yaml"), env={}))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KUBECONFIG", str(stack.kubeconfig))  # the operator's own login, as in a run
+        kube = Kube()
+    return Clients(kube, load_settings(str(ROOT / "hack" / "local-settings.yaml"), env={}))
 
 
 def test_vllm_deployment_serves_the_adapter_with_the_trained_template_on_its_pool(

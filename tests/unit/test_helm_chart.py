@@ -146,7 +146,9 @@ def test_rules_are_exactly_what_the_operator_calls(default_docs: list[dict[str, 
         ("instructune.io", "instructiontunes/status", "get"),  # held to grant it to the job
         ("", "events", "create"),
         # reconcile: server-side apply = patch, plus create when the object does not exist yet.
-        ("ray.io", "rayclusters", "get"),
+        # Kopf indices follow the tunes' RayClusters and Ray pods (no GET per pass).
+        ("ray.io", "rayclusters", "list"),
+        ("ray.io", "rayclusters", "watch"),
         ("ray.io", "rayclusters", "create"),
         ("ray.io", "rayclusters", "patch"),
         ("ray.io", "rayclusters", "delete"),
@@ -160,6 +162,7 @@ def test_rules_are_exactly_what_the_operator_calls(default_docs: list[dict[str, 
         ("apps", "deployments", "create"),
         ("apps", "deployments", "patch"),
         ("", "pods", "list"),  # diagnosing unschedulable / crashing Ray pods
+        ("", "pods", "watch"),
     }
     assert granted == expected
 

@@ -40,9 +40,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/*
 The operator's RBAC rules, derived from what the code calls (docs/operations.md explains each):
-Kopf watches and patches the tunes and their status and posts events; reconcile server-side
-applies (PATCH; creating needs `create` as well) the children, reads the RayCluster, the serving
-Deployment and the Ray pods, and deletes the RayCluster and, after its TTL, the tune.
+Kopf watches and patches the tunes and their status and posts events, and watches the tunes'
+RayClusters and Ray pods into in-memory indices; reconcile server-side applies (PATCH; creating
+needs `create` as well) the children, reads the serving Deployment, and deletes the RayCluster
+and, after its TTL, the tune.
 */}}
 {{- define "instructune.rules" -}}
 - apiGroups: [instructune.io]
@@ -58,7 +59,7 @@ Deployment and the Ray pods, and deletes the RayCluster and, after its TTL, the 
   verbs: [create]
 - apiGroups: [ray.io]
   resources: [rayclusters]
-  verbs: [get, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [serviceaccounts, configmaps, services]
   verbs: [create, patch]
@@ -70,7 +71,7 @@ Deployment and the Ray pods, and deletes the RayCluster and, after its TTL, the 
   verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
+  verbs: [list, watch]
 {{- if .Values.settings.localJobIdentityDir }}
 # localJobIdentityDir: jobs outside the cluster get their tune's ServiceAccount token (TokenRequest).
 - apiGroups: [""]

@@ -1,12 +1,21 @@
-"""The operator's only door to the API server for its children (Kopf handles the tune itself)."""
+"""The operator's only door to the API server for its children (Kopf handles the tune itself).
+
+Plain HTTPS (httpx) with the credentials Kopf's own login finds: the pod's service account in a
+cluster, else the kubeconfig. The `kubernetes` client package would cost ~55 MB of operator
+memory for the six calls below, and it is not needed to make them.
+"""
 
 from __future__ import annotations
 
-import json
+import base64
+import os
+import ssl
+import tempfile
+import threading
 from typing import Any
 
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+import httpx
+import kopf
 
 FIELD_MANAGER = "instructune-operator"
 
@@ -30,43 +39,96 @@ _PATHS = {
 }
 
 
-class Kube:
-    """Server-side apply, get, list and delete of a fixed set of kinds, by raw paths (no discovery)."""
+class KubeError(RuntimeError):
+    """A refused request, with the API server's own reason and message (a Status object)."""
 
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        if api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            api_client = client.ApiClient()
-        self.api = api_client
+    def __init__(self, status: int, method: str, path: str, body: str) -> None:
+        self.status = status
+        try:
+            detail = httpx.Response(status, content=body.encode()).json()
+            message = f"{detail.get('reason', '')}: {detail.get('message', body)}"
+        except ValueError:
+            message = body[:500]
+        super().__init__(f"{method} {path}: HTTP {status} {message}")
+
+
+def login() -> kopf.ConnectionInfo:
+    """The same order Kopf logs in with when no client library is used."""
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.LoginError("no service account token and no kubeconfig (KUBECONFIG or ~/.kube/config)")
+    return info
+
+
+def _materialise(data: str | bytes | None, path: Any, suffix: str, folder: str) -> str | None:
+    """A file path for a kubeconfig's file-or-base64-data field (ssl wants files for client certs)."""
+    if path:
+        return os.fspath(path) if not isinstance(path, bytes) else path.decode()
+    if not data:
+        return None
+    raw = base64.b64decode(data)
+    fd, name = tempfile.mkstemp(suffix=suffix, dir=folder)  # 0600
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(raw)
+    return name
+
+
+def _ssl_context(info: kopf.ConnectionInfo, ca_file: str | None, folder: str) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    context = ssl.create_default_context(cafile=ca_file)
+    cert = _materialise(info.certificate_data, info.certificate_path, ".crt", folder)
+    key = _materialise(info.private_key_data, info.private_key_path, ".key", folder)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+class Kube:
+    """Server-side apply, get, list and delete of a fixed set of kinds, by raw paths (no discovery).
+    Thread-safe: Kopf runs sync handlers on a thread pool and one pass may apply in parallel."""
+
+    def __init__(self, info: kopf.ConnectionInfo | None = None, timeout: float = 30.0) -> None:
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._folder = tempfile.mkdtemp(prefix="instructune-kube-")  # 0700
+        self._connect(info or login())
+
+    def _connect(self, info: kopf.ConnectionInfo) -> None:
+        self.info = info
+        self.ca_file = _materialise(info.ca_data, info.ca_path, ".ca.crt", self._folder)
+        self.http = httpx.Client(
+            base_url=info.server.rstrip("/"),
+            verify=_ssl_context(info, self.ca_file, self._folder),
+            headers={"Accept": "application/json", **info.as_http_headers()},
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+        )
 
     def _call(
         self,
         method: str,
         path: str,
         body: Any = None,
-        query: list[tuple[str, Any]] | None = None,
+        query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any] | None:
-        try:
-            data = self.api.call_api(
-                path,
-                method,
-                query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
+        for attempt in (1, 2):
+            response = self.http.request(
+                method, path, params=query, json=body, headers={"Content-Type": content_type}
             )
-        except ApiException as err:
-            if err.status == 404 and method in ("GET", "DELETE"):
-                return None
-            raise
-        raw = data.data
-        return json.loads(raw) if raw else {}
+            # A service account token is rotated under a running pod: log in again once.
+            if response.status_code == 401 and attempt == 1:
+                with self._lock:
+                    self._connect(login())
+                continue
+            break
+        if response.status_code == 404 and method in ("GET", "DELETE"):
+            return None
+        if response.is_error:
+            raise KubeError(response.status_code, method, path, response.text)
+        return response.json() if response.content else {}
 
     @staticmethod
     def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
@@ -80,7 +142,7 @@ class Kube:
             "PATCH",
             path,
             body=manifest,
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
             content_type="application/apply-patch+yaml",
         )
         assert result is not None
@@ -91,9 +153,9 @@ class Kube:
 
     def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         result = self._call(
-            "GET", self._path(api_version, kind, namespace), query=[("labelSelector", selector)]
+            "GET", self._path(api_version, kind, namespace), query={"labelSelector": selector}
         )
-        return (result or {}).get("items", [])
+        return list((result or {}).get("items", []))
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """True when something was deleted (or is being deleted)."""
@@ -119,8 +181,4 @@ class Kube:
 
     @property
     def server(self) -> str:
-        return str(self.api.configuration.host)
-
-    @property
-    def ca_file(self) -> str | None:
-        return self.api.configuration.ssl_ca_cert
+        return str(self.info.server)
