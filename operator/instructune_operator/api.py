@@ -517,6 +517,10 @@ class InstructionTuneStatus(Model):
     conditions: list[Condition] = Field(default_factory=list, description="Current conditions.")
     observed_generation: int | None = Field(default=None, description="The spec generation last acted on.")
     attempts: int | None = Field(default=None, description="Job attempts so far.")
+    resumes: int | None = Field(
+        default=None,
+        description="Attempts started by resuming after a suspension; they do not count against backoffLimit.",
+    )
     ray_cluster: RayClusterRef | None = Field(default=None, description="The Ray cluster.")
     job_id: str | None = Field(default=None, description="Ray job submission id.")
     started_at: str | None = Field(default=None, description="When the first attempt started.")

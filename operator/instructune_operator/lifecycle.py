@@ -14,7 +14,7 @@ from typing import Any
 from instructune_operator.api import InstructionTuneSpec
 from instructune_operator.gate import evaluate_gate
 from instructune_operator.naming import submission_id
-from instructune_operator.status import compute_validation_status, set_condition
+from instructune_operator.status import compute_validation_status, get_condition, set_condition
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 JOB_RUNNING = ("PENDING", "RUNNING")
@@ -192,22 +192,34 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         evaluating = progress.get("totalSteps") and (progress.get("step") or 0) >= progress["totalSteps"]
         st.phase("Evaluating" if evaluating else "Training")
         st.cond(
-            "Training", "True", "Running", f"attempt {attempts} of {spec.backoff_limit + 1}: job {job_id}"
+            "Training",
+            "True",
+            "Running",
+            f"attempt {attempts} (backoffLimit {spec.backoff_limit}): job {job_id}",
         )
         return decision
 
     if obs.job_status == "SUCCEEDED":
         return _after_success(obs, st, decision, spec, cleanup_cluster)
 
+    # STOPPED by a suspension (Training=False/Suspended until the next submission): resuming
+    # is not a failure, so it does not use up the backoff limit.
+    if obs.job_status == "STOPPED" and (get_condition(status, "Training") or {}).get("reason") == "Suspended":
+        st.s["resumes"] = int(status.get("resumes") or 0) + 1
+        _submit(obs, st, decision, attempts + 1)
+        st.cond("Training", "True", "Resumed", f"attempt {attempts + 1} resumes from the latest checkpoint")
+        return decision
+
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows.
     why = _failure_message(obs)
-    if attempts <= spec.backoff_limit:
+    failures = attempts - int(status.get("resumes") or 0)
+    if failures <= spec.backoff_limit:
         st.cond(
             "Training", "False", "Retrying", f"attempt {attempts} failed ({why}); resuming from checkpoint"
         )
         return _submit(obs, st, decision, attempts + 1)
     st.cond("Training", "False", "JobFailed", why)
-    st.finish("Failed", "BackoffLimitExceeded", f"{attempts} attempts failed; last: {why}")
+    st.finish("Failed", "BackoffLimitExceeded", f"{failures} attempts failed; last: {why}")
     decision.delete_cluster = cleanup_cluster
     return decision
 

@@ -214,3 +214,22 @@ def test_a_tune_served_by_ray_serve_keeps_its_ray_cluster_but_a_failed_one_does_
     assert d.status["phase"] == "Succeeded" and not d.delete_cluster
     failed = _succeeded({"heldout.jsonSchema": 0.1})
     assert decide(_obs(status=failed, cluster=READY)).delete_cluster
+
+
+def test_resuming_after_a_suspension_does_not_use_up_the_backoff_limit() -> None:
+    spec = {"backoffLimit": 0}
+    status = decide(_obs(cluster=READY, spec=_spec(**spec))).status
+    for resume in (1, 2, 3):
+        status = decide(_obs(status=status, spec=_spec(suspend=True, **spec), job_status="RUNNING")).status
+        d = decide(_obs(status=status, spec=_spec(**spec), cluster=READY, job_status="STOPPED"))
+        assert d.submit == submission_id("ns", "tune", "0123456789ab", resume + 1)
+        assert d.status["resumes"] == resume and _cond(d.status, "Training") == ("True", "Resumed")
+        status = decide(_obs(status=d.status, spec=_spec(**spec), cluster=READY, job_status="RUNNING")).status
+    failed = decide(_obs(status=status, spec=_spec(**spec), cluster=READY, job_status="FAILED"))
+    assert failed.status["phase"] == "Failed", "the one real failure still fails a backoffLimit-0 tune"
+
+
+def test_a_job_stopped_by_someone_else_counts_as_a_failure() -> None:
+    running = decide(_obs(cluster=READY, spec=_spec(backoffLimit=0))).status
+    d = decide(_obs(status=running, spec=_spec(backoffLimit=0), cluster=READY, job_status="STOPPED"))
+    assert d.status["phase"] == "Failed" and d.submit is None
