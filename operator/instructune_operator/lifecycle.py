@@ -18,6 +18,9 @@ from instructune_operator.status import compute_validation_status, get_condition
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 JOB_RUNNING = ("PENDING", "RUNNING")
+# Exit codes with which the job says a retry would fail the same way (jobs/instructune_jobs/__main__.py):
+# a config the job refuses, or checkpoints under the root written by another configuration.
+PERMANENT_EXIT_CODES = {2: "InvalidTrainingConfig", 3: "CheckpointConfigMismatch"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Observation:
     job_status: str | None = None  # Ray job status of status.jobId; None: unknown to Ray
     job_message: str = ""
     job_log_tail: str = ""
+    job_exit_code: int | None = None  # the job driver's exit code, once it has ended
     serving_ready_replicas: int | None = None  # None: no serving Deployment observed
 
 
@@ -210,8 +214,15 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         st.cond("Training", "True", "Resumed", f"attempt {attempts + 1} resumes from the latest checkpoint")
         return decision
 
-    # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows.
+    # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
+    # the job said a retry would end the same way.
     why = _failure_message(obs)
+    permanent = PERMANENT_EXIT_CODES.get(obs.job_exit_code or 0) if obs.job_status == "FAILED" else None
+    if permanent:
+        st.cond("Training", "False", permanent, why)
+        st.finish("Failed", permanent, f"attempt {attempts} failed and would fail again: {why}")
+        decision.delete_cluster = cleanup_cluster
+        return decision
     failures = attempts - int(status.get("resumes") or 0)
     if failures <= spec.backoff_limit:
         st.cond(

@@ -107,6 +107,7 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen | 
                 obs["job_status"] = "RUNNING" if status.get("phase") in ("Training", "Evaluating") else None
             if info is not None:
                 obs["job_status"], obs["job_message"] = info.status, info.message
+                obs["job_exit_code"] = info.exit_code
                 if info.status == "SUCCEEDED":
                     # The job patched its results just before it ended: read them fresh, not
                     # from a watch event that may not have arrived yet.

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from instructune_operator.api import InstructionTuneSpec
-from instructune_operator.lifecycle import Observation, decide, diagnose_pods
+from instructune_operator.lifecycle import PERMANENT_EXIT_CODES, Observation, decide, diagnose_pods
 from instructune_operator.naming import submission_id
 
 pytestmark = pytest.mark.unit
@@ -233,3 +233,39 @@ def test_a_job_stopped_by_someone_else_counts_as_a_failure() -> None:
     running = decide(_obs(cluster=READY, spec=_spec(backoffLimit=0))).status
     d = decide(_obs(status=running, spec=_spec(backoffLimit=0), cluster=READY, job_status="STOPPED"))
     assert d.status["phase"] == "Failed" and d.submit is None
+
+
+def test_a_job_that_says_a_retry_would_fail_the_same_way_is_not_retried() -> None:
+    running = decide(_obs(cluster=READY, spec=_spec(backoffLimit=3))).status
+    d = decide(
+        _obs(
+            status=running,
+            spec=_spec(backoffLimit=3),
+            cluster=READY,
+            job_status="FAILED",
+            job_exit_code=3,
+            job_message="Job entrypoint command failed with exit code 3",
+            job_log_tail="the checkpoint at s3://a/checkpoints/... was written by config 1234",
+        )
+    )
+    assert d.submit is None and d.status["phase"] == "Failed" and d.delete_cluster
+    assert _cond(d.status, "Succeeded") == ("False", "CheckpointConfigMismatch")
+    assert (
+        "written by config" in next(c for c in d.status["conditions"] if c["type"] == "Training")["message"]
+    )
+
+
+def test_a_job_that_crashed_is_retried_from_its_checkpoint() -> None:
+    running = decide(_obs(cluster=READY, spec=_spec(backoffLimit=3))).status
+    d = decide(
+        _obs(status=running, spec=_spec(backoffLimit=3), cluster=READY, job_status="FAILED", job_exit_code=1)
+    )
+    assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
+    assert d.status["attempts"] == 2 and d.status["phase"] == "Training"
+
+
+def test_the_permanent_exit_codes_are_the_ones_the_job_uses() -> None:
+    from instructune_jobs import __main__ as job
+
+    assert set(PERMANENT_EXIT_CODES) == {job.EXIT_BAD_CONFIG, job.EXIT_CONFIG_MISMATCH}
+    assert job.EXIT_FAILED not in PERMANENT_EXIT_CODES

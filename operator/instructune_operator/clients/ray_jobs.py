@@ -14,6 +14,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 class JobInfo:
     status: str  # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED
     message: str
+    exit_code: int | None = None  # the entrypoint's, once it has exited
 
 
 class RayJobs:
@@ -28,7 +29,9 @@ class RayJobs:
             return None
         response.raise_for_status()
         body = response.json()
-        return JobInfo(status=body["status"], message=body.get("message") or "")
+        return JobInfo(
+            status=body["status"], message=body.get("message") or "", exit_code=body.get("driver_exit_code")
+        )
 
     def submit(
         self,
