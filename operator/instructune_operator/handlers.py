@@ -52,6 +52,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     # A deletion waits for a running timer pass; poll for its end often, not every minute.
     settings.background.cancellation_polling = 2
+    # Filter the Ray pod and cluster watches on the API server, not after the fact: a namespace may
+    # hold thousands of other pods that the operator should neither receive nor parse.
+    settings.watching.label_selectors["v1", "pods"] = LABEL_TUNE
+    settings.watching.label_selectors["ray.io", "v1", "rayclusters"] = LABEL_TUNE
 
 
 @kopf.index("ray.io", "v1", "rayclusters", id="ray_clusters", labels={LABEL_TUNE: kopf.PRESENT})
