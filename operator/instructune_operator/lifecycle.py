@@ -90,8 +90,10 @@ class _Status:
 
 
 def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
-    """The first reason a Ray pod cannot run, as (reason, message), e.g. unschedulable in the pool."""
-    for pod in pods:
+    """The first reason a Ray pod cannot run, as (reason, message), e.g. unschedulable in the pool.
+    Pods are taken in name order: a watch cache has none, and a message that flips between the
+    head's and a worker's would rewrite the status and post an event on every pass."""
+    for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", ""))):
         name = pod.get("metadata", {}).get("name", "?")
         for cond in pod.get("status", {}).get("conditions", []):
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":

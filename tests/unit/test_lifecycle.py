@@ -269,3 +269,13 @@ def test_the_permanent_exit_codes_are_the_ones_the_job_uses() -> None:
 
     assert set(PERMANENT_EXIT_CODES) == {job.EXIT_BAD_CONFIG, job.EXIT_CONFIG_MISMATCH}
     assert job.EXIT_FAILED not in PERMANENT_EXIT_CODES
+
+
+def test_the_diagnosis_does_not_depend_on_the_order_pods_are_listed_in() -> None:
+    def unschedulable(name: str, message: str) -> dict[str, Any]:
+        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+        return {"metadata": {"name": name}, "status": {"conditions": [condition]}}
+
+    head = unschedulable("tune-head-x", "0/6 nodes are available: 6 node(s) didn't match selector.")
+    worker = unschedulable("tune-worker-y", "0/6 nodes are available: 2 Insufficient nvidia.com/gpu.")
+    assert diagnose_pods([head, worker]) == diagnose_pods([worker, head])
