@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import gzip
 import hashlib
 import json
@@ -173,6 +174,25 @@ class PreparedData:
         return self.packed_train if self.packed_train is not None else self.train
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off for the block (unless it already was), back on after.
+
+    The data step builds a few long-lived objects per row (the row, its messages, lists of token
+    ids and labels) and no reference cycles. Left on, the collector runs a full pass every few
+    thousand rows that walks every list built so far and frees nothing: a sixth of this step's CPU
+    time in bench/bench_data_pipeline.py. Blocks are kept to one object or one tokenizer chunk, so
+    a cycle a user's chat template might make is still collected soon after."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading objects (the only I/O in this module)
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +332,7 @@ class SchemeReader:
 # ---------------------------------------------------------------------------------------------
 
 
+@_collector_paused()
 def parse_object_bytes(data: bytes, object_name: str) -> tuple[list[LocatedRow], list[InvalidRow]]:
     """Rows of one object, by its suffix: JSONL (optionally gzipped), a JSON array, or Parquet."""
     name = object_name.lower()
@@ -540,6 +561,7 @@ def row_to_conversation(
     return _with_system([{"role": "user", "content": user}, {"role": "assistant", "content": answer}], system)
 
 
+@_collector_paused()
 def rows_to_conversations(
     rows: Sequence[LocatedRow],
     fmt: Format | Literal["auto"] = "auto",
@@ -619,9 +641,22 @@ def has_generation_markers(template_text: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+CharSpan = tuple[int, int]
+
+
+def _assistant_span(full: str, before: str, through: str) -> CharSpan:
+    """One assistant turn's span in `full`, from the renderings of the conversation before that turn
+    (with a generation prompt) and through it."""
+    if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
+        raise TemplateError("template does not render a conversation prefix as a prefix of the whole")
+    # Whitespace the template puts after the end-of-turn token is layout, not something the
+    # model should learn to emit (generation stops at that token).
+    return len(before), len(through.rstrip())
+
+
 def assistant_char_spans(
     tokenizer: Any, conversation: Conversation, template: str
-) -> tuple[str, list[tuple[int, int]]]:
+) -> tuple[str, list[CharSpan]]:
     """The rendered text and the character span of every assistant turn in it.
 
     The span of turn i starts where rendering turns [0, i) with a generation prompt ends and stops
@@ -630,7 +665,7 @@ def assistant_char_spans(
     the conversation is a prefix of the full rendering; TemplateError says when it is not.
     """
     full = render_chat(tokenizer, conversation, template)
-    spans: list[tuple[int, int]] = []
+    spans: list[CharSpan] = []
     for index, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
@@ -641,24 +676,114 @@ def assistant_char_spans(
             through = full if last else render_chat(tokenizer, conversation[: index + 1], template)
         except Exception as err:  # jinja raises whatever the template author chose
             raise TemplateError(f"template cannot render a prefix of the conversation: {err}") from err
-        if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
-            raise TemplateError("template does not render a conversation prefix as a prefix of the whole")
-        # Whitespace the template puts after the end-of-turn token is layout, not something the
-        # model should learn to emit (generation stops at that token).
-        spans.append((len(before), len(through.rstrip())))
+        spans.append(_assistant_span(full, before, through))
     return full, spans
 
 
+def _render_all(
+    tokenizer: Any, conversations: list[Conversation], template: str, add_generation_prompt: bool
+) -> list[str]:
+    """render_chat of each conversation, in one apply_chat_template call (which renders a batch
+    one conversation at a time, exactly as it renders one)."""
+    if not conversations:
+        return []
+    rendered = tokenizer.apply_chat_template(
+        conversations, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return [str(text) for text in rendered]
+
+
+def _spans_or_error(
+    tokenizer: Any, conversation: Conversation, template: str
+) -> tuple[str, list[CharSpan]] | TemplateError:
+    try:
+        return assistant_char_spans(tokenizer, conversation, template)
+    except TemplateError as err:
+        return err
+
+
+def assistant_char_spans_batch(
+    tokenizer: Any, conversations: Sequence[Conversation], template: str
+) -> list[tuple[str, list[CharSpan]] | TemplateError]:
+    """assistant_char_spans of each conversation, or the TemplateError it raises, from three
+    apply_chat_template calls in all (the full conversations, the prefixes with a generation
+    prompt, the prefixes through a non-final assistant turn) rather than two or more per
+    conversation: each call's fixed cost is about a sixth of rendering one conversation."""
+    befores: list[Conversation] = []
+    throughs: list[Conversation] = []
+    for conversation in conversations:
+        for index, message in enumerate(conversation):
+            if message["role"] == "assistant":
+                befores.append(conversation[:index])
+                if index < len(conversation) - 1:
+                    throughs.append(conversation[: index + 1])
+    # Inside a batch apply_chat_template renders an empty conversation it would refuse alone, and
+    # one conversation the template cannot render fails the whole call: in both cases render one
+    # conversation at a time, which says exactly which fail and why.
+    if not (all(conversations) and all(befores)):
+        return [_spans_or_error(tokenizer, conversation, template) for conversation in conversations]
+    try:
+        fulls = _render_all(tokenizer, list(conversations), template, False)
+        rendered_befores = iter(_render_all(tokenizer, befores, template, True))
+        rendered_throughs = iter(_render_all(tokenizer, throughs, template, False))
+    except Exception:  # jinja raises whatever the template author chose
+        return [_spans_or_error(tokenizer, conversation, template) for conversation in conversations]
+    results: list[tuple[str, list[CharSpan]] | TemplateError] = []
+    for conversation, full in zip(conversations, fulls, strict=True):
+        spans: list[CharSpan] = []
+        error: TemplateError | None = None
+        for index, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            # consumed even after an error, to keep the renderings in step with the conversations
+            before = next(rendered_befores)
+            through = full if index == len(conversation) - 1 else next(rendered_throughs)
+            if error is None:
+                try:
+                    spans.append(_assistant_span(full, before, through))
+                except TemplateError as err:
+                    error = err
+        results.append(error or (full, spans))
+    return results
+
+
+class TokenStarts(Protocol):
+    """The character offset where each token starts (never decreasing along the sequence)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
+class _EncodingStarts:
+    """TokenStarts read from a Rust `Encoding` one token at a time: labelling bisects them, so it
+    reads a few dozen per conversation, where `encoding.offsets` would build a Python tuple for every
+    token (three times what reading the ids costs)."""
+
+    __slots__ = ("_encoding", "_length")
+
+    def __init__(self, encoding: Any, length: int):
+        self._encoding = encoding
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int, /) -> int:
+        start: int = self._encoding.token_to_chars(index)[0]
+        return start
+
+
 def labels_from_char_spans(
-    input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+    input_ids: list[int], token_starts: TokenStarts, spans: Sequence[CharSpan]
 ) -> list[int]:
-    """A token carries loss when it starts inside an assistant span. Token start offsets never
-    decrease along the sequence, so each span is one slice found by bisection."""
+    """A token carries loss when it starts inside an assistant span. Token starts never decrease
+    along the sequence, so each span is one slice found by bisection."""
     labels = [IGNORE_INDEX] * len(input_ids)
-    starts = [start for start, _end in offsets]
     for span_start, span_end in spans:
-        first, stop = bisect.bisect_left(starts, span_start), bisect.bisect_left(starts, span_end)
-        labels[first:stop] = list(input_ids[first:stop])
+        first = bisect.bisect_left(token_starts, span_start)
+        stop = bisect.bisect_left(token_starts, span_end, first)
+        labels[first:stop] = input_ids[first:stop]
     return labels
 
 
@@ -685,6 +810,12 @@ def _plain_encoding(backend: Any) -> Iterator[Any]:
             backend.enable_truncation(**truncation)
 
 
+def _rust_encodings(backend: Any, texts: list[str]) -> list[Any]:
+    with _plain_encoding(backend) as plain:
+        encodings: list[Any] = plain.encode_batch(texts, add_special_tokens=False)
+    return encodings
+
+
 def encode_with_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """Token ids and character offsets of each text, without added special tokens (templates
     write their own), never padded or truncated (too-long rows are rejected, not cut). Goes
@@ -692,15 +823,28 @@ def encode_with_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int
     without building a BatchEncoding (a third of the cost here)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        with _plain_encoding(backend) as plain:
-            encodings = plain.encode_batch(texts, add_special_tokens=False)
-        return [(encoding.ids, encoding.offsets) for encoding in encodings]
+        return [(encoding.ids, encoding.offsets) for encoding in _rust_encodings(backend, texts)]
     encoded = tokenizer(
         texts, add_special_tokens=False, return_offsets_mapping=True, padding=False, truncation=False
     )
     return [
         (list(ids), list(offsets))
         for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    ]
+
+
+def encode_with_token_starts(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], TokenStarts]]:
+    """encode_with_offsets, with only where each token starts (all that labelling needs), read
+    lazily from the Rust encoding when there is one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encoded: list[tuple[list[int], TokenStarts]] = []
+        for encoding in _rust_encodings(backend, texts):
+            ids = encoding.ids
+            encoded.append((ids, _EncodingStarts(encoding, len(ids))))
+        return encoded
+    return [
+        (ids, [start for start, _end in offsets]) for ids, offsets in encode_with_offsets(tokenizer, texts)
     ]
 
 
@@ -746,31 +890,33 @@ def tokenize_conversations(
                     f"row has {len(example)} tokens, longer than max_seq_length {max_seq_length}",
                 )
             )
-        elif all(label == IGNORE_INDEX for label in example.labels):
+        elif example.labels.count(IGNORE_INDEX) == len(example.labels):
             invalid.append(InvalidRow(conv.object, conv.line, "no assistant tokens to learn from"))
         else:
             examples.append(example)
 
-    for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start : start + batch_size]
+    def tokenize_chunk(chunk: Sequence[SourcedConversation]) -> None:
         # Render in Python, then tokenize the whole chunk in one call: the Rust tokenizer
         # batches (and parallelises) far better than one call per row.
-        rendered: list[tuple[SourcedConversation, str, list[tuple[int, int]]]] = []
-        for conv in chunk:
-            try:
-                text, spans = assistant_char_spans(tokenizer, conv.messages, template)
-            except TemplateError as err:
+        located = assistant_char_spans_batch(tokenizer, [conv.messages for conv in chunk], template)
+        rendered: list[tuple[SourcedConversation, str, list[CharSpan]]] = []
+        for conv, result in zip(chunk, located, strict=True):
+            if isinstance(result, TemplateError):
                 if markers:
                     accept(conv, _tokenize_with_generation_markers(tokenizer, conv.messages, template))
                 else:
-                    invalid.append(InvalidRow(conv.object, conv.line, str(err)))
+                    invalid.append(InvalidRow(conv.object, conv.line, str(result)))
                 continue
-            rendered.append((conv, text, spans))
+            rendered.append((conv, *result))
         if not rendered:
-            continue
-        encodings = encode_with_offsets(tokenizer, [text for _, text, _ in rendered])
-        for (conv, _, spans), (ids, offsets) in zip(rendered, encodings, strict=True):
-            accept(conv, TokenizedExample(ids, labels_from_char_spans(ids, offsets, spans)))
+            return
+        encodings = encode_with_token_starts(tokenizer, [text for _, text, _ in rendered])
+        for (conv, _, spans), (ids, starts) in zip(rendered, encodings, strict=True):
+            accept(conv, TokenizedExample(ids, labels_from_char_spans(ids, starts, spans)))
+
+    for start in range(0, len(conversations), batch_size):
+        with _collector_paused():
+            tokenize_chunk(conversations[start : start + batch_size])
     return examples, invalid
 
 
@@ -857,6 +1003,7 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+@_collector_paused()
 def pack_examples(
     examples: Sequence[TokenizedExample], max_seq_length: int, seed: int | None = None
 ) -> list[PackedSequence]:
@@ -866,21 +1013,25 @@ def pack_examples(
     that no token is ever trained to predict the next example. The packs come out in creation
     order, or shuffled when a seed is given."""
     bins = best_fit_decreasing([len(example) for example in examples], max_seq_length)
-    packs = [_concatenate([examples[i] for i in items]) for items in bins]
+    # One shared list of positions: slicing it reuses its int objects instead of making new ones.
+    positions = list(range(max_seq_length))
+    packs = [_concatenate([examples[i] for i in items], positions) for items in bins]
     if seed is not None:
         random.Random(seed).shuffle(packs)
     return packs
 
 
-def _concatenate(examples: Sequence[TokenizedExample]) -> PackedSequence:
+def _concatenate(examples: Sequence[TokenizedExample], positions: list[int]) -> PackedSequence:
     input_ids: list[int] = []
     labels: list[int] = []
     position_ids: list[int] = []
     for example in examples:
-        input_ids.extend(example.input_ids)
-        labels.append(IGNORE_INDEX)
-        labels.extend(example.labels[1:])
-        position_ids.extend(range(len(example)))
+        first = len(labels)
+        input_ids += example.input_ids
+        labels += example.labels
+        if example.labels:
+            labels[first] = IGNORE_INDEX
+        position_ids += positions[: len(example)]
     return PackedSequence(input_ids, labels, position_ids, [len(example) for example in examples])
 
 
@@ -974,19 +1125,25 @@ class PackedCollator:
     mask_dtype: Any = None  # torch dtype of the 4D mask; the model's compute dtype (default fp32)
 
     def __call__(self, batch: Sequence[PackedSequence]) -> dict[str, torch.Tensor]:
+        import numpy as np
         import torch
 
         length = _round_up(max(len(pack) for pack in batch), self.pad_to_multiple_of)
-        pads = [length - len(pack) for pack in batch]
-        input_ids = [
-            pack.input_ids + [self.pad_token_id] * pad for pack, pad in zip(batch, pads, strict=True)
-        ]
-        labels = [pack.labels + [IGNORE_INDEX] * pad for pack, pad in zip(batch, pads, strict=True)]
-        position_ids = [pack.position_ids + list(range(pad)) for pack, pad in zip(batch, pads, strict=True)]
+        # numpy fills a row from a list of ints several times faster than torch.tensor reads one.
+        input_ids = np.full((len(batch), length), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.empty((len(batch), length), dtype=np.int64)
+        ramp = np.arange(length, dtype=np.int64)
+        for row, pack in enumerate(batch):
+            size = len(pack)
+            input_ids[row, :size] = pack.input_ids
+            labels[row, :size] = pack.labels
+            position_ids[row, :size] = pack.position_ids
+            position_ids[row, size:] = ramp[: length - size]
         result = {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "position_ids": torch.tensor(position_ids, dtype=torch.long),
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids),
         }
         if self.attention == "4d_mask":
             result["attention_mask"] = block_diagonal_causal_mask(result["position_ids"], self.mask_dtype)
