@@ -73,14 +73,14 @@ class Watched:
     """reconcile.Seen over the two indices."""
 
     def __init__(self, clusters: kopf.Index[Any, Any], pods: kopf.Index[Any, Any]) -> None:
-        self.clusters, self.pods_ = clusters, pods
+        self._clusters, self._pods = clusters, pods
 
     def cluster(self, namespace: str, tune: str) -> dict[str, Any] | None:
-        found = list(self.clusters.get((namespace, tune), []))
+        found = list(self._clusters.get((namespace, tune), []))
         return found[0] if found else None
 
     def pods(self, namespace: str, tune: str) -> list[dict[str, Any]]:
-        return list(self.pods_.get((namespace, tune), []))
+        return list(self._pods.get((namespace, tune), []))
 
 
 def _write(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:

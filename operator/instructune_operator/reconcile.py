@@ -21,7 +21,7 @@ from instructune_operator.builders.children import build_config_map, build_job_i
 from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.clients.kube import Kube
 from instructune_operator.clients.ray_jobs import RayJobs
-from instructune_operator.lifecycle import Decision, Observation, decide
+from instructune_operator.lifecycle import TERMINAL_PHASES, Decision, Observation, decide
 from instructune_operator.naming import LABEL_TUNE, job_identity_name, ray_address, ray_cluster_name
 from instructune_operator.settings import Settings
 from instructune_operator.status import status_changes, transitions
@@ -29,7 +29,6 @@ from instructune_operator.validation import validate_spec
 
 log = logging.getLogger(__name__)
 TOKEN_SECONDS = 48 * 3600
-TERMINAL_PHASES = ("Succeeded", "Failed")
 # The small children of a tune are independent of each other: applied together, a pass waits one
 # round trip for them instead of four. Shared by all passes, so the API server sees a bounded number.
 _APPLY_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="apply")
