@@ -34,7 +34,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,11 +235,16 @@ class Storage:
         if not uri.startswith("s3://"):
             shutil.rmtree(_local(uri), ignore_errors=True)
 
-    def download_prefix(self, uri: str, dest: Path) -> builtins.list[StoredObject]:
+    def download_prefix(
+        self, uri: str, dest: Path, wanted: Callable[[str], bool] | None = None
+    ) -> builtins.list[StoredObject]:
+        """Every object under the prefix (or those whose path under it `wanted` accepts)."""
         objects = self.list(uri)
         if not objects:
             raise FileNotFoundError(f"no objects under {uri}")
         base = uri.rstrip("/") + "/"
+        if wanted is not None:
+            objects = [o for o in objects if wanted(o.uri.replace(os.sep, "/").removeprefix(base))]
         for obj in objects:
             target = (
                 dest / obj.uri[len(base) :]
@@ -365,6 +370,21 @@ def prune_checkpoints(layout: ArtifactLayout, storage: Storage, keep_last: int) 
     for name in doomed:
         storage.delete_prefix(join_uri(layout.checkpoints, name), first=STATE_FILE)
     return doomed
+
+
+_RANK_SHARD = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
+
+
+def part_of_rank(rank: int) -> Callable[[str], bool]:
+    """Which files of a checkpoint a rank restores from: everything but the other ranks' ZeRO
+    shards (`zero_pp_rank_<r>_*`). DeepSpeed reads only its own rank's shard (no elastic
+    checkpoints), so 8 ranks need not each download all 8 optimizer shards of a full fine-tune."""
+
+    def wanted(path: str) -> bool:
+        match = _RANK_SHARD.search(path)
+        return match is None or int(match.group(1)) == rank
+
+    return wanted
 
 
 def latest_checkpoint(layout: ArtifactLayout, storage: Storage, config_hash: str) -> CheckpointState | None:

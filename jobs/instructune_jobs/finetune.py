@@ -53,6 +53,7 @@ from instructune_jobs.artifacts import (
     fetch_base_model,
     join_uri,
     latest_checkpoint,
+    part_of_rank,
     prune_checkpoints,
     ray_storage,
 )
@@ -842,7 +843,7 @@ def restore_checkpoint(
         return None
     with tempfile.TemporaryDirectory(prefix="instructune-restore-") as tmp:
         path = Path(tmp)
-        storage.download_prefix(uri, path)
+        storage.download_prefix(uri, path, wanted=part_of_rank(_rank()))
         state = CheckpointState.from_json((path / STATE_FILE).read_text(), uri)
         if state.config_hash != cfg.config_hash():
             raise ConfigMismatchError(
@@ -857,6 +858,12 @@ def restore_checkpoint(
         )
     log.info("restored step %d from %s", state.step, uri)
     return state
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _utc_now() -> str:

@@ -41,7 +41,7 @@ pytest.importorskip("ray")
 pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 
-from instructune_jobs.artifacts import ArtifactLayout, Storage, list_checkpoints  # noqa: E402
+from instructune_jobs.artifacts import STATE_FILE, ArtifactLayout, Storage, list_checkpoints  # noqa: E402
 from instructune_jobs.config import TrainConfig  # noqa: E402
 from instructune_jobs.data import PaddingCollator, load_examples  # noqa: E402
 from instructune_jobs.synthetic import (  # noqa: E402
@@ -327,6 +327,19 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(
     print(f"final loss zero2 {final['zero2']:.5f}, zero3+offload {final['zero3']:.5f}; seconds {timings}")
     # The same data, order and seed: sharding the states must not change the numbers.
     assert final["zero2"] == pytest.approx(final["zero3"], rel=1e-3)
+
+    # Resumed under ZeRO-3 + offload: with the final artifacts and the last checkpoint gone, a new
+    # job restores step 4 (each rank downloading only its own shard) and ends where the
+    # uninterrupted run ended.
+    cfg = runs["zero3"]
+    layout, storage = ArtifactLayout.for_config(cfg), Storage()
+    storage.delete_prefix(layout.final)
+    storage.delete_prefix(layout.checkpoint(6), first=STATE_FILE)
+    result = run_job(stack_env, cfg, assets["work"], "zero3-resumed")
+    assert result["training"]["resumedFromStep"] == 4
+    resumed = [line for line in read_metrics(cfg) if line["step"] > 4]
+    assert [line["step"] for line in resumed[-2:]] == [5, 6]
+    assert resumed[-1]["loss"] == pytest.approx(final["zero3"], rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

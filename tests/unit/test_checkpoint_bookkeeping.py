@@ -15,6 +15,7 @@ from instructune_jobs.artifacts import (
     checkpoints_to_prune,
     latest_checkpoint,
     list_checkpoints,
+    part_of_rank,
     prune_checkpoints,
 )
 
@@ -66,3 +67,41 @@ def test_pruning_deletes_whole_folders_and_keeps_the_newest(tmp_path: Path) -> N
     assert [c.step for c in list_checkpoints(layout, storage)] == [120, 180]
     remaining = sorted(p.name for p in Path(layout.checkpoints).iterdir())
     assert remaining == names(120, 180)
+
+
+def test_a_rank_restores_everything_but_the_other_ranks_zero_shards() -> None:
+    files = [
+        STATE_FILE,
+        "latest",
+        "state/mp_rank_00_model_states.pt",
+        "state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "state/zero_pp_rank_10_mp_rank_00_optim_states.pt",
+        "state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "state/zero_pp_rank_1_mp_rank_00_model_states.pt",  # ZeRO-3: the rank's weight shard
+    ]
+    assert [f for f in files if part_of_rank(1)(f)] == [
+        STATE_FILE,
+        "latest",
+        "state/mp_rank_00_model_states.pt",
+        "state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "state/zero_pp_rank_1_mp_rank_00_model_states.pt",
+    ]
+
+
+def test_a_restore_downloads_only_what_the_rank_reads(tmp_path: Path) -> None:
+    storage, layout = Storage(), ArtifactLayout(str(tmp_path / "root"))
+    uri = layout.checkpoint(10)
+    for name in (
+        "state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ):
+        storage.write_bytes(f"{uri}/{name}", b"shard")
+    storage.write_bytes(f"{uri}/{STATE_FILE}", b"{}")
+    dest = tmp_path / "restore"
+    storage.download_prefix(uri, dest, wanted=part_of_rank(0))
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        STATE_FILE,
+        "state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ]
