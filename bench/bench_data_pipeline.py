@@ -52,6 +52,17 @@ def mix_objects(rows: int, seed: int) -> dict[str, bytes]:
     }
 
 
+def throughput(seconds: float, cpu_seconds: float, real_tokens: int, positions: int) -> dict[str, Any]:
+    """The figures both pipelines report, computed the same way."""
+    return {
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "tokens": real_tokens,
+        "tokens_per_s": round(real_tokens / seconds),
+        "padding_fraction": round(1 - real_tokens / positions, 5),
+    }
+
+
 def batches(items: list[PackedSequence], batch_size: int) -> Iterator[list[PackedSequence]]:
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
@@ -83,11 +94,7 @@ def run_ours(
     check_conservation(rows, examples, rejected, packs, real_tokens, trained)
     target = sum(1 for example in examples for label in example.labels if label != IGNORE_INDEX)
     return {
-        "seconds": round(seconds, 3),
-        "cpu_seconds": round(cpu_seconds, 3),
-        "tokens": real_tokens,
-        "tokens_per_s": round(real_tokens / seconds),
-        "padding_fraction": round(1 - real_tokens / positions, 5),
+        **throughput(seconds, cpu_seconds, real_tokens, positions),
         "target_tokens": target,
         "examples": len(examples),
         "too_long_rows": len(rejected),
@@ -174,11 +181,7 @@ def run_datasets(
                 real_tokens += int(batch["attention_mask"].sum())
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     return {
-        "seconds": round(seconds, 3),
-        "cpu_seconds": round(cpu_seconds, 3),
-        "tokens": real_tokens,
-        "tokens_per_s": round(real_tokens / seconds),
-        "padding_fraction": round(1 - real_tokens / positions, 5),
+        **throughput(seconds, cpu_seconds, real_tokens, positions),
         "datasets_version": datasets.__version__,
     }
 

@@ -22,7 +22,7 @@ from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.clients.kube import Kube
 from instructune_operator.clients.ray_jobs import RayJobs
 from instructune_operator.lifecycle import TERMINAL_PHASES, Decision, Observation, decide
-from instructune_operator.naming import LABEL_TUNE, job_identity_name, ray_address, ray_cluster_name
+from instructune_operator.naming import job_identity_name, ray_address, ray_cluster_name
 from instructune_operator.settings import Settings
 from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
@@ -56,27 +56,14 @@ class Clients:
 
 
 class Seen(Protocol):
-    """Where a pass reads the tune's Ray cluster and Ray pods from."""
+    """Where a pass reads the tune's Ray cluster and Ray pods from: the operator's watch caches."""
 
     def cluster(self, namespace: str, tune: str) -> dict[str, Any] | None: ...
 
     def pods(self, namespace: str, tune: str) -> list[dict[str, Any]]: ...
 
 
-class AskTheApiServer:
-    """Reads them with a GET and a list: for callers without the operator's watch caches."""
-
-    def __init__(self, clients: Clients) -> None:
-        self.kube = clients.kube
-
-    def cluster(self, namespace: str, tune: str) -> dict[str, Any] | None:
-        return self.kube.get("ray.io/v1", "RayCluster", namespace, ray_cluster_name(tune))
-
-    def pods(self, namespace: str, tune: str) -> list[dict[str, Any]]:
-        return self.kube.list("v1", "Pod", namespace, f"{LABEL_TUNE}={tune}")
-
-
-def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen | None = None) -> Observation:
+def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -> Observation:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     status = dict(body.get("status") or {})
@@ -86,7 +73,7 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen | 
     spec = spec if not errors else None
     obs: dict[str, Any] = {}
     if spec is not None:
-        kube, seen = clients.kube, seen or AskTheApiServer(clients)
+        kube = clients.kube
         obs["cluster"] = seen.cluster(ns, name)
         if obs["cluster"] is not None and obs["cluster"].get("status", {}).get("state") != "ready":
             obs["pods"] = seen.pods(ns, name)
@@ -199,9 +186,9 @@ def _job_env(clients: Clients, namespace: str, name: str) -> dict[str, str]:
 def reconcile_tune(
     body: dict[str, Any],
     clients: Clients,
+    seen: Seen,
     now: datetime | None = None,
     periodic: bool = False,
-    seen: Seen | None = None,
 ) -> Outcome:
     """One pass. A periodic pass re-applies the children only when the RayCluster is missing: the
     children are deterministic and the spec that shapes them is immutable, so re-applying them

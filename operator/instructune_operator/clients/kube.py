@@ -8,6 +8,7 @@ memory for the six calls below, and it is not needed to make them.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import ssl
 import tempfile
@@ -45,9 +46,9 @@ class KubeError(RuntimeError):
     def __init__(self, status: int, method: str, path: str, body: str) -> None:
         self.status = status
         try:
-            detail = httpx.Response(status, content=body.encode()).json()
+            detail = json.loads(body)
             message = f"{detail.get('reason', '')}: {detail.get('message', body)}"
-        except ValueError:
+        except (ValueError, AttributeError):  # not JSON, or JSON that is not a Status object
             message = body[:500]
         super().__init__(f"{method} {path}: HTTP {status} {message}")
 
