@@ -11,8 +11,9 @@
    result (metrics, baseMetrics, reportURI, templateHash).
 
 Exit codes: 0 done; 2 the config is invalid or asks for what cannot run here; 3 the checkpoint
-root belongs to another configuration; 1 anything else (the operator retries from the latest
-checkpoint, up to backoffLimit).
+root belongs to another configuration; 4 the data was refused (the row report is in the log);
+1 anything else (the operator retries from the latest checkpoint, up to backoffLimit). The
+operator fails a tune at once on 2, 3 and 4: a retry would end the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from instructune_jobs.config import TrainConfig
 
 log = logging.getLogger("instructune")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_CONFIG_MISMATCH = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_CONFIG_MISMATCH, EXIT_INVALID_DATA = 0, 1, 2, 3, 4
 RESULT_PREFIX = "INSTRUCTUNE_RESULT "
 
 
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from instructune_jobs.artifacts import ConfigMismatchError
     from instructune_jobs.finetune import UnsupportedSetupError, run_training, training_already_done
+    from instructune_jobs.prepare import InvalidDataError
 
     result: dict[str, Any] = {"configHash": cfg.config_hash()}
     try:
@@ -133,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigMismatchError as err:
         log.error("%s", err)
         return EXIT_CONFIG_MISMATCH
+    except InvalidDataError as err:
+        log.error("the data was refused: %s", err)
+        return EXIT_INVALID_DATA
 
     sys.stdout.write(RESULT_PREFIX + json.dumps(result, allow_nan=False, default=str) + "\n")
     sys.stdout.flush()

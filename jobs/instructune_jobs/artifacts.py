@@ -16,6 +16,7 @@ Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared wit
     <root>/metrics.jsonl                    one line per optimizer step (all attempts)
     <root>/progress.json                    latest progress and checkpoints
     <root>/eval/report.json                 written by evaluate.py
+    <root>/data/prepared-<key>.npz          the tokenized (and packed) data, see prepare.py
 
 Roots are s3:// prefixes (credentials and endpoint from the process environment only) or local
 directories (tests, the offline demo).
@@ -185,6 +186,25 @@ class Storage:
         path = _local(uri)
         return path.read_bytes() if path.is_file() else None
 
+    def exists(self, uri: str) -> bool:
+        if uri.startswith("s3://"):
+            bucket, key = split_s3_uri(uri)
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+            except self.client.exceptions.ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+            return True
+        return _local(uri).is_file()
+
+    def delete(self, uri: str) -> None:
+        if uri.startswith("s3://"):
+            bucket, key = split_s3_uri(uri)
+            self.client.delete_object(Bucket=bucket, Key=key)
+        else:
+            _local(uri).unlink(missing_ok=True)
+
     def list(self, prefix_uri: str) -> list[StoredObject]:
         """Every object under a prefix (recursively), sorted by uri."""
         if prefix_uri.startswith("s3://"):
@@ -227,11 +247,7 @@ class Storage:
             head = join_uri(uri, first)
             objects.sort(key=lambda o: o.uri.replace(os.sep, "/") != head.replace(os.sep, "/"))
         for obj in objects:
-            if obj.uri.startswith("s3://"):
-                bucket, key = split_s3_uri(obj.uri)
-                self.client.delete_object(Bucket=bucket, Key=key)
-            else:
-                Path(obj.uri).unlink(missing_ok=True)
+            self.delete(obj.uri)
         if not uri.startswith("s3://"):
             shutil.rmtree(_local(uri), ignore_errors=True)
 

@@ -2,9 +2,11 @@
 
 Read it top to bottom; there is no trainer class hierarchy, only a plain torch loop.
 
-    run_training(cfg)            the driver: refuse a foreign checkpoint, start the workers, wait
+    run_training(cfg)            the driver: refuse a foreign checkpoint, prepare the data once
+                                 (prepare.py: a Ray task; refused data stops here), start the
+                                 workers, wait
     train_loop_per_worker()      every worker runs:
-        1. setup       seed, base model, data, PEFT, optimizer + schedule, DeepSpeed or DDP,
+        1. setup       seed, base model, the prepared data, PEFT, optimizer + schedule, DeepSpeed or DDP,
                        then restore the latest checkpoint if the run was restarted
         2. train       optimizer steps; which examples a step sees is a pure function of
                        (seed, step), so a resumed run continues exactly where it left off
@@ -58,6 +60,7 @@ from instructune_jobs.artifacts import (
     ray_storage,
 )
 from instructune_jobs.config import TrainConfig
+from instructune_jobs.prepare import prepare_on_cluster, read_prepared
 
 log = logging.getLogger("instructune.finetune")
 
@@ -109,7 +112,8 @@ def run_training(
     storage: Storage | None = None,
 ) -> TrainingOutcome:
     """Train on the Ray cluster (connecting to ray_address or the ambient one) and return once the
-    final artifacts are written. Raises ConfigMismatchError when the root holds another run."""
+    final artifacts are written. Raises ConfigMismatchError when the root holds another run,
+    InvalidDataError (prepare.py) when the data is refused."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -126,6 +130,9 @@ def run_training(
 
     if not ray.is_initialized():
         ray.init(address=ray_address or _ray_address_from_env(), log_to_driver=True)
+    # Tokenized once per attempt (and reused by the next one), before the workers take their
+    # devices: refused data fails here, with its row report, not N times over on the workers.
+    prepared = prepare_on_cluster(cfg, layout)
     storage_path, storage_filesystem = ray_storage(layout.root)
     gpus = cfg.resources.gpus_per_worker
     trainer = TorchTrainer(
@@ -135,6 +142,7 @@ def run_training(
             "root": layout.root,
             "attempt": uuid.uuid4().hex[:8],
             "resume_uri": resume.uri if resume else None,
+            "prepared_uri": prepared.uri,
         },
         # One Ray Train worker per device; a node with 8 GPUs runs 8 workers.
         scaling_config=ScalingConfig(
@@ -214,9 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     base = fetch_base_model(cfg, storage)
     tokenizer = load_tokenizer(base.path)
-    from instructune_jobs.data import load_examples
-
-    data = load_examples(cfg, tokenizer)
+    data = read_prepared(loop_config["prepared_uri"], storage)
     items = data.training_items
     plan = StepPlan.build(len(items), world_size, cfg)
     ds_config = None

@@ -19,8 +19,9 @@ from instructune_operator.status import compute_validation_status, get_condition
 TERMINAL_PHASES = ("Succeeded", "Failed")
 JOB_RUNNING = ("PENDING", "RUNNING")
 # Exit codes with which the job says a retry would fail the same way (jobs/instructune_jobs/__main__.py):
-# a config the job refuses, or checkpoints under the root written by another configuration.
-PERMANENT_EXIT_CODES = {2: "InvalidTrainingConfig", 3: "CheckpointConfigMismatch"}
+# a config the job refuses, checkpoints under the root written by another configuration, or data
+# the job refused (rows that do not fit under policy "fail", too many skipped).
+PERMANENT_EXIT_CODES = {2: "InvalidTrainingConfig", 3: "CheckpointConfigMismatch", 4: "InvalidData"}
 
 
 @dataclass(frozen=True)

@@ -155,29 +155,65 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     )
 
 
+def _broken_tune(name: str, **changes: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["serving"] = {"enabled": False}
+    doc["spec"]["checkpointing"]["uri"] = f"s3://artifacts/{name}/"
+    for path, value in changes.items():
+        parent, leaf = path.split(".")
+        doc["spec"][parent][leaf] = value
+    return doc
+
+
+def _ended(stack: Any, ns: str, name: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (s := _status(stack, ns, name)).get("phase") in ("Succeeded", "Failed") and s,
+        600,
+        f"the {name} tune to end",
+    )
+
+
 def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_reason(
     crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
 ) -> None:
     stack, ns = crd_installed, namespace
-    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    doc["metadata"]["name"] = "broken"
-    # Dolly rows read as alpaca: every row misses `output`, and the policy is to fail.
-    doc["spec"]["dataset"]["train"] = [{"uri": "s3://datasets/general/general.jsonl"}]
-    doc["spec"]["dataset"]["format"] = "dolly"
-    doc["spec"]["dataset"]["invalidRows"] = {"policy": "fail"}
+    # No model under the URI: maybe not uploaded yet, so each attempt is worth a retry.
+    doc = _broken_tune("broken", **{"baseModel.uri": "s3://models/not-uploaded/"})
     doc["spec"]["backoffLimit"] = 1
-    doc["spec"]["serving"] = {"enabled": False}
-    doc["spec"]["checkpointing"]["uri"] = "s3://artifacts/broken/"
     stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-    final = wait_for(
-        lambda: (s := _status(stack, ns, "broken")).get("phase") in ("Succeeded", "Failed") and s,
-        600,
-        "the broken tune to fail",
-    )
+    final = _ended(stack, ns, "broken")
     assert final["phase"] == "Failed"
     assert final["attempts"] == 2
     succeeded = _condition(final, "Succeeded")
     assert succeeded["reason"] == "BackoffLimitExceeded"
-    assert "general.jsonl:1:" in succeeded["message"]
+    assert "no model files under s3://models/not-uploaded/" in succeeded["message"]
     assert len(_ray_jobs(stack, f"{ns}/broken")) == 2
+    wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be deleted after the failure")
+
+
+def test_refused_data_fails_the_tune_at_once_naming_the_row(
+    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+) -> None:
+    stack, ns = crd_installed, namespace
+    # Alpaca rows read as dolly: every row misses `response`, and the policy is to fail. A retry
+    # would read the same rows, so there is none, whatever backoffLimit allows.
+    doc = _broken_tune(
+        "refused",
+        **{
+            "dataset.train": [{"uri": "s3://datasets/general/general.jsonl"}],
+            "dataset.format": "dolly",
+            "dataset.invalidRows": {"policy": "fail"},
+        },
+    )
+    doc["spec"]["backoffLimit"] = 3
+    stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+    final = _ended(stack, ns, "refused")
+    assert final["phase"] == "Failed"
+    assert final["attempts"] == 1
+    succeeded = _condition(final, "Succeeded")
+    assert succeeded["reason"] == "InvalidData"
+    assert "s3://datasets/general/general.jsonl:1: missing field 'response'" in succeeded["message"]
+    assert "progress" not in final, "no training step ran"
+    assert len(_ray_jobs(stack, f"{ns}/refused")) == 1
     wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be deleted after the failure")

@@ -14,7 +14,9 @@ code. Four properties, on 2 CPU cores:
    from the latest S3 checkpoint and ends at the planned step count, no step repeated beyond the
    checkpoint interval (read from metrics.jsonl);
 4. the tuned model follows the trained output format on held-out prompts far more often than
-   the base model (the same job's evaluation, run by the entrypoint after training).
+   the base model (the same job's evaluation, run by the entrypoint after training);
+5. the data is tokenized once per configuration: the resumed attempt reuses it, and data the
+   policy refuses fails the job with exit code 4 and the row before any training worker starts.
 """
 
 from __future__ import annotations
@@ -414,6 +416,9 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
     manifest = json.loads(storage.read_bytes(layout.manifest) or b"{}")
     assert manifest["training"]["steps"] == FORMAT_STEPS
     assert manifest["training"]["resumedFromStep"] == checkpoint_before
+    # The second attempt trained on the tokens the first one prepared.
+    assert "data already prepared from the same inputs" in logs
+    assert len(storage.list(f"{layout.root}/data")) == 1
 
     result = job_result(logs)
     tuned, base = result["evaluation"]["metrics"], result["evaluation"]["baseMetrics"]
@@ -457,3 +462,30 @@ def test_checkpoints_of_another_config_are_not_resumed(
     )
     assert done.returncode == 3, done.stderr[-3000:]
     assert "refusing to resume another run" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Data the policy refuses stops the job before training starts, with the row that broke it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_refused_data_fails_the_job_with_exit_code_4_and_the_row_before_training(
+    assets: dict[str, Any], stack_env: dict[str, str]
+) -> None:
+    rows = extraction_rows(6, seed=3, split="train")
+    rows[2] = {**rows[2], "output": ""}
+    bad = assets["uris"]["train"].replace("extraction-train.jsonl", "refused.jsonl")
+    upload_rows(rows, bad)
+    cfg = make_config(
+        assets, "refused", dataset__train=[{"uri": bad}], dataset__invalid_rows={"policy": "fail"}
+    )
+    client = jobs_client(stack_env)
+    job = submit(client, cfg, assets["work"], "refused")
+    status = wait_job(client, job, 300)
+    logs = client.get_job_logs(job)
+
+    assert status.endswith("FAILED"), logs[-4000:]
+    assert client.get_job_info(job).driver_exit_code == 4, logs[-4000:]
+    assert f"{bad}:3: empty response in field 'output'" in logs
+    layout = ArtifactLayout.for_config(cfg)
+    assert read_metrics(cfg) == [] and Storage().list(layout.root) == [], "no worker trained"

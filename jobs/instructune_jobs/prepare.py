@@ -1,0 +1,260 @@
+"""The data step, run once per attempt on the cluster rather than once per rank.
+
+    prepare_on_cluster(cfg, layout)   the driver: one Ray task reads, validates and tokenizes the
+                                      data (or finds it already prepared) and returns its URI;
+                                      refused data raises InvalidDataError before any training
+                                      worker (or GPU) is taken
+    prepare_data(cfg, layout)         that task's body
+    read_prepared(uri)                every training worker: the prepared data, no tokenizer work
+
+The prepared data sits at `<root>/data/prepared-<key>.npz`. The key covers everything that
+decides its contents (the data objects' ETags, the base model revision the tokenizer comes from,
+the data, template and packing settings, the seed, and the versions of the code that renders and
+tokenizes), so a retried or resumed attempt reuses it and changed data never is.
+
+The file is numpy arrays plus one JSON document, read with allow_pickle=False: whoever can write
+the bucket can change what the model learns, but not run code in the training processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from instructune_jobs.artifacts import ArtifactLayout, Storage, fetch_base_model, join_uri
+from instructune_jobs.config import TrainConfig
+from instructune_jobs.data import (
+    DataStats,
+    DataValidationError,
+    InvalidRow,
+    ObjectReader,
+    PackedSequence,
+    PreparedData,
+    TemplateError,
+    TokenizedExample,
+    load_examples,
+)
+
+log = logging.getLogger("instructune.prepare")
+
+# Bump when load_examples' output for the same inputs changes (rendering, masking, packing).
+PREPARED_FORMAT = 1
+_CODE_PACKAGES = ("instructune", "transformers", "tokenizers", "jinja2")
+_PREFIX = "prepared-"
+
+
+class InvalidDataError(ValueError):
+    """The data was refused (rows that do not fit under policy "fail", too many skipped, no
+    template to render with): a retry would be refused the same way."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Key and file format (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def prepared_key(
+    cfg: TrainConfig, base_revision: str, etags: dict[str, str], code_versions: dict[str, str]
+) -> str:
+    """What decides the prepared data's contents, hashed. Learning rate, steps, LoRA settings or
+    the world size do not: a run that changes only those reuses the same tokens."""
+    decisive = {
+        "format": PREPARED_FORMAT,
+        "dataset": cfg.dataset.model_dump(mode="json", by_alias=True),
+        "template": cfg.template.model_dump(mode="json", by_alias=True),
+        "maxSeqLength": cfg.training.max_seq_length,
+        "packing": cfg.training.packing,
+        "seed": cfg.training.seed,
+        "baseModelRevision": base_revision,
+        "etags": dict(sorted(etags.items())),
+        "code": dict(sorted(code_versions.items())),
+    }
+    canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def code_versions() -> dict[str, str]:
+    versions = {}
+    for name in _CODE_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def prepared_uri(layout: ArtifactLayout, key: str) -> str:
+    return join_uri(layout.root, "data", f"{_PREFIX}{key[:32]}.npz")
+
+
+def _flat(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    values = np.fromiter((v for s in sequences for v in s), dtype=np.int32, count=int(lengths.sum()))
+    return values, lengths
+
+
+def _split(values: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    as_list = values.tolist()
+    ends = np.cumsum(lengths).tolist()
+    starts = [0, *ends][:-1]
+    return [as_list[start:end] for start, end in zip(starts, ends, strict=True)]
+
+
+def _example_arrays(name: str, examples: list[TokenizedExample]) -> dict[str, np.ndarray]:
+    ids, lengths = _flat([e.input_ids for e in examples])
+    labels, _ = _flat([e.labels for e in examples])
+    return {f"{name}_ids": ids, f"{name}_labels": labels, f"{name}_lengths": lengths}
+
+
+def _examples(arrays: Any, name: str) -> list[TokenizedExample]:
+    lengths = arrays[f"{name}_lengths"]
+    ids, labels = _split(arrays[f"{name}_ids"], lengths), _split(arrays[f"{name}_labels"], lengths)
+    return [TokenizedExample(i, lab) for i, lab in zip(ids, labels, strict=True)]
+
+
+def encode_prepared(data: PreparedData) -> bytes:
+    """PreparedData as an .npz file (no pickles)."""
+    meta = {
+        "format": PREPARED_FORMAT,
+        "chatTemplate": data.chat_template,
+        "stats": asdict(data.stats),
+        "invalid": [asdict(row) for row in data.invalid],
+        "packed": data.packed_train is not None,
+    }
+    arrays: dict[str, Any] = {
+        "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+        **_example_arrays("train", data.train),
+        **_example_arrays("validation", data.validation),
+    }
+    if data.packed_train is not None:
+        packs = data.packed_train
+        arrays["packed_ids"], arrays["packed_lengths"] = _flat([p.input_ids for p in packs])
+        arrays["packed_labels"], _ = _flat([p.labels for p in packs])
+        arrays["packed_positions"], _ = _flat([p.position_ids for p in packs])
+        arrays["packed_examples"], arrays["packed_counts"] = _flat([p.example_lengths for p in packs])
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def decode_prepared(blob: bytes) -> PreparedData:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+        meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
+        if meta.get("format") != PREPARED_FORMAT:
+            raise ValueError(f"prepared data of format {meta.get('format')}, expected {PREPARED_FORMAT}")
+        stats_fields = dict(meta["stats"])
+        stats_fields["invalid_samples"] = [InvalidRow(**row) for row in stats_fields["invalid_samples"]]
+        packed = None
+        if meta["packed"]:
+            lengths = arrays["packed_lengths"]
+            packed = [
+                PackedSequence(ids, labels, positions, examples)
+                for ids, labels, positions, examples in zip(
+                    _split(arrays["packed_ids"], lengths),
+                    _split(arrays["packed_labels"], lengths),
+                    _split(arrays["packed_positions"], lengths),
+                    _split(arrays["packed_examples"], arrays["packed_counts"]),
+                    strict=True,
+                )
+            ]
+        return PreparedData(
+            train=_examples(arrays, "train"),
+            validation=_examples(arrays, "validation"),
+            packed_train=packed,
+            chat_template=meta["chatTemplate"],
+            stats=DataStats(**stats_fields),
+            invalid=[InvalidRow(**row) for row in meta["invalid"]],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    uri: str
+    reused: bool
+
+
+def _listed_etags(cfg: TrainConfig, reader: ObjectReader) -> dict[str, str]:
+    uris = [source.uri for source in cfg.dataset.train]
+    if cfg.dataset.validation.uri:
+        uris.append(cfg.dataset.validation.uri)
+    return {ref.uri: ref.etag for uri in uris for ref in reader.list_objects(uri)}
+
+
+def prepare_data(
+    cfg: TrainConfig,
+    layout: ArtifactLayout,
+    storage: Storage | None = None,
+    reader: ObjectReader | None = None,
+) -> Prepared:
+    """Read, validate, tokenize and pack the data into `<root>/data/`, unless data prepared from
+    the same inputs is already there. Raises InvalidDataError when the data is refused."""
+    from instructune_jobs.data import SchemeReader
+    from instructune_jobs.finetune import load_tokenizer
+
+    storage, reader = storage or Storage(), reader or SchemeReader()
+    base = fetch_base_model(cfg, storage)
+    versions = code_versions()
+    existing = prepared_uri(layout, prepared_key(cfg, base.revision, _listed_etags(cfg, reader), versions))
+    if storage.exists(existing):
+        log.info("data already prepared from the same inputs: %s", existing)
+        return Prepared(existing, reused=True)
+    try:
+        data = load_examples(cfg, load_tokenizer(base.path), reader)
+    except (DataValidationError, TemplateError) as err:
+        raise InvalidDataError(str(err)) from err
+    # Keyed by the ETags actually read, in case an object changed after the listing above.
+    uri = prepared_uri(layout, prepared_key(cfg, base.revision, data.stats.etags, versions))
+    storage.write_bytes(uri, encode_prepared(data))
+    for stale in storage.list(join_uri(layout.root, "data")):
+        if stale.uri.rsplit("/", 1)[-1].startswith(_PREFIX) and stale.uri != uri:
+            storage.delete(stale.uri)
+    log.info(
+        "prepared %d training and %d validation examples (%d rows read, %d refused): %s",
+        data.stats.train_examples,
+        data.stats.validation_examples,
+        data.stats.rows,
+        data.stats.invalid_rows,
+        uri,
+    )
+    return Prepared(uri, reused=False)
+
+
+def prepare_on_cluster(cfg: TrainConfig, layout: ArtifactLayout) -> Prepared:
+    """prepare_data as one Ray task with a worker's CPUs (the head may have few, and no model
+    cache), never a GPU: tokenizing needs none."""
+    import ray
+
+    def run(config_json: str, root: str) -> dict[str, Any]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            prepared = prepare_data(TrainConfig.from_json(config_json), ArtifactLayout(root))
+        except InvalidDataError as err:
+            # Returned, not raised: Ray would wrap the exception in its own type and traceback.
+            return {"invalid": str(err)}
+        return {"uri": prepared.uri, "reused": prepared.reused}
+
+    cpus = cfg.resources.cpus_per_worker / max(1, cfg.resources.gpus_per_worker)
+    task = ray.remote(num_cpus=cpus, num_gpus=0, max_retries=0)(run)
+    result: dict[str, Any] = ray.get(task.remote(cfg.to_json(), layout.root))
+    if "invalid" in result:
+        raise InvalidDataError(result["invalid"])
+    return Prepared(result["uri"], result["reused"])
+
+
+def read_prepared(uri: str, storage: Storage | None = None) -> PreparedData:
+    blob = (storage or Storage()).read_bytes(uri)
+    if blob is None:
+        raise FileNotFoundError(f"no prepared data at {uri}")
+    return decode_prepared(blob)
