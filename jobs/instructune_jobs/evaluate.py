@@ -10,6 +10,8 @@ Read top to bottom, `run_evaluation` does:
 3. for each evaluation dataset: held-out loss and perplexity on assistant tokens only (the same
    tokenization and masking as training), then greedy, batched, left-padded generation on the
    prompts, scored by `scoring` (jsonValid, jsonSchema, regex, exactMatch + per-field matches);
+   the loss and perplexity of the validation split training set aside (`validation.*`: the very
+   tokens the data step prepared, read from the file the manifest names);
 4. the same for the base model when compare_to_base (an adapter is simply disabled, so the base
    costs no second copy of the weights);
 5. the general probe's loss for tuned and base: `forgetting.*`;
@@ -18,8 +20,8 @@ Read top to bottom, `run_evaluation` does:
 
 Metric keys are flat: `<dataset>.loss|perplexity|jsonValid|jsonSchema|regex|exactMatch`,
 `<dataset>.fieldMatch.<field>`, the same without the dataset prefix as the mean over datasets
-(what a gate rule like `jsonValid` reads), and `forgetting.probeLoss|lossIncrease|
-relativeLossIncrease`. All values are floats.
+(what a gate rule like `jsonValid` reads), `validation.loss|perplexity` and
+`forgetting.probeLoss|lossIncrease|relativeLossIncrease`. All values are floats.
 """
 
 from __future__ import annotations
@@ -394,9 +396,17 @@ def score_model(
     want_loss: bool,
     max_new_tokens: int,
     batch_size: int,
+    validation: Sequence[TokenizedExample] = (),
 ) -> ModelScores:
-    """Every metric of one model (tuned or base) on every evaluation set, plus its probe loss."""
+    """Every metric of one model (tuned or base) on every evaluation set, plus its loss on the
+    validation split and on the probe."""
     result = ModelScores({}, {}, {})
+    if validation:
+        loss, _tokens = mean_assistant_loss(model, validation, tokenizer.pad_token_id, batch_size)
+        result.metrics["validation.loss"] = float(loss)
+        result.metrics["validation.perplexity"] = (
+            scoring.perplexity(loss) if math.isfinite(loss) else math.nan
+        )
     for eval_set in eval_sets:
         prefix = eval_set.name
         if want_loss:
@@ -423,6 +433,23 @@ def score_model(
         loss, _tokens = mean_assistant_loss(model, probe.examples, tokenizer.pad_token_id, batch_size)
         result.metrics["forgetting.probeLoss"] = float(loss)
     return result
+
+
+def validation_split(layout: ArtifactLayout, storage: Storage) -> list[TokenizedExample]:
+    """The validation split of the training run whose manifest is under the root (none when the
+    run set none aside, or when the model was not trained here)."""
+    from instructune_jobs.prepare import read_validation
+
+    manifest = json.loads(storage.read_bytes(layout.manifest) or b"{}")
+    uri = (manifest.get("data") or {}).get("preparedUri")
+    if not uri or not (manifest.get("data") or {}).get("validationExamples"):
+        return []
+    try:
+        return read_validation(uri, storage)
+    except FileNotFoundError:
+        # Prepared data of an older run whose data has changed since is pruned: no split to score.
+        log.warning("the validation split at %s is gone: no validation.* metrics", uri)
+        return []
 
 
 def add_means_over_datasets(metrics: dict[str, float], dataset_names: Sequence[str]) -> dict[str, float]:
@@ -484,9 +511,9 @@ def run_evaluation(
     started = time.monotonic()
     evaluation = cfg.evaluation
     names = [d.name for d in evaluation.datasets]
-    if "forgetting" in names or len(set(names)) != len(names):
+    if {"forgetting", "validation"} & set(names) or len(set(names)) != len(names):
         raise ValueError(
-            f"evaluation dataset names must be unique and not 'forgetting' (metric keys): {names}"
+            f"evaluation dataset names must be unique, not 'forgetting' nor 'validation' (metric keys): {names}"
         )
     reader = reader or SchemeReader()
     storage = storage or Storage()
@@ -536,9 +563,18 @@ def run_evaluation(
             else None
         )
 
+        validation = validation_split(layout, storage)
         model = load_tuned_model(artifacts, base_ref, cfg)
         tuned = score_model(
-            model, tokenizer, eval_sets, probe, spec, want_loss, evaluation.max_new_tokens, batch_size
+            model,
+            tokenizer,
+            eval_sets,
+            probe,
+            spec,
+            want_loss,
+            evaluation.max_new_tokens,
+            batch_size,
+            validation,
         )
         base: ModelScores | None = None
         if base_ref is not None and (evaluation.compare_to_base or probe is not None):
@@ -554,6 +590,7 @@ def run_evaluation(
                     want_loss,
                     evaluation.max_new_tokens,
                     batch_size,
+                    validation if evaluation.compare_to_base else (),
                 )
         del model
 
@@ -582,6 +619,7 @@ def run_evaluation(
         "metrics": metrics,
         "baseMetrics": base_metrics,
         "datasets": [_dataset_report(s, tuned, base, report_samples) for s in eval_sets],
+        "validation": {"examples": len(validation)},
         "probe": None
         if probe is None
         else {"uri": probe.uri, "rows": probe.rows, "examples": len(probe.examples), "etags": probe.etags},

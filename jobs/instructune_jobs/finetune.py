@@ -303,7 +303,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             cfg,
             base=base,
             data_stats=data.stats.to_status()
-            | {"trainExamples": data.stats.train_examples, "trainItems": len(items)},
+            | {
+                "trainExamples": data.stats.train_examples,
+                "validationExamples": data.stats.validation_examples,
+                "trainItems": len(items),
+                "preparedUri": loop_config["prepared_uri"],
+            },
             data_etags=data.stats.etags,
             template_hash=data.stats.template_hash,
             outputs=outputs,

@@ -6,6 +6,7 @@
                                       worker (or GPU) is taken
     prepare_data(cfg, layout)         that task's body
     read_prepared(uri)                every training worker: the prepared data, no tokenizer work
+    read_validation(uri)              evaluation: the validation split, for its loss
 
 The prepared data sits at `<root>/data/prepared-<key>.npz`. The key covers everything that
 decides its contents (the data objects' ETags, the base model revision the tokenizer comes from,
@@ -253,8 +254,18 @@ def prepare_on_cluster(cfg: TrainConfig, layout: ArtifactLayout) -> Prepared:
     return Prepared(result["uri"], result["reused"])
 
 
-def read_prepared(uri: str, storage: Storage | None = None) -> PreparedData:
+def _read(uri: str, storage: Storage | None) -> bytes:
     blob = (storage or Storage()).read_bytes(uri)
     if blob is None:
         raise FileNotFoundError(f"no prepared data at {uri}")
-    return decode_prepared(blob)
+    return blob
+
+
+def read_prepared(uri: str, storage: Storage | None = None) -> PreparedData:
+    return decode_prepared(_read(uri, storage))
+
+
+def read_validation(uri: str, storage: Storage | None = None) -> list[TokenizedExample]:
+    """Only the validation split: the tokens, with the training masks, that training never saw."""
+    with np.load(io.BytesIO(_read(uri, storage)), allow_pickle=False) as arrays:
+        return _examples(arrays, "validation")

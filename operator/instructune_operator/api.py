@@ -250,6 +250,17 @@ class CheckpointingSpec(Model):
 class EvalDataset(Model):
     """Held-out evaluation prompts with reference responses."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!(self.name in ['forgetting', 'validation'])",
+                    "names forgetting and validation are taken by the probe's and the validation split's metrics",
+                    ".name",
+                ),
+            ]
+        }
+    )
     name: str = Field(pattern=DNS_LABEL, max_length=63, description="Name used in metric keys.")
     uri: str = Field(pattern=S3_URI, description="S3 object or prefix in any supported dataset format.")
 
@@ -308,7 +319,17 @@ class EvaluationSpec(Model):
     """Evaluation after training, and the gate that decides deployment."""
 
     datasets: list[EvalDataset] = Field(
-        default_factory=list, max_length=16, description="Evaluation datasets."
+        default_factory=list,
+        max_length=16,
+        description="Evaluation datasets.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.all(d, self.exists_one(e, e.name == d.name))",
+                    "evaluation dataset names must be unique: they prefix the metric keys",
+                )
+            ]
+        },
     )
     metrics: list[MetricSpec] = Field(default_factory=list, max_length=32, description="Scores to compute.")
     compare_to_base: bool = Field(

@@ -122,6 +122,8 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert evaluation["passed"] is True
     assert evaluation["metrics"]["heldout.jsonSchema"] >= 0.8
     assert evaluation["baseMetrics"]["heldout.jsonSchema"] < evaluation["metrics"]["heldout.jsonSchema"]
+    # The 5% split training set aside is scored too, on the tokens it was prepared as.
+    assert evaluation["metrics"]["validation.loss"] < evaluation["baseMetrics"]["validation.loss"]
     assert "heldout.jsonSchema=" in _condition(final, "EvalPassed")["message"]
 
     # Ray Serve serves from the tune's own Ray cluster, so a served tune keeps it (a failed tune

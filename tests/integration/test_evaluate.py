@@ -307,3 +307,40 @@ def test_evaluation_refuses_a_chat_template_other_than_the_trained_one(tuned_run
     cfg.template = TemplateConfig(chat_template=CHATML_TEMPLATE.replace("<|im_start|>", "<|im_start|> "))
     with pytest.raises(TemplateMismatchError, match="chat template"):
         run_evaluation(cfg, str(tuned_run["work"] / "final"), tuned_run["base_dir"])
+
+
+def test_the_validation_split_is_scored_on_the_tokens_training_prepared(tuned_run: dict[str, Any]) -> None:
+    from instructune_jobs.artifacts import ArtifactLayout, Storage
+    from instructune_jobs.prepare import prepare_data, read_prepared
+
+    uris = tuned_run["uris"]
+    root = uris["root"].rstrip("/") + "-validation/"
+    upload_directory(tuned_run["work"] / "final", root + "final/")
+    cfg = TrainConfig.model_validate(
+        {
+            "base_model": {"uri": uris["base"]},
+            # 64 rows of the training distribution, a quarter set aside by the seeded split
+            "dataset": {
+                "train": [{"uri": uris["train"]}],
+                "format": "alpaca",
+                "validation": {"fraction": 0.25},
+            },
+            "training": {"max_seq_length": 512},
+            "checkpointing": {"uri": root},
+            "evaluation": {"datasets": [], "metrics": ["loss"], "compare_to_base": True},
+        }
+    )
+    layout, storage = ArtifactLayout.for_config(cfg), Storage()
+    prepared = prepare_data(cfg, layout, storage)
+    split = read_prepared(prepared.uri, storage).validation
+    assert len(split) == 16
+    # What the training job's rank 0 writes at the end of training.
+    manifest = {"data": {"preparedUri": prepared.uri, "validationExamples": len(split)}}
+    storage.write_bytes(layout.manifest, json.dumps(manifest).encode())
+
+    result = run_evaluation(cfg)
+
+    metrics, base = result["metrics"], result["baseMetrics"]
+    assert metrics["validation.loss"] < base["validation.loss"] - 1.0
+    assert metrics["validation.perplexity"] == pytest.approx(math.exp(metrics["validation.loss"]), rel=1e-6)
+    assert read_s3_json(result["reportURI"])["validation"] == {"examples": 16}
