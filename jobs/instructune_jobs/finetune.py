@@ -466,13 +466,22 @@ def build_model(
             bnb_4bit_compute_dtype=compute_dtype,
         )
         kwargs["device_map"] = {"": device.index or 0}
-    elif ds_config is not None and cfg.distributed.zero_stage == 3 and cfg.method.type == "full":
-        # ZeRO-3 full fine-tuning: let from_pretrained partition the weights as it loads them
-        # (zero.Init), so no rank ever holds the whole model.
+    elif ds_config is not None and cfg.distributed.zero_stage == 3:
+        # ZeRO-3: from_pretrained partitions the weights as it loads them (zero.Init), so no rank
+        # ever holds the whole model: 8 ranks of a node would otherwise each load all of it into
+        # host memory. PEFT then builds LoRA (and modules_to_save copies, gathered) around them.
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_context = HfDeepSpeedConfig(ds_config)  # must stay referenced while loading
     model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
+    if zero3_context is not None:
+        weights = list(model.parameters())
+        held = sum(p.ds_tensor.numel() for p in weights if hasattr(p, "ds_tensor"))
+        log.info(
+            "ZeRO-3: base weights partitioned as loaded, %d of %d elements on this rank",
+            held,
+            sum(getattr(p, "ds_numel", p.numel()) for p in weights),
+        )
     del zero3_context
     return apply_method(cfg, model, device, keep_on_cpu=ds_config is not None)
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -173,14 +174,22 @@ def wait_job(client: Any, job_id: str, timeout: float, until: Any = None) -> str
 
 
 def run_job(
-    stack_env: dict[str, str], cfg: TrainConfig, work: Path, name: str, timeout: float = 600
+    stack_env: dict[str, str],
+    cfg: TrainConfig,
+    work: Path,
+    name: str,
+    timeout: float = 600,
+    logs_out: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Submit, wait for success, return the entrypoint's INSTRUCTUNE_RESULT."""
+    """Submit, wait for success, return the entrypoint's INSTRUCTUNE_RESULT (and the job's log
+    in logs_out)."""
     client = jobs_client(stack_env)
     job_id = submit(client, cfg, work, name)
     status = wait_job(client, job_id, timeout)
     logs = client.get_job_logs(job_id)
     assert status.endswith("SUCCEEDED"), f"{name}: {status}\n{logs[-6000:]}"
+    if logs_out is not None:
+        logs_out.append(logs)
     return job_result(logs)
 
 
@@ -301,9 +310,10 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(
     }
     final: dict[str, float] = {}
     timings: dict[str, float] = {}
+    logs: list[str] = []
     for name, cfg in runs.items():
         started = time.monotonic()
-        result = run_job(stack_env, cfg, assets["work"], name)
+        result = run_job(stack_env, cfg, assets["work"], name, logs_out=logs)
         timings[name] = round(time.monotonic() - started)
         layout, storage = ArtifactLayout.for_config(cfg), Storage()
         checkpoints = list_checkpoints(layout, storage)
@@ -329,6 +339,11 @@ def test_zero2_and_zero3_train_on_two_workers_and_checkpoint_to_s3(
     print(f"final loss zero2 {final['zero2']:.5f}, zero3+offload {final['zero3']:.5f}; seconds {timings}")
     # The same data, order and seed: sharding the states must not change the numbers.
     assert final["zero2"] == pytest.approx(final["zero3"], rel=1e-3)
+    # Under ZeRO-3 no rank held the whole base model: each loaded only its partition.
+    assert "partitioned as loaded" not in logs[0]
+    partitions = re.findall(r"partitioned as loaded, (\d+) of (\d+) elements", logs[1])
+    assert partitions, logs[1][-4000:]  # one line per rank, or one that Ray marks as repeated
+    assert all(2 * int(held) <= int(total) + 2 * 1024 for held, total in partitions), partitions
 
     # Resumed under ZeRO-3 + offload: with the final artifacts and the last checkpoint gone, a new
     # job restores step 4 (each rank downloading only its own shard) and ends where the
