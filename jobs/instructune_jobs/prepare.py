@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import io
+import itertools
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -46,7 +47,7 @@ from instructune_jobs.data import (
 log = logging.getLogger("instructune.prepare")
 
 # Bump when load_examples' output for the same inputs changes (rendering, masking, packing).
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2
 _CODE_PACKAGES = ("instructune", "transformers", "tokenizers", "jinja2")
 _PREFIX = "prepared-"
 
@@ -96,8 +97,8 @@ def prepared_uri(layout: ArtifactLayout, key: str) -> str:
 
 
 def _flat(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    values = np.fromiter((v for s in sequences for v in s), dtype=np.int32, count=int(lengths.sum()))
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    values = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(lengths.sum()))
     return values, lengths
 
 
@@ -106,6 +107,14 @@ def _split(values: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
     ends = np.cumsum(lengths).tolist()
     starts = [0, *ends][:-1]
     return [as_list[start:end] for start, end in zip(starts, ends, strict=True)]
+
+
+def _restarting_positions(example_lengths: np.ndarray) -> np.ndarray:
+    """0, 1, ... n-1 for every example, end to end: a pack's position ids."""
+    starts = np.cumsum(example_lengths) - example_lengths
+    return np.arange(int(example_lengths.sum()), dtype=np.int32) - np.repeat(starts, example_lengths).astype(
+        np.int32
+    )
 
 
 def _example_arrays(name: str, examples: list[TokenizedExample]) -> dict[str, np.ndarray]:
@@ -121,24 +130,26 @@ def _examples(arrays: Any, name: str) -> list[TokenizedExample]:
 
 
 def encode_prepared(data: PreparedData) -> bytes:
-    """PreparedData as an .npz file (no pickles)."""
+    """PreparedData as an .npz file (no pickles). A packed run's training examples are stored in
+    their packs only (that is all training reads), and position ids are rebuilt from the
+    examples' lengths: a third of the size of storing everything."""
+    packs = data.packed_train
     meta = {
         "format": PREPARED_FORMAT,
         "chatTemplate": data.chat_template,
         "stats": asdict(data.stats),
         "invalid": [asdict(row) for row in data.invalid],
-        "packed": data.packed_train is not None,
+        "packed": packs is not None,
     }
     arrays: dict[str, Any] = {
         "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
-        **_example_arrays("train", data.train),
         **_example_arrays("validation", data.validation),
     }
-    if data.packed_train is not None:
-        packs = data.packed_train
+    if packs is None:
+        arrays.update(_example_arrays("train", data.train))
+    else:
         arrays["packed_ids"], arrays["packed_lengths"] = _flat([p.input_ids for p in packs])
         arrays["packed_labels"], _ = _flat([p.labels for p in packs])
-        arrays["packed_positions"], _ = _flat([p.position_ids for p in packs])
         arrays["packed_examples"], arrays["packed_counts"] = _flat([p.example_lengths for p in packs])
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -146,6 +157,8 @@ def encode_prepared(data: PreparedData) -> bytes:
 
 
 def decode_prepared(blob: bytes) -> PreparedData:
+    """The PreparedData encode_prepared stored; for a packed run `train` is empty (its examples
+    are in `packed_train`)."""
     with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
         meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
         if meta.get("format") != PREPARED_FORMAT:
@@ -154,19 +167,19 @@ def decode_prepared(blob: bytes) -> PreparedData:
         stats_fields["invalid_samples"] = [InvalidRow(**row) for row in stats_fields["invalid_samples"]]
         packed = None
         if meta["packed"]:
-            lengths = arrays["packed_lengths"]
+            lengths, example_lengths = arrays["packed_lengths"], arrays["packed_examples"]
             packed = [
                 PackedSequence(ids, labels, positions, examples)
                 for ids, labels, positions, examples in zip(
                     _split(arrays["packed_ids"], lengths),
                     _split(arrays["packed_labels"], lengths),
-                    _split(arrays["packed_positions"], lengths),
-                    _split(arrays["packed_examples"], arrays["packed_counts"]),
+                    _split(_restarting_positions(example_lengths), lengths),
+                    _split(example_lengths, arrays["packed_counts"]),
                     strict=True,
                 )
             ]
         return PreparedData(
-            train=_examples(arrays, "train"),
+            train=[] if packed is not None else _examples(arrays, "train"),
             validation=_examples(arrays, "validation"),
             packed_train=packed,
             chat_template=meta["chatTemplate"],
