@@ -46,4 +46,4 @@ demo: stack-build venv
 	@$(PY) hack/demo.py --dir $(STACK_DIR)
 
 bench: venv
-	@$(PY) bench/bench_packing.py && $(PY) bench/bench_data_pipeline.py
+	@$(PY) bench/bench_packing.py && $(PY) bench/bench_data_pipeline.py && $(PY) bench/bench_prepared_reuse.py
