@@ -144,9 +144,9 @@ def to_messages(row: dict[str, str]) -> list[dict[str, str]]:
     ]
 
 
-def run_datasets(
-    objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, batch_size: int
-) -> dict[str, Any]:
+@contextlib.contextmanager
+def json_loader(objects: dict[str, bytes]) -> Iterator[Any]:
+    """The objects as files, and a function that loads one with `datasets` (in memory, uncached)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -154,10 +154,9 @@ def run_datasets(
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in objects.items():
             Path(tmp, name).write_bytes(data)
-        started, cpu_started = time.perf_counter(), time.process_time()
-        real_tokens = positions = 0
-        for name in objects:
-            dataset = datasets.load_dataset(
+
+        def load(name: str) -> Any:
+            return datasets.load_dataset(
                 "json",
                 data_files=str(Path(tmp, name)),
                 split="train",
@@ -165,9 +164,29 @@ def run_datasets(
                 keep_in_memory=True,
             )
 
+        yield load
+
+
+def batch_messages(batch: dict[str, list[Any]]) -> list[list[dict[str, str]]]:
+    """A `datasets` batch (columns of values) as one conversation per row."""
+    return [
+        to_messages(dict(zip(batch, values, strict=True))) for values in zip(*batch.values(), strict=True)
+    ]
+
+
+def run_datasets(
+    objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, batch_size: int
+) -> dict[str, Any]:
+    import datasets
+
+    with json_loader(objects) as load:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        real_tokens = positions = 0
+        for name in objects:
+            dataset = load(name)
+
             def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
-                rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-                texts = tokenizer.apply_chat_template([to_messages(row) for row in rows], tokenize=False)
+                texts = tokenizer.apply_chat_template(batch_messages(batch), tokenize=False)
                 encoded = tokenizer(
                     texts,
                     add_special_tokens=False,
@@ -196,28 +215,15 @@ def run_datasets(
 def run_datasets_packed(
     objects: dict[str, bytes], tokenizer: Any, max_seq_length: int, batch_size: int
 ) -> dict[str, Any]:
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.disable_caching()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in objects.items():
-            Path(tmp, name).write_bytes(data)
+    with json_loader(objects) as load:
         started, cpu_started = time.perf_counter(), time.process_time()
         real_tokens = positions = trained = 0
         for name in objects:
-            dataset = datasets.load_dataset(
-                "json",
-                data_files=str(Path(tmp, name)),
-                split="train",
-                cache_dir=str(Path(tmp, "cache")),
-                keep_in_memory=True,
-            )
+            dataset = load(name)
 
             def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
-                rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
                 encoded = tokenizer.apply_chat_template(
-                    [to_messages(row) for row in rows],
+                    batch_messages(batch),
                     tokenize=True,
                     return_dict=True,
                     return_assistant_tokens_mask=True,
