@@ -123,7 +123,10 @@ class TokenizedExample:
 @dataclass(frozen=True, slots=True)
 class PackedSequence:
     """Several examples laid end to end; position_ids restart at 0 at every example's start,
-    which is how attention (and `block_diagonal_causal_mask`) keeps the examples apart."""
+    which is how attention (and `block_diagonal_causal_mask`) keeps the examples apart.
+
+    Built with lists; read back from prepared data (prepare.py) the three token sequences are
+    int32 numpy views. Consumers only take len(), index and copy them into numpy rows."""
 
     input_ids: list[int]
     labels: list[int]
@@ -1092,18 +1095,23 @@ class PaddingCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, batch: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        import numpy as np
         import torch
 
         length = _round_up(max(len(example) for example in batch), self.pad_to_multiple_of)
-        pads = [length - len(example) for example in batch]
-        # one tensor per field from padded lists: far cheaper than a tensor per example
-        input_ids = [ex.input_ids + [self.pad_token_id] * pad for ex, pad in zip(batch, pads, strict=True)]
-        labels = [ex.labels + [IGNORE_INDEX] * pad for ex, pad in zip(batch, pads, strict=True)]
-        attention_mask = [[1] * len(ex) + [0] * pad for ex, pad in zip(batch, pads, strict=True)]
+        # Rows filled in numpy, from lists or arrays alike (prepared data is read as arrays).
+        input_ids = np.full((len(batch), length), self.pad_token_id, dtype=np.int64)
+        labels = np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
+        attention_mask = np.zeros((len(batch), length), dtype=np.int64)
+        for row, example in enumerate(batch):
+            size = len(example)
+            input_ids[row, :size] = example.input_ids
+            labels[row, :size] = example.labels
+            attention_mask[row, :size] = 1
         return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "attention_mask": torch.tensor(attention_mask, dtype=torch.long),
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(attention_mask),
         }
 
 

@@ -4,6 +4,8 @@ unchanged, is reused only when nothing that decides it changed, and refused data
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,11 @@ def config(model_dir: Path, dataset: dict[str, Any] = MIXED, **training: Any) ->
     )
 
 
+def as_lists(items: Sequence[Any]) -> list[tuple[list[int], ...]]:
+    """Each item's sequences as lists (read back, the token sequences are numpy views)."""
+    return [tuple(list(map(int, getattr(item, f.name))) for f in fields(item)) for item in items]
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_prepared_data_survives_the_file_round_trip_unchanged(
     tiny_model_dir: Path, tokenizer: Any, packing: bool
@@ -77,7 +84,7 @@ def test_prepared_data_survives_the_file_round_trip_unchanged(
 
     restored = decode_prepared(encode_prepared(prepared))
 
-    assert restored.training_items == prepared.training_items
+    assert as_lists(restored.training_items) == as_lists(prepared.training_items)
     assert restored.validation == prepared.validation
     assert (restored.chat_template, restored.stats, restored.invalid) == (
         prepared.chat_template,
@@ -85,7 +92,7 @@ def test_prepared_data_survives_the_file_round_trip_unchanged(
         prepared.invalid,
     )
     # A packed run's examples travel in their packs only: training reads nothing else.
-    assert restored.train == ([] if packing else prepared.train)
+    assert as_lists(restored.train) == ([] if packing else as_lists(prepared.train))
 
 
 def test_prepared_data_without_a_validation_split_survives_the_round_trip(
@@ -97,7 +104,9 @@ def test_prepared_data_without_a_validation_split_survives_the_round_trip(
 
     restored = decode_prepared(encode_prepared(prepared))
 
-    assert restored.validation == [] and restored.training_items == prepared.training_items
+    assert restored.validation == [] and as_lists(restored.training_items) == as_lists(
+        prepared.training_items
+    )
 
 
 def test_the_file_holds_no_pickles(tiny_model_dir: Path, tokenizer: Any) -> None:
@@ -160,3 +169,24 @@ def test_refused_data_raises_invalid_data_with_the_row_and_writes_nothing(
         prepare_data(cfg, ArtifactLayout(str(tmp_path / "root")), Storage(), MemoryObjectReader(broken))
 
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batches_from_read_back_data_equal_batches_from_the_data_step(
+    tiny_model_dir: Path, tokenizer: Any, packing: bool
+) -> None:
+    import torch
+
+    from instructune_jobs.data import PackedCollator, PaddingCollator
+
+    prepared = load_examples(config(tiny_model_dir, packing=packing), tokenizer, MemoryObjectReader(OBJECTS))
+    restored = decode_prepared(encode_prepared(prepared))
+    collate: Any = (
+        PackedCollator(tokenizer.pad_token_id) if packing else PaddingCollator(tokenizer.pad_token_id)
+    )
+
+    for start in range(0, len(prepared.training_items), 4):
+        expected = collate(prepared.training_items[start : start + 4])
+        got = collate(restored.training_items[start : start + 4])
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[name], got[name]) for name in expected)
