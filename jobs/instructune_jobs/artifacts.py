@@ -17,6 +17,7 @@ Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared wit
     <root>/progress.json                    latest progress and checkpoints
     <root>/eval/report.json                 written by evaluate.py
     <root>/data/prepared-<key>.npz          the tokenized (and packed) data, see prepare.py
+    <root>/data/invalid-rows.jsonl          every row the data step refused: object, line, reason
 
 Roots are s3:// prefixes (credentials and endpoint from the process environment only) or local
 directories (tests, the offline demo).
@@ -132,6 +133,10 @@ class ArtifactLayout:
     @property
     def eval_report(self) -> str:
         return self._at("eval", "report.json")
+
+    @property
+    def invalid_rows(self) -> str:
+        return self._at("data", "invalid-rows.jsonl")
 
 
 def checkpoint_dir_name(step: int) -> str:

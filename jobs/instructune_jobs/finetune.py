@@ -801,7 +801,7 @@ def make_reporter(
         start_step,
         previous_metrics,
         [c for c in previous_progress.get("checkpoints", []) if c["step"] <= start_step],
-        data=data.stats.to_status(),
+        data=data.stats.to_status() | ({"invalidRowsReport": layout.invalid_rows} if data.invalid else {}),
         lineage=build_lineage_status(cfg, base.revision, data.stats.etags),
     )
     return reporter

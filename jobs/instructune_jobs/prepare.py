@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -235,8 +236,12 @@ def prepare_data(
         return Prepared(existing, reused=True)
     try:
         data = load_examples(cfg, load_tokenizer(base.path), reader)
-    except (DataValidationError, TemplateError) as err:
+    except DataValidationError as err:
+        report_invalid_rows(err.invalid_rows, layout, storage)
         raise InvalidDataError(str(err)) from err
+    except TemplateError as err:
+        raise InvalidDataError(str(err)) from err
+    report_invalid_rows(data.invalid, layout, storage)
     # Keyed by the ETags actually read, in case an object changed after the listing above.
     uri = prepared_uri(layout, prepared_key(cfg, base.revision, data.stats.etags, versions))
     storage.write_bytes(uri, encode_prepared(data))
@@ -252,6 +257,22 @@ def prepare_data(
         uri,
     )
     return Prepared(uri, reused=False)
+
+
+def invalid_rows_report(rows: Sequence[InvalidRow]) -> bytes:
+    return "".join(json.dumps(asdict(row)) + "\n" for row in rows).encode("utf-8")
+
+
+def report_invalid_rows(rows: Sequence[InvalidRow], layout: ArtifactLayout, storage: Storage) -> None:
+    """Every refused row into `<root>/data/invalid-rows.jsonl` (status.data.invalidRowsReport
+    names it): skipped rows must be findable, not only counted. No refused rows, no file."""
+    if not rows:
+        if storage.exists(layout.invalid_rows):
+            storage.delete(layout.invalid_rows)
+        return
+    storage.write_bytes(layout.invalid_rows, invalid_rows_report(rows), "application/x-ndjson")
+    shown = "; ".join(str(row) for row in rows[:5])
+    log.warning("%d rows refused (all in %s), first: %s", len(rows), layout.invalid_rows, shown)
 
 
 def prepare_on_cluster(cfg: TrainConfig, layout: ArtifactLayout) -> Prepared:

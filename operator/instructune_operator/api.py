@@ -494,6 +494,10 @@ class DataStatus(Model):
 
     rows: int | None = Field(default=None, description="Valid rows used.")
     invalid_rows: int | None = Field(default=None, description="Rows rejected.")
+    invalid_rows_report: str | None = Field(
+        default=None,
+        description="Object listing every rejected row as JSON lines {object, line, reason}.",
+    )
     tokens: int | None = Field(default=None, description="Training tokens per epoch.")
     padding_fraction: float | None = Field(default=None, description="Padding share of the packed batches.")
     template_hash: str | None = Field(default=None, description="sha256 of the chat template trained with.")

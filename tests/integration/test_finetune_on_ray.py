@@ -502,5 +502,9 @@ def test_refused_data_fails_the_job_with_exit_code_4_and_the_row_before_training
     assert status.endswith("FAILED"), logs[-4000:]
     assert client.get_job_info(job).driver_exit_code == 4, logs[-4000:]
     assert f"{bad}:3: empty response in field 'output'" in logs
-    layout = ArtifactLayout.for_config(cfg)
-    assert read_metrics(cfg) == [] and Storage().list(layout.root) == [], "no worker trained"
+    layout, storage = ArtifactLayout.for_config(cfg), Storage()
+    # No worker trained: the refused row's report is all there is under the root.
+    assert read_metrics(cfg) == []
+    assert [o.uri for o in storage.list(layout.root)] == [layout.invalid_rows]
+    report = json.loads(storage.read_bytes(layout.invalid_rows) or b"{}")
+    assert report == {"object": bad, "line": 3, "reason": "empty response in field 'output'"}

@@ -165,10 +165,41 @@ def test_refused_data_raises_invalid_data_with_the_row_and_writes_nothing(
     )
     broken = {"s3://data/alpaca.jsonl": jsonl([*ALPACA[:3], {"instruction": "x", "output": ""}])}
 
+    layout = ArtifactLayout(str(tmp_path / "root"))
     with pytest.raises(InvalidDataError, match=r"s3://data/alpaca.jsonl:4: empty response"):
-        prepare_data(cfg, ArtifactLayout(str(tmp_path / "root")), Storage(), MemoryObjectReader(broken))
+        prepare_data(cfg, layout, Storage(), MemoryObjectReader(broken))
 
-    assert not (tmp_path / "root").exists()
+    # No prepared data, only the report of what was refused.
+    assert [p.name for p in (tmp_path / "root" / "data").iterdir()] == ["invalid-rows.jsonl"]
+    assert json.loads(Path(layout.invalid_rows).read_text()) == {
+        "object": "s3://data/alpaca.jsonl",
+        "line": 4,
+        "reason": "empty response in field 'output'",
+    }
+
+
+def test_skipped_rows_are_listed_in_a_report_and_the_report_goes_when_they_do(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = config(
+        tiny_model_dir,
+        {
+            "train": [{"uri": "s3://data/alpaca.jsonl"}],
+            "invalid_rows": {"policy": "skip", "max_fraction": 0.1},
+        },
+    )
+    layout, storage = ArtifactLayout(str(tmp_path / "root")), Storage()
+    rows = [*ALPACA[:20], {"instruction": "x"}, *ALPACA[20:], {"instruction": "y", "output": ""}]
+
+    prepare_data(cfg, layout, storage, MemoryObjectReader({"s3://data/alpaca.jsonl": jsonl(rows)}))
+    report = [json.loads(line) for line in Path(layout.invalid_rows).read_text().splitlines()]
+    prepare_data(cfg, layout, storage, MemoryObjectReader(OBJECTS))
+
+    assert [(r["line"], r["reason"]) for r in report] == [
+        (21, "missing field 'output'"),
+        (42, "empty response in field 'output'"),
+    ]
+    assert not Path(layout.invalid_rows).exists()
 
 
 @pytest.mark.parametrize("packing", [True, False])
