@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import s3_client_from_env, split_s3_uri
+from instructune_jobs.data import LazyS3Client, split_s3_uri
 
 STATE_FILE = "instructune_state.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
@@ -156,17 +156,8 @@ class StoredObject:
     size: int
 
 
-class Storage:
+class Storage(LazyS3Client):
     """Small object I/O for s3:// and local roots; one S3 client, created on first use."""
-
-    def __init__(self, client: Any | None = None):
-        self._client = client
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = s3_client_from_env()
-        return self._client
 
     def write_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         if uri.startswith("s3://"):

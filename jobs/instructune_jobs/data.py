@@ -242,7 +242,10 @@ def s3_client_from_env() -> Any:
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
-class S3ObjectReader:
+class LazyS3Client:
+    """Holds the S3 client given, or one made from the environment on first use (so that
+    constructing a reader never needs credentials)."""
+
     def __init__(self, client: Any | None = None):
         self._client = client
 
@@ -251,6 +254,9 @@ class S3ObjectReader:
         if self._client is None:
             self._client = s3_client_from_env()
         return self._client
+
+
+class S3ObjectReader(LazyS3Client):
 
     def _list(self, bucket: str, prefix: str) -> list[ObjectRef]:
         refs = []
