@@ -111,8 +111,8 @@ def _split(values: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
 
 
 def _views(values: np.ndarray, lengths: np.ndarray) -> list[Any]:
-    """Consecutive slices of `values` as numpy views: no copy, 4 bytes a token, where lists of
-    Python ints cost ~36."""
+    """Consecutive slices of `values` as numpy views: no copy, 4 bytes a token, where a list
+    holds an 8-byte pointer and a 28-byte int object per token."""
     return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
@@ -167,8 +167,8 @@ def encode_prepared(data: PreparedData) -> bytes:
 def decode_prepared(blob: bytes) -> PreparedData:
     """The PreparedData encode_prepared stored; for a packed run `train` is empty (its examples
     are in `packed_train`). The training items' token sequences are int32 numpy views into one
-    array per field (the collators copy them into batch rows): a rank holding a billion tokens
-    needs ~12 GB for them, not ~80 as lists. Validation examples are lists."""
+    array per field (the collators copy them into batch rows): a rank holding a billion packed
+    tokens needs ~13 GB for them, not ~89 as lists (BENCHMARKS.md). Validation examples are lists."""
     with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
         meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
         if meta.get("format") != PREPARED_FORMAT:
