@@ -257,7 +257,6 @@ class LazyS3Client:
 
 
 class S3ObjectReader(LazyS3Client):
-
     def _list(self, bucket: str, prefix: str) -> list[ObjectRef]:
         refs = []
         paginator = self.client.get_paginator("list_objects_v2")
