@@ -18,6 +18,7 @@ Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared wit
     <root>/eval/report.json                 written by evaluate.py
     <root>/data/prepared-<key>.npz          the tokenized (and packed) data, see prepare.py
     <root>/data/invalid-rows.jsonl          every row the data step refused: object, line, reason
+    <root>/data/audit.jsonl                 every row an audit dropped, redacted or flagged
 
 Roots are s3:// prefixes (credentials and endpoint from the process environment only) or local
 directories (tests, the offline demo).
@@ -137,6 +138,10 @@ class ArtifactLayout:
     @property
     def invalid_rows(self) -> str:
         return self._at("data", "invalid-rows.jsonl")
+
+    @property
+    def audit_report(self) -> str:
+        return self._at("data", "audit.jsonl")
 
 
 def checkpoint_dir_name(step: int) -> str:

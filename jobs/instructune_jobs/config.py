@@ -114,12 +114,26 @@ CANONICAL_FIELDS = frozenset(
 )
 
 
+class AuditConfig(_Model):
+    """Audits of the training rows before tokenizing (audit.py)."""
+
+    # Drop a conversation equal (case and whitespace aside) to one already kept.
+    deduplicate: bool = True
+    # Drop a training conversation whose prompt is one of the evaluation sets', the general
+    # probe's or the validation source's.
+    decontaminate: bool = True
+    # Personal data (e-mail, phone, payment card, IBAN, US SSN): list it, replace it with a
+    # placeholder, drop the row, or do not look.
+    pii: Literal["off", "report", "redact", "drop"] = "redact"
+
+
 class DatasetConfig(_Model):
     train: list[DataSource] = Field(min_length=1)
     validation: ValidationSplit = Field(default_factory=ValidationSplit)
     format: DataFormat = "auto"
     field_mapping: dict[str, str] = Field(default_factory=dict)
     invalid_rows: InvalidRowsPolicy = Field(default_factory=InvalidRowsPolicy)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("field_mapping")
     @classmethod

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+from instructune_jobs.audit import AuditFinding, audit_conversations, prompt_keys
 from instructune_jobs.config import InvalidRowsPolicy, TrainConfig
 
 if TYPE_CHECKING:
@@ -150,12 +151,24 @@ class DataStats:
     etags: dict[str, str] = field(default_factory=dict)  # object uri -> ETag, for lineage
     formats: dict[str, str] = field(default_factory=dict)  # object uri -> format read as
     invalid_samples: list[InvalidRow] = field(default_factory=list)
+    duplicates: int = 0  # rows dropped as duplicates (audit.py)
+    contaminated: int = 0  # rows dropped as prompts of an evaluation set
+    pii_rows: int = 0  # rows with personal data (redacted, dropped or only reported)
+    # evaluation sets, probe and validation source read for decontamination: uri -> ETag
+    reference_etags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def audited_rows(self) -> int:
+        return self.duplicates + self.contaminated + self.pii_rows
 
     def to_status(self) -> dict[str, Any]:
         """The tune's `status.data` (camelCase, as the CRD has it)."""
         return {
             "rows": self.rows,
             "invalidRows": self.invalid_rows,
+            "duplicateRows": self.duplicates,
+            "contaminatedRows": self.contaminated,
+            "piiRows": self.pii_rows,
             "tokens": self.tokens,
             "paddingFraction": round(self.padding_fraction, 6),
             "templateHash": self.template_hash,
@@ -171,6 +184,8 @@ class PreparedData:
     chat_template: str  # the template text in force; serving must be given exactly this
     stats: DataStats
     invalid: list[InvalidRow]
+    # What the audits found, row by row (not kept in prepared files: the counts are in stats).
+    audit: list[AuditFinding] = field(default_factory=list)
 
     @property
     def training_items(self) -> Sequence[TokenizedExample] | Sequence[PackedSequence]:
@@ -1202,6 +1217,18 @@ def read_conversations(
     return result
 
 
+def read_any_format(
+    uri: str, reader: ObjectReader, field_mapping: Mapping[str, str], system_prompt: str | None
+) -> ConversationsRead:
+    """Evaluation sets and probes may come in any supported format (detected per object). The
+    training field mapping applies when the set shares the training data's columns; a set in
+    canonical columns (a general probe, typically) is read without it."""
+    read = read_conversations(uri, reader, "auto", field_mapping, system_prompt)
+    if field_mapping and not read.conversations:
+        read = read_conversations(uri, reader, "auto", None, system_prompt)
+    return read
+
+
 def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None = None) -> PreparedData:
     """The data step: read every training source (and the validation source), validate, render
     with the chat template, tokenize with loss on assistant tokens only, apply the invalid-row
@@ -1213,7 +1240,9 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
     stats = DataStats(template_hash=template_hash(template))
     invalid: list[InvalidRow] = []
 
-    def read_and_tokenize(uri: str) -> list[TokenizedExample]:
+    audit_cfg, findings, seen = data_cfg.audit, list[AuditFinding](), dict[str, str]()
+
+    def read(uri: str) -> list[SourcedConversation]:
         read = read_conversations(
             uri, reader, data_cfg.format, data_cfg.field_mapping, cfg.template.system_prompt
         )
@@ -1224,14 +1253,33 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
         # policy "fail" stops at the first bad row, before spending time tokenizing
         if data_cfg.invalid_rows.policy == "fail":
             enforce_invalid_rows_policy(invalid, stats.rows, data_cfg.invalid_rows)
-        examples, too_long = tokenize_conversations(
-            read.conversations, tokenizer, template, training.max_seq_length
+        return read.conversations
+
+    def audit_and_tokenize(
+        conversations: list[SourcedConversation], references: set[str]
+    ) -> list[TokenizedExample]:
+        kept, found, counts = audit_conversations(
+            conversations,
+            deduplicate=audit_cfg.deduplicate,
+            reference_prompts=references,
+            pii=audit_cfg.pii,
+            seen=seen,
         )
+        findings.extend(found)
+        stats.duplicates += counts.duplicates
+        stats.contaminated += counts.contaminated
+        stats.pii_rows += counts.pii_rows
+        examples, too_long = tokenize_conversations(kept, tokenizer, template, training.max_seq_length)
         invalid.extend(too_long)
         return examples
 
-    per_source = [read_and_tokenize(source.uri) for source in data_cfg.train]
-    validation_source = read_and_tokenize(data_cfg.validation.uri) if data_cfg.validation.uri else None
+    validation_rows = read(data_cfg.validation.uri) if data_cfg.validation.uri else None
+    references: set[str] = set()
+    if audit_cfg.decontaminate:
+        references = reference_prompts(cfg, reader, stats.reference_etags)
+        references |= prompt_keys(validation_rows or [])
+    per_source = [audit_and_tokenize(read(source.uri), references) for source in data_cfg.train]
+    validation_source = audit_and_tokenize(validation_rows, set()) if validation_rows is not None else None
     stats.invalid_rows = len(invalid)
     stats.invalid_samples = invalid[:_MAX_REPORTED_INVALID]
     enforce_invalid_rows_policy(invalid, stats.rows, data_cfg.invalid_rows)
@@ -1255,7 +1303,21 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
         stats.padding_fraction = dynamic_padding_fraction(
             [len(ex) for ex in train], training.batch_size_per_device
         )
-    return PreparedData(train, validation, packed, template, stats, invalid)
+    return PreparedData(train, validation, packed, template, stats, invalid, findings)
+
+
+def reference_prompts(cfg: TrainConfig, reader: ObjectReader, etags: dict[str, str]) -> set[str]:
+    """The prompts evaluation will ask (evaluation sets and the general probe, read in any format,
+    as evaluation reads them), for decontamination; their ETags go into `etags`."""
+    uris = [d.uri for d in cfg.evaluation.datasets]
+    if cfg.evaluation.general_probe is not None:
+        uris.append(cfg.evaluation.general_probe.uri)
+    prompts: set[str] = set()
+    for uri in uris:
+        read = read_any_format(uri, reader, cfg.dataset.field_mapping, cfg.template.system_prompt)
+        etags.update(read.etags)
+        prompts |= prompt_keys(read.conversations)
+    return prompts
 
 
 def read_object_bytes(uri: str, reader: ObjectReader | None = None) -> bytes:
@@ -1289,6 +1351,7 @@ __all__ = [
     "load_examples",
     "pack_examples",
     "parse_object_bytes",
+    "read_any_format",
     "read_conversations",
     "render_chat",
     "resolve_chat_template",

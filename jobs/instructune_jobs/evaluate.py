@@ -45,14 +45,13 @@ from instructune_jobs.artifacts import ArtifactLayout, Storage, fetch_base_model
 from instructune_jobs.config import TrainConfig
 from instructune_jobs.data import (
     IGNORE_INDEX,
-    ConversationsRead,
     DataValidationError,
     ObjectReader,
     PaddingCollator,
     SchemeReader,
     SourcedConversation,
     TokenizedExample,
-    read_conversations,
+    read_any_format,
     render_chat,
     resolve_chat_template,
     split_for_generation,
@@ -323,18 +322,6 @@ class EvalSet:
     invalid_rows: int = 0
     skipped_for_length: int = 0
     etags: dict[str, str] = field(default_factory=dict)
-
-
-def read_any_format(
-    uri: str, reader: ObjectReader, field_mapping: dict[str, str], system_prompt: str | None
-) -> ConversationsRead:
-    """Evaluation sets and probes may come in any supported format (detected per object). The
-    training field mapping applies when the set shares the training data's columns; a set in
-    canonical columns (a general probe, typically) is read without it."""
-    read = read_conversations(uri, reader, "auto", field_mapping, system_prompt)
-    if field_mapping and not read.conversations:
-        read = read_conversations(uri, reader, "auto", None, system_prompt)
-    return read
 
 
 def prepare_eval_set(

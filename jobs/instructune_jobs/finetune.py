@@ -801,7 +801,9 @@ def make_reporter(
         start_step,
         previous_metrics,
         [c for c in previous_progress.get("checkpoints", []) if c["step"] <= start_step],
-        data=data.stats.to_status() | ({"invalidRowsReport": layout.invalid_rows} if data.invalid else {}),
+        data=data.stats.to_status()
+        | ({"invalidRowsReport": layout.invalid_rows} if data.invalid else {})
+        | ({"auditReport": layout.audit_report} if data.stats.audited_rows else {}),
         lineage=build_lineage_status(cfg, base.revision, data.stats.etags),
     )
     return reporter

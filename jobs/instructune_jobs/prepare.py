@@ -210,9 +210,14 @@ class Prepared:
 
 
 def _listed_etags(cfg: TrainConfig, reader: ObjectReader) -> dict[str, str]:
+    """The ETag of every object the data step will read (what load_examples records)."""
     uris = [source.uri for source in cfg.dataset.train]
     if cfg.dataset.validation.uri:
         uris.append(cfg.dataset.validation.uri)
+    if cfg.dataset.audit.decontaminate:
+        uris += [d.uri for d in cfg.evaluation.datasets]
+        if cfg.evaluation.general_probe is not None:
+            uris.append(cfg.evaluation.general_probe.uri)
     return {ref.uri: ref.etag for uri in uris for ref in reader.list_objects(uri)}
 
 
@@ -242,8 +247,20 @@ def prepare_data(
     except TemplateError as err:
         raise InvalidDataError(str(err)) from err
     report_invalid_rows(data.invalid, layout, storage)
+    write_rows_report(data.audit, layout.audit_report, storage)
+    if data.audit:
+        log.warning(
+            "audits: %d duplicate rows and %d rows with evaluation prompts dropped, %d rows with "
+            "personal data (%s); every row in %s",
+            data.stats.duplicates,
+            data.stats.contaminated,
+            data.stats.pii_rows,
+            cfg.dataset.audit.pii,
+            layout.audit_report,
+        )
     # Keyed by the ETags actually read, in case an object changed after the listing above.
-    uri = prepared_uri(layout, prepared_key(cfg, base.revision, data.stats.etags, versions))
+    read_etags = data.stats.etags | data.stats.reference_etags
+    uri = prepared_uri(layout, prepared_key(cfg, base.revision, read_etags, versions))
     storage.write_bytes(uri, encode_prepared(data))
     for stale in storage.list(join_uri(layout.root, "data")):
         if stale.uri.rsplit("/", 1)[-1].startswith(_PREFIX) and stale.uri != uri:
@@ -259,18 +276,22 @@ def prepare_data(
     return Prepared(uri, reused=False)
 
 
-def invalid_rows_report(rows: Sequence[InvalidRow]) -> bytes:
-    return "".join(json.dumps(asdict(row)) + "\n" for row in rows).encode("utf-8")
+def write_rows_report(rows: Sequence[Any], uri: str, storage: Storage) -> None:
+    """Dataclass rows as JSON lines at uri; no rows, no file (one left by earlier data goes)."""
+    if not rows:
+        if storage.exists(uri):
+            storage.delete(uri)
+        return
+    body = "".join(json.dumps(asdict(row)) + "\n" for row in rows).encode("utf-8")
+    storage.write_bytes(uri, body, "application/x-ndjson")
 
 
 def report_invalid_rows(rows: Sequence[InvalidRow], layout: ArtifactLayout, storage: Storage) -> None:
     """Every refused row into `<root>/data/invalid-rows.jsonl` (status.data.invalidRowsReport
-    names it): skipped rows must be findable, not only counted. No refused rows, no file."""
+    names it): skipped rows must be findable, not only counted."""
+    write_rows_report(rows, layout.invalid_rows, storage)
     if not rows:
-        if storage.exists(layout.invalid_rows):
-            storage.delete(layout.invalid_rows)
         return
-    storage.write_bytes(layout.invalid_rows, invalid_rows_report(rows), "application/x-ndjson")
     shown = "; ".join(str(row) for row in rows[:5])
     log.warning("%d rows refused (all in %s), first: %s", len(rows), layout.invalid_rows, shown)
 

@@ -101,6 +101,22 @@ class InvalidRows(Model):
     )
 
 
+class AuditSpec(Model):
+    """Audits of the training rows before tokenizing; every finding is listed in status.data.auditReport."""
+
+    deduplicate: bool = Field(
+        default=True, description="Drop rows equal (case and whitespace aside) to a row already kept."
+    )
+    decontaminate: bool = Field(
+        default=True,
+        description="Drop training rows whose prompt is a prompt of an evaluation dataset, the general probe or the validation source.",
+    )
+    pii: Literal["off", "report", "redact", "drop"] = Field(
+        default="redact",
+        description="Personal data (e-mail, phone, payment card, IBAN, US SSN): list it (report), replace it with a placeholder such as [EMAIL] (redact), drop the row (drop), or do not look (off).",
+    )
+
+
 class DatasetSpec(Model):
     """Instruction-response data: domain data plus general data mixed against forgetting."""
 
@@ -115,6 +131,9 @@ class DatasetSpec(Model):
         default=None, description="Column names, when not the format's own."
     )
     invalid_rows: InvalidRows | None = Field(default=None, description="Handling of rows that do not fit.")
+    audit: AuditSpec | None = Field(
+        default=None, description="Duplicate, contamination and personal-data audits (all on by default)."
+    )
 
 
 class TemplateSpec(Model):
@@ -497,6 +516,17 @@ class DataStatus(Model):
     invalid_rows_report: str | None = Field(
         default=None,
         description="Object listing every rejected row as JSON lines {object, line, reason}.",
+    )
+    duplicate_rows: int | None = Field(default=None, description="Rows dropped as duplicates.")
+    contaminated_rows: int | None = Field(
+        default=None, description="Training rows dropped because their prompt is an evaluation prompt."
+    )
+    pii_rows: int | None = Field(
+        default=None, description="Rows with personal data (see spec.dataset.audit.pii)."
+    )
+    audit_report: str | None = Field(
+        default=None,
+        description="Object listing every audited row as JSON lines {object, line, kind, detail, action}.",
     )
     tokens: int | None = Field(default=None, description="Training tokens per epoch.")
     padding_fraction: float | None = Field(default=None, description="Padding share of the packed batches.")

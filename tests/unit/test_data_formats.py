@@ -204,7 +204,9 @@ def test_load_examples_reads_a_prefix_of_mixed_formats_and_records_etags(tokeniz
         "s3://data/task/part-0.jsonl": rows_to_bytes(extraction_rows(30, seed=1), "part-0.jsonl"),
         "s3://data/task/part-1.jsonl.gz": rows_to_bytes(extraction_rows(30, seed=2), "part-1.jsonl.gz"),
         "s3://data/task/_SUCCESS": b"",
-        "s3://data/dolly.parquet": rows_to_bytes([DOLLY] * 20, "dolly.parquet"),
+        "s3://data/dolly.parquet": rows_to_bytes(
+            [{**DOLLY, "instruction": f"{DOLLY['instruction']} ({i})"} for i in range(20)], "dolly.parquet"
+        ),
     }
     cfg = config(
         [{"uri": "s3://data/task/", "weight": 0.75}, {"uri": "s3://data/dolly.parquet", "weight": 0.25}],
@@ -243,7 +245,12 @@ def test_validation_uri_replaces_the_fraction(tokenizer: Any) -> None:
         "s3://dat/train.jsonl": rows_to_bytes(general_rows(40), "train.jsonl"),
         "s3://dat/val.jsonl": rows_to_bytes(general_rows(7, seed=3), "val.jsonl"),
     }
-    cfg = config([{"uri": "s3://dat/train.jsonl"}], validation={"uri": "s3://dat/val.jsonl", "fraction": 0.3})
+    # general_rows repeats a few prompts, within and across seeds: the audits would drop them here.
+    cfg = config(
+        [{"uri": "s3://dat/train.jsonl"}],
+        validation={"uri": "s3://dat/val.jsonl", "fraction": 0.3},
+        audit={"deduplicate": False, "decontaminate": False},
+    )
     prepared = load_examples(cfg, tokenizer, MemoryObjectReader(objects))
     assert (prepared.stats.train_examples, prepared.stats.validation_examples) == (40, 7)
     assert "s3://dat/val.jsonl" in prepared.stats.etags
@@ -335,10 +342,22 @@ def test_s3_client_takes_its_endpoint_from_the_environment(monkeypatch: pytest.M
 def test_data_stats_report_as_the_status_data_block() -> None:
     from instructune_jobs.data import DataStats
 
-    stats = DataStats(rows=10, invalid_rows=1, tokens=500, padding_fraction=0.0041234567, template_hash="ab")
+    stats = DataStats(
+        rows=10,
+        invalid_rows=1,
+        tokens=500,
+        padding_fraction=0.0041234567,
+        template_hash="ab",
+        duplicates=2,
+        contaminated=1,
+        pii_rows=3,
+    )
     assert stats.to_status() == {
         "rows": 10,
         "invalidRows": 1,
+        "duplicateRows": 2,
+        "contaminatedRows": 1,
+        "piiRows": 3,
         "tokens": 500,
         "paddingFraction": 0.004123,
         "templateHash": "ab",

@@ -171,6 +171,7 @@ def cfg_with_policy(policy: str, max_fraction: float) -> TrainConfig:
             "dataset": {
                 "train": [{"uri": "s3://data/a.jsonl"}],
                 "invalid_rows": {"policy": policy, "max_fraction": max_fraction},
+                "audit": {"deduplicate": False},  # the good rows are one row repeated
             },
             "training": {"max_seq_length": 128},
         }

@@ -52,6 +52,7 @@ def build_train_config(
             "invalid_rows": {"policy": invalid.policy, "max_fraction": invalid.max_fraction}
             if invalid
             else {},
+            "audit": ds.audit.model_dump() if ds.audit else {},
         },
         "template": {
             "chat_template": spec.template.chat_template,
