@@ -3,8 +3,9 @@
 Both read the same alpaca-shaped and dolly-shaped JSONL objects (an alpaca+dolly-like length mix)
 and render them with the same chat template and tokenizer, in the same process:
 
-  ours      parse bytes -> validate -> render -> tokenize with assistant-only labels -> pack
-            (best-fit decreasing) -> PackedCollator batches (position_ids; the GPU path)
+  ours      parse bytes -> validate -> audit (duplicates, personal data: the job's defaults) ->
+            render -> tokenize with assistant-only labels -> pack (best-fit decreasing) ->
+            PackedCollator batches (position_ids; the GPU path)
   datasets  load_dataset("json") -> .map(batched: apply_chat_template + tokenizer(padding="max_length",
             truncation)) -> torch batches; labels = input_ids (no masking, no validation)
   datasets_packed
@@ -37,6 +38,7 @@ from typing import Any
 
 from machine_facts import machine
 
+from instructune_jobs.audit import audit_conversations
 from instructune_jobs.data import (
     IGNORE_INDEX,
     InvalidRow,
@@ -82,10 +84,16 @@ def run_ours(
     examples = []
     rows = 0
     rejected: list[InvalidRow] = []
+    seen: dict[str, str] = {}
     for name, data in objects.items():
         located, unreadable = parse_object_bytes(data, name)
         conversations, invalid, _ = rows_to_conversations(located)
-        accepted, refused = tokenize_conversations(conversations, tokenizer, None, max_seq_length)
+        audited, findings, _ = audit_conversations(
+            conversations, deduplicate=True, reference_prompts=set(), pii="redact", seen=seen
+        )
+        if findings:
+            raise SystemExit(f"the synthetic rows are unique and hold no personal data: {findings[:3]}")
+        accepted, refused = tokenize_conversations(audited, tokenizer, None, max_seq_length)
         examples += accepted
         rows += len(located) + len(unreadable)
         rejected += unreadable + invalid + refused
