@@ -13,7 +13,9 @@ prepare.py writes them to `<root>/data/audit.jsonl`.
 - personal data: e-mail addresses, phone numbers in international or separated national form,
   payment card numbers (Luhn-checked), IBANs (mod-97-checked) and US social security numbers.
   `report` lists them, `redact` replaces each with a placeholder such as `[EMAIL]`, `drop` drops
-  the row. Detectors favour precision: the checksums keep order numbers, amounts and dates out.
+  the row. The spec's system prompt is not audited (it is the platform's, not the data's).
+  Detectors favour precision: card issuer prefixes with the Luhn check, and the IBAN check, keep
+  order numbers, IDs, timestamps, amounts and dates out.
 """
 
 from __future__ import annotations
@@ -31,16 +33,22 @@ PiiPolicy = Literal["off", "report", "redact", "drop"]
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # +CC and 7-14 more digits with optional separators, or a (NNN) NNN-NNNN / NNN-NNN-NNNN number.
 _PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(?\d{1,4}\)?[ .-]?){1,4}\d{2,4}"
-    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?!\w)"
+    r"(?<![\w+.])(?:\+\d{1,3}[ .-]?(?:\(?\d{1,4}\)?[ .-]?){1,4}\d{2,4}"
+    r"|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?![\w.])"
 )
 # Card numbers as they are written: 13-19 digits in one run, in groups of four, or Amex 4-6-5.
 _CARD = re.compile(
     r"(?<![\d-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{5})(?![\d-])"
 )
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+# Issuer prefixes of the card networks (Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay,
+# Maestro): with the Luhn check they keep IDs and millisecond timestamps (which pass Luhn one time
+# in ten) out.
+_CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|6(?:011|5|4[4-9]|2)|3(?:0[0-5]|[68])|35|5[06-8]|6")
 _SSN = re.compile(r"(?<!\d)(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?!\d)")
-_DIGIT_RUN = re.compile(r"\d{3}")
+# Eight digits with at most two other characters between each: every number detector needs
+# that much, and most text has nothing like it.
+_MANY_DIGITS = re.compile(r"\d(?:\D{0,2}\d){7}")
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "iban": "[IBAN]", "ssn": "[SSN]"}
 
 
@@ -76,6 +84,17 @@ def _luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _valid_iban_end(candidate: str) -> int:
+    """The length of the longest prefix of candidate, ending at a group, that is a valid IBAN (0
+    if none): the pattern may have taken a word after it ("BE68 5390 0754 7034 EUR")."""
+    end = len(candidate)
+    while end >= 15:
+        if _iban_valid(candidate[:end]):
+            return end
+        end = candidate.rfind(" ", 0, end)
+    return 0
+
+
 def _iban_valid(text: str) -> bool:
     compact = text.replace(" ", "")
     if not 15 <= len(compact) <= 34:
@@ -90,16 +109,15 @@ def find_pii(text: str) -> list[tuple[str, int, int]]:
     if "@" in text:
         for match in _EMAIL.finditer(text):
             found.append(("email", match.start(), match.end()))
-    # Every number detector needs a run of three digits: most text has none and is done here
-    # (a tenth of the cost of running them on it).
-    if _DIGIT_RUN.search(text) is None:
+    if _MANY_DIGITS.search(text) is None:
         return found
     for match in _IBAN.finditer(text):
-        if _iban_valid(match.group()):
-            found.append(("iban", match.start(), match.end()))
+        end = _valid_iban_end(match.group())
+        if end:
+            found.append(("iban", match.start(), match.start() + end))
     for match in _CARD.finditer(text):
         digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and _luhn_valid(digits):
+        if 13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) and _luhn_valid(digits):
             found.append(("card", match.start(), match.end()))
     for match in _SSN.finditer(text):
         found.append(("ssn", match.start(), match.end()))
@@ -146,6 +164,7 @@ def audit_conversations(
     reference_prompts: set[str],
     pii: PiiPolicy,
     seen: dict[str, str],
+    system_prompt: str | None = None,
 ) -> tuple[list[SourcedConversation], list[AuditFinding], AuditCounts]:
     """The conversations to train on, every finding, and the counts. `seen` maps conversation
     keys already kept (from earlier sources too) to where they came from; it is updated."""
@@ -162,7 +181,12 @@ def audit_conversations(
             )
             continue
         if pii != "off":
-            matches = [find_pii(m["content"]) for m in conv.messages]
+            # The spec's system prompt is the platform's text, in every row, and rendered as it is
+            # in evaluation and serving: only the data's own text is audited.
+            matches = [
+                [] if m["role"] == "system" and m["content"] == system_prompt else find_pii(m["content"])
+                for m in conv.messages
+            ]
             kinds = sorted({kind for found in matches for kind, _, _ in found})
             if kinds:
                 counts.pii_rows += 1

@@ -83,13 +83,20 @@ class InvalidRow:
 class DataValidationError(ValueError):
     """The data step refused the data; `invalid_rows` says which rows and why."""
 
-    def __init__(self, message: str, invalid_rows: Sequence[InvalidRow] = (), total_rows: int = 0):
+    def __init__(
+        self,
+        message: str,
+        invalid_rows: Sequence[InvalidRow] = (),
+        total_rows: int = 0,
+        audit: Sequence[AuditFinding] = (),
+    ):
         shown = "\n".join(f"  {row}" for row in invalid_rows[:_MAX_REPORTED_INVALID])
         more = len(invalid_rows) - _MAX_REPORTED_INVALID
         suffix = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(f"{message}\n{shown}{suffix}" if shown else message)
         self.invalid_rows = list(invalid_rows)
         self.total_rows = total_rows
+        self.audit = list(audit)  # what the audits found before the data was refused
 
 
 class TemplateError(ValueError):
@@ -1264,6 +1271,7 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
             reference_prompts=references,
             pii=audit_cfg.pii,
             seen=seen,
+            system_prompt=cfg.template.system_prompt,
         )
         findings.extend(found)
         stats.duplicates += counts.duplicates
@@ -1285,7 +1293,11 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, reader: ObjectReader | None 
     enforce_invalid_rows_policy(invalid, stats.rows, data_cfg.invalid_rows)
     for source, examples in zip(data_cfg.train, per_source, strict=True):
         if not examples:
-            raise DataValidationError(f"training source {source.uri} has no valid rows", invalid, stats.rows)
+            dropped = [f for f in findings if f.object.startswith(source.uri) and f.action == "dropped"]
+            why = f" ({len(dropped)} dropped by the audits, see the audit report)" if dropped else ""
+            raise DataValidationError(
+                f"training source {source.uri} has no valid rows{why}", invalid, stats.rows, findings
+            )
 
     mixed = mix_sources(per_source, [source.weight for source in data_cfg.train], training.seed)
     if validation_source is not None:

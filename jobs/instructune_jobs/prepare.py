@@ -47,8 +47,9 @@ from instructune_jobs.data import (
 
 log = logging.getLogger("instructune.prepare")
 
-# Bump when load_examples' output for the same inputs changes (rendering, masking, packing).
-PREPARED_FORMAT = 2
+# Bump when load_examples' output for the same inputs changes (rendering, masking, packing,
+# audits): the package version alone does not change with every commit.
+PREPARED_FORMAT = 3
 _CODE_PACKAGES = ("instructune", "transformers", "tokenizers", "jinja2")
 _PREFIX = "prepared-"
 
@@ -74,6 +75,8 @@ def prepared_key(
         "template": cfg.template.model_dump(mode="json", by_alias=True),
         "maxSeqLength": cfg.training.max_seq_length,
         "packing": cfg.training.packing,
+        # only for the padding fraction reported of unpacked batches
+        "batchSizePerDevice": cfg.training.batch_size_per_device,
         "seed": cfg.training.seed,
         "baseModelRevision": base_revision,
         "etags": dict(sorted(etags.items())),
@@ -243,6 +246,7 @@ def prepare_data(
         data = load_examples(cfg, load_tokenizer(base.path), reader)
     except DataValidationError as err:
         report_invalid_rows(err.invalid_rows, layout, storage)
+        write_rows_report(err.audit, layout.audit_report, storage)
         raise InvalidDataError(str(err)) from err
     except TemplateError as err:
         raise InvalidDataError(str(err)) from err

@@ -22,12 +22,14 @@ pytestmark = pytest.mark.unit
         ("write to jane.doe+billing@example.co.uk today", "email"),
         ("call +1 (415) 555-0132 after six", "phone"),
         ("call +44 20 7946 0958", "phone"),
+        ("Call me at +33 6 12 34 56 78", "phone"),
         ("office: 415-555-0132", "phone"),
         ("card 4111 1111 1111 1111 exp 12/29", "card"),
         ("card 4111-1111-1111-1111", "card"),
         ("card 378282246310005 (amex)", "card"),
         ("IBAN DE89 3704 0044 0532 0130 00 please", "iban"),
         ("IBAN GB82WEST12345698765432", "iban"),
+        ("Pay to BE68539007547034 EUR 100", "iban"),
         ("SSN 123-45-6789 on file", "ssn"),
     ],
 )
@@ -46,6 +48,9 @@ def test_personal_data_of_each_kind_is_found(text: str, kind: str) -> None:
         "DE89 3704 0044 0532 0130 01 has a wrong check",
         "version 1.2.3 released on 2024.05.06",
         "SSN-like 000-12-3456 and 666-12-3456 are never issued",
+        '{"created_at": 1700000000004, "user": 42}',  # passes Luhn, no card network's prefix
+        "order 1234567890123452 shipped",  # Luhn-valid 16 digits, no card network's prefix
+        "host 192.168.100.1000 is down",
     ],
 )
 def test_amounts_dates_counts_and_failed_checksums_are_not_personal_data(text: str) -> None:
@@ -55,6 +60,37 @@ def test_amounts_dates_counts_and_failed_checksums_are_not_personal_data(text: s
 def test_redaction_replaces_each_match_with_its_placeholder() -> None:
     text = "Mail ana@example.org or call +34 912 345 678; card 4111 1111 1111 1111."
     assert redact(text, find_pii(text)) == "Mail [EMAIL] or call [PHONE]; card [CARD]."
+
+
+def test_an_iban_followed_by_a_word_is_redacted_without_the_word() -> None:
+    text = "Transfer to BE68 5390 0754 7034 EUR 100 by Friday."
+    assert redact(text, find_pii(text)) == "Transfer to [IBAN] EUR 100 by Friday."
+
+
+def test_the_spec_system_prompt_is_not_audited_but_the_data_is() -> None:
+    system = "You are the help desk. Escalate to support@acme.com or +1 (415) 555-0100."
+
+    def row(line: int, answer: str) -> SourcedConversation:
+        return SourcedConversation(
+            "s3://data/a.jsonl",
+            line,
+            [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"Question {line}"},
+                {"role": "assistant", "content": answer},
+            ],
+        )
+
+    kept, findings, _ = audit_conversations(
+        [row(1, "Reset it in settings."), row(2, "Mail me at eve@example.net.")],
+        deduplicate=True,
+        reference_prompts=set(),
+        pii="drop",
+        seen={},
+        system_prompt=system,
+    )
+    assert [c.line for c in kept] == [1] and kept[0].messages[0]["content"] == system
+    assert [(f.line, f.detail) for f in findings] == [(2, "email")]
 
 
 def conv(line: int, user: str, answer: str, obj: str = "s3://d/a.jsonl") -> SourcedConversation:
@@ -157,3 +193,29 @@ def test_the_data_step_audits_every_source_and_counts_what_it_did(tokenizer: Any
     ]
     texts = [tokenizer.decode(example.input_ids) for example in prepared.train]
     assert any("[EMAIL]" in text for text in texts) and not any("help@example.com" in t for t in texts)
+
+
+def test_a_source_the_audits_empty_is_refused_saying_so_and_keeps_the_findings(tokenizer: Any) -> None:
+    from instructune_jobs.data import DataValidationError
+
+    general = [{"instruction": f"Spell {w}.", "output": " ".join(w)} for w in ("cat", "dog", "sun")]
+    body = "\n".join(json.dumps(r) for r in general).encode()
+    objects = {"s3://data/general.jsonl": body, "s3://data/probe.jsonl": body}
+    cfg = TrainConfig.model_validate(
+        {
+            "base_model": {"uri": "/models/tiny"},
+            # the general set doubles as the forgetting probe: decontamination leaves nothing
+            "dataset": {"train": [{"uri": "s3://data/general.jsonl"}], "validation": {"fraction": 0.0}},
+            "training": {"max_seq_length": 128},
+            "evaluation": {"general_probe": {"uri": "s3://data/probe.jsonl"}},
+        }
+    )
+
+    with pytest.raises(DataValidationError, match="has no valid rows \\(3 dropped by the audits") as refused:
+        load_examples(cfg, tokenizer, MemoryObjectReader(objects))
+
+    assert [(f.line, f.kind) for f in refused.value.audit] == [
+        (1, "contamination"),
+        (2, "contamination"),
+        (3, "contamination"),
+    ]
