@@ -6,7 +6,7 @@ PY = $(VENV)/bin/python
 STACK_DIR ?= $(CURDIR)/.stack
 export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 
-.PHONY: demo test test-unit lint crds stack-build stack-up stack-down venv bench
+.PHONY: demo test test-unit lint crds stack-build stack-up stack-down venv bench lock
 
 venv:
 	@hack/venv.sh >/dev/null
@@ -21,6 +21,10 @@ stack-down:
 	@# The demo's operator first (its process group), then every process of the stack.
 	@if [ -f $(STACK_DIR)/operator.pid ]; then kill -TERM -- -$$(cat $(STACK_DIR)/operator.pid) 2>/dev/null || true; rm -f $(STACK_DIR)/operator.pid; fi
 	@python3 hack/localstack.py down --dir $(STACK_DIR)
+
+# Every transitive Python dependency pinned with hashes, from pyproject.toml's pins (hack/lock.sh).
+lock:
+	@hack/lock.sh
 
 crds: venv
 	@$(PY) hack/gen_crd.py
