@@ -35,6 +35,19 @@ log = logging.getLogger("instructune")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_CONFIG_MISMATCH, EXIT_INVALID_DATA = 0, 1, 2, 3, 4
 RESULT_PREFIX = "INSTRUCTUNE_RESULT "
+# The fields of the tune's status.data a finished run's manifest can fill (a test holds it to the CRD).
+DATA_STATUS_KEYS = (
+    "rows",
+    "invalidRows",
+    "invalidRowsReport",
+    "duplicateRows",
+    "contaminatedRows",
+    "piiRows",
+    "auditReport",
+    "tokens",
+    "paddingFraction",
+    "templateHash",
+)
 
 
 def read_config(args: argparse.Namespace) -> TrainConfig:
@@ -83,6 +96,38 @@ def report_evaluation(cfg: TrainConfig, evaluation: dict[str, Any]) -> None:
         raise RuntimeError("could not report the evaluation into the tune's status")
 
 
+def finished_run_status(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The status a skipped training reports from the finished run's manifest: the data statistics
+    (templateHash among them: serving refuses a tune without it), lineage and the final progress.
+    The tune may be new (deleted and applied again) and have none of it yet."""
+    recorded = manifest.get("data") or {}
+    data = {k: recorded[k] for k in DATA_STATUS_KEYS if recorded.get(k) is not None}
+    data["templateHash"] = data.get("templateHash") or manifest.get("templateHash")
+    training = manifest.get("training") or {}
+    steps = training.get("steps")
+    status: dict[str, Any] = {
+        "data": data,
+        "lineage": {
+            "baseModelRevision": (manifest.get("baseModel") or {}).get("revision"),
+            "dataEtags": (manifest.get("data") or {}).get("etags") or {},
+            "configHash": manifest.get("configHash"),
+            "image": manifest.get("image"),
+            "version": (manifest.get("packages") or {}).get("instructune"),
+        },
+    }
+    if isinstance(steps, int) and steps > 0:
+        status["progress"] = {"step": steps, "totalSteps": steps, "percent": 100, "loss": training.get("finalLoss")}
+    return status
+
+
+def report_finished_run(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    from instructune_jobs.report import StatusPatcher, status_endpoint_from_env
+
+    endpoint = status_endpoint_from_env(cfg.run)
+    if endpoint is not None and not StatusPatcher(endpoint).patch(finished_run_status(manifest)):
+        raise RuntimeError("could not report the finished run into the tune's status")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m instructune_jobs", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
@@ -111,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if done is not None:
             log.info("training of config %s already finished: skipping to evaluation", cfg.config_hash()[:12])
             result["training"] = {"skipped": True, **done.get("training", {})}
+            report_finished_run(cfg, done)
         else:
             outcome = run_training(cfg, ray_address=args.ray_address)
             result["training"] = {
