@@ -59,7 +59,7 @@ go_install() {
 
 build_kubernetes() {
   local v=$K8S_VERSION all=1
-  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do have "$c" "$v" || all=0; done
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do have "$c" "$v" || all=0; done
   [ $all = 1 ] && return 0
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths,
   # which do not apply to a dependency: a wrapper module pins each one to the matching v0.x tag.
@@ -75,8 +75,8 @@ build_kubernetes() {
   } >"$dir/go.mod"
   local ver_ldflags="-X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
   local out; out=$(mktemp -d)
-  (cd "$dir" && run kubernetes-deps go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" "k8s.io/kubernetes/cmd/kube-scheduler@$v" "k8s.io/kubernetes/cmd/kubectl@$v")
-  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  (cd "$dir" && run kubernetes-deps go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" "k8s.io/kubernetes/cmd/kube-controller-manager@$v" "k8s.io/kubernetes/cmd/kube-scheduler@$v" "k8s.io/kubernetes/cmd/kubectl@$v" "k8s.io/kubernetes/cmd/kubelet@$v" "k8s.io/kubernetes/cmd/kube-proxy@$v")
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     have "$c" "$v" && continue
     (cd "$dir" && run "$c" go build -trimpath -ldflags "-s -w $ver_ldflags" -o "$out/$c" "k8s.io/kubernetes/cmd/$c")
     mv "$out/$c" "$BIN/$c-$v"
@@ -84,7 +84,56 @@ build_kubernetes() {
   rm -rf "$out"
 }
 
-want=${*:-kubernetes etcd kwok kuberay helm minio}
+# CoreDNS with only the plugins the local node's Corefile uses (its own main, as CoreDNS documents
+# for custom builds): no cloud SDKs to download or compile.
+build_coredns() {
+  local v=$COREDNS_VERSION
+  have coredns "$v" && return 0
+  local dir=$SRC/coredns-$v out; out=$(mktemp -d)
+  mkdir -p "$dir"
+  printf 'module instructune.local/coredns\ngo 1.26\nrequire github.com/coredns/coredns %s\n' "$v" >"$dir/go.mod"
+  cat >"$dir/main.go" <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+// In CoreDNS's plugin.cfg order.
+func init() {
+	dnsserver.Directives = []string{"bind", "ready", "health", "errors", "log", "loadbalance", "cache", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+GO
+  (cd "$dir" && run coredns-deps go get "github.com/coredns/coredns@$v" \
+    && run coredns go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$v" -o "$out/coredns" .)
+  mv "$out/coredns" "$BIN/coredns-$v"; rm -rf "$out"
+}
+
+# The node's own static programs (hack/node-images): the pause image's /pause and the tests' probe,
+# named by a hash of their sources.
+build_node_images() {
+  local src=$here/node-images h
+  h=$(cd "$src" && find . -type f \( -name '*.go' -o -name go.mod \) | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)
+  for p in pause probe; do
+    have "$p" "$h" && continue
+    (cd "$src" && run "$p" go build -trimpath -ldflags "-s -w" -o "$BIN/$p-$h.tmp" "./$p")
+    mv "$BIN/$p-$h.tmp" "$BIN/$p-$h"
+  done
+}
+
+want=${*:-kubernetes etcd kwok kuberay helm minio coredns node-images}
 for c in $want; do
   case $c in
     kubernetes) build_kubernetes ;;
@@ -96,6 +145,8 @@ for c in $want; do
     helm) go_install helm "$HELM_VERSION" helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm \
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" ;;
     minio) go_install minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio ;;
+    coredns) build_coredns ;;
+    node-images) build_node_images ;;
     *) die "unknown component $c" ;;
   esac
 done
