@@ -1,0 +1,3 @@
+module instructune.local/node-images
+
+go 1.24
