@@ -7,6 +7,7 @@ Usage: split_lock.py LOCK NAME[,NAME...] REST_OUT NAMED_OUT
 
 import re
 import sys
+from pathlib import Path
 
 
 def split_lock(text: str, names: set[str]) -> tuple[str, str]:
@@ -29,8 +30,8 @@ def _normalise(name: str) -> str:
 if __name__ == "__main__":
     lock, wanted, rest_out, named_out = sys.argv[1:5]
     names = {_normalise(n) for n in wanted.split(",")}
-    rest, named = split_lock(open(lock).read(), names)
+    rest, named = split_lock(Path(lock).read_text(), names)
     if not named:
         sys.exit(f"split_lock: {wanted} not in {lock}")
-    open(rest_out, "w").write(rest)
-    open(named_out, "w").write(named)
+    Path(rest_out).write_text(rest)
+    Path(named_out).write_text(named)

@@ -21,17 +21,18 @@ TRAIN_URI = "s3://datasets/extraction/train.jsonl"
 HELDOUT_URI = "s3://datasets/extraction/heldout.jsonl"
 GENERAL_URI = "s3://datasets/general/general.jsonl"
 PROBE_URI = "s3://datasets/general/probe.jsonl"
+TRAIN_ROWS, HELDOUT_ROWS, GENERAL_ROWS, PROBE_ROWS = 2000, 48, 400, 48
 
 
-def seed_quickstart(client: Any, train_rows: int = 2000, heldout_rows: int = 48) -> dict[str, str]:
+def seed_quickstart(client: Any, train_rows: int = TRAIN_ROWS, heldout_rows: int = HELDOUT_ROWS) -> dict[str, str]:
     """Uploads model and data; returns uri -> ETag of the data objects."""
     with tempfile.TemporaryDirectory() as tmp:
         upload_directory(build_tiny_llama(tmp), MODEL_URI, client)
     return {
         TRAIN_URI: upload_rows(extraction_rows(train_rows, seed=1, split="train"), TRAIN_URI, client),
         HELDOUT_URI: upload_rows(extraction_rows(heldout_rows, seed=2, split="heldout"), HELDOUT_URI, client),
-        GENERAL_URI: upload_rows(general_rows(400, seed=3), GENERAL_URI, client),
-        PROBE_URI: upload_rows(general_rows(48, seed=4), PROBE_URI, client),
+        GENERAL_URI: upload_rows(general_rows(GENERAL_ROWS, seed=3), GENERAL_URI, client),
+        PROBE_URI: upload_rows(general_rows(PROBE_ROWS, seed=4), PROBE_URI, client),
     }
 
 

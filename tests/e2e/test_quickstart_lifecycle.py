@@ -134,6 +134,18 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     serving = final["serving"]
     assert serving["templateHash"] == final["data"]["templateHash"]
     assert _condition(final, "Serving")["status"] == "True"
+    assert sorted(_ask(serving)) == ["amount", "date", "party"]
+
+    # Deleting the tune removes its serving (and frees the shared Ray head for the next test).
+    stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
+    wait_for(
+        lambda: _gone(f"{serving['endpoint']}/models"),
+        180,
+        "the Serve application to be removed",
+    )
+
+
+def _ask(serving: dict[str, Any]) -> dict[str, Any]:
     row = held_out_question()
     response = httpx.post(
         f"{serving['endpoint']}/chat/completions",
@@ -145,16 +157,41 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
             "temperature": 0,
         },
     )
-    answer = json.loads(response.json()["choices"][0]["message"]["content"])
-    assert sorted(answer) == ["amount", "date", "party"]
+    response.raise_for_status()
+    answer: dict[str, Any] = json.loads(response.json()["choices"][0]["message"]["content"])
+    return answer
 
-    # Deleting the tune removes its serving (and frees the shared Ray head for the next test).
-    stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
-    wait_for(
-        lambda: _gone(f"{serving['endpoint']}/models"),
-        180,
-        "the Serve application to be removed",
+
+def test_the_quickstart_applied_again_skips_training_and_is_served(
+    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+) -> None:
+    """As a second `make demo` does: the finished run of the same configuration is in S3, so the
+    job goes straight to evaluation, and serving still gets the template hash it checks."""
+    stack, ns = crd_installed, namespace
+    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    doc["spec"]["serving"]["target"] = f"qs-{ns}"
+    stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+    final = wait_for(
+        lambda: (s := _status(stack, ns, "quickstart")).get("phase") in ("Succeeded", "Failed") and s,
+        1200,
+        "the re-applied tune to finish",
     )
+    assert final["phase"] == "Succeeded", json.dumps(final, indent=1)[-3000:]
+    jobs = [j for j in _ray_jobs(stack, f"{ns}/quickstart") if "serving" not in (j.get("metadata") or {})]
+    assert len(jobs) == final["attempts"] == 1
+    headers = (
+        {"Authorization": f"Bearer {stack.env['RAY_AUTH_TOKEN']}"} if stack.env.get("RAY_AUTH_TOKEN") else {}
+    )
+    logs = httpx.get(
+        f"{stack.ray_address}/api/jobs/{jobs[0]['submission_id']}/logs", headers=headers, timeout=10
+    ).json()["logs"]
+    assert "already finished: skipping to evaluation" in logs, logs[-3000:]
+    assert final["data"]["templateHash"] and final["serving"]["templateHash"] == final["data"]["templateHash"]
+    assert final["progress"]["step"] == final["progress"]["totalSteps"] == 400
+    assert final["lineage"]["configHash"]
+    assert sorted(_ask(final["serving"])) == ["amount", "date", "party"]
+    stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
+    wait_for(lambda: _gone(f"{final['serving']['endpoint']}/models"), 180, "the Serve application to go")
 
 
 def _broken_tune(name: str, **changes: Any) -> dict[str, Any]:

@@ -508,3 +508,66 @@ def test_refused_data_fails_the_job_with_exit_code_4_and_the_row_before_training
     assert [o.uri for o in storage.list(layout.root)] == [layout.invalid_rows]
     report = json.loads(storage.read_bytes(layout.invalid_rows) or b"{}")
     assert report == {"object": bad, "line": 3, "reason": "empty response in field 'output'"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume: stopped between two checkpoints, resumed, the same weights as never stopped
+# ---------------------------------------------------------------------------------------------
+
+
+def _final_adapter_tensors(layout: ArtifactLayout, storage: Storage) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    files = [o.uri for o in storage.list(layout.final_adapter) if o.uri.endswith(".safetensors")]
+    assert files, f"no adapter weights under {layout.final_adapter}"
+    tensors: dict[str, Any] = {}
+    for uri in files:
+        tensors.update(load(storage.read_bytes(uri) or b""))
+    return tensors
+
+
+def test_a_run_resumed_between_checkpoints_ends_bit_for_bit_where_the_uninterrupted_run_ends(
+    assets: dict[str, Any], stack_env: dict[str, str]
+) -> None:
+    """The quickstart's setting (DeepSpeed ZeRO-2 on two workers, packing) with gradient
+    accumulation and an epoch boundary inside the replayed steps: data order, sampler position,
+    every rank's RNG state, the schedule, the optimizer and the accumulation position must all be
+    restored for the resumed run to end on the same bits."""
+    rows = extraction_rows(96, seed=5, split="train")  # few rows: the replayed steps cross an epoch
+    small = assets["uris"]["train"].replace("extraction-train.jsonl", "exact-resume.jsonl")
+    upload_rows(rows, small)
+    cfg = make_config(
+        assets,
+        "exact-resume",
+        dataset__train=[{"uri": small}],
+        distributed={"strategy": "deepspeed", "zero_stage": 2},
+        resources__workers=2,
+        method__lora__dropout=0.1,  # a random op in every step: RNG states must be restored
+        training__max_steps=9,
+        training__packing=True,
+        training__batch_size_per_device=2,
+        training__gradient_accumulation=2,
+        checkpointing__every_steps=3,
+        checkpointing__keep_last=3,
+    )
+    layout, storage = ArtifactLayout.for_config(cfg), Storage()
+    run_job(stack_env, cfg, assets["work"], "exact-uninterrupted")
+    uninterrupted = {line["step"]: line["loss"] for line in read_metrics(cfg)}
+    weights = _final_adapter_tensors(layout, storage)
+    epochs = [line["epoch"] for line in read_metrics(cfg)]
+    assert math.floor(epochs[2]) < math.floor(epochs[-1]), f"steps 4..9 must cross an epoch: {epochs}"
+
+    # Stopped after step 7: checkpoint 6 never became complete, nor did the final artifacts.
+    storage.delete_prefix(layout.final)
+    storage.delete_prefix(layout.checkpoint(9), first=STATE_FILE)
+    storage.delete_prefix(layout.checkpoint(6), first=STATE_FILE)
+    result = run_job(stack_env, cfg, assets["work"], "exact-resumed")
+
+    assert result["training"]["resumedFromStep"] == 3
+    resumed = [line for line in read_metrics(cfg) if line["attempt"] != read_metrics(cfg)[0]["attempt"]]
+    assert [line["step"] for line in resumed] == list(range(4, 10))
+    assert {line["step"]: line["loss"] for line in resumed} == {s: uninterrupted[s] for s in range(4, 10)}
+    again = _final_adapter_tensors(layout, storage)
+    assert sorted(again) == sorted(weights)
+    different = [name for name in weights if not torch.equal(weights[name], again[name])]
+    assert not different, f"{len(different)} of {len(weights)} tensors differ, e.g. {different[:3]}"
