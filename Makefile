@@ -11,6 +11,11 @@ export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 venv:
 	@hack/venv.sh >/dev/null
 
+# The operator and job images (operator/Dockerfile, jobs/Dockerfile), built with buildah, no Docker
+# daemon; prints `REF ARCHIVE` per image (OCI archives, cached outside the clone).
+images:
+	@hack/build-images.sh operator job
+
 stack-build:
 	@hack/build-stack.sh
 

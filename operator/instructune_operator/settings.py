@@ -40,7 +40,9 @@ class GpuPool(_Model):
 
 class Settings(_Model):
     pools: dict[str, GpuPool] = Field(default_factory=dict)
-    ray_image: str = "rayproject/ray:2.60.0-py311-gpu"
+    # The project's job image (jobs/Dockerfile; hack/build-images.sh): Ray 2.60, the pinned training
+    # stack and instructune_jobs, tagged with the package version.
+    ray_image: str = "ghcr.io/instructune/instructune-job:0.1.0"
     serving_image: str = "vllm/vllm-openai:v0.33.0"
     s3_endpoint: str | None = None
     # When set, jobs are submitted here instead of the RayCluster's head service: the local
