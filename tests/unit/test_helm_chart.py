@@ -138,6 +138,7 @@ def test_rules_are_exactly_what_the_operator_calls(default_docs: list[dict[str, 
     }
     expected = {
         # Kopf: list+watch the tunes, patch finalizers/annotations and status, post events.
+        ("instructune.io", "instructiontunes", "get"),  # reconcile: the tune afresh after its job succeeded
         ("instructune.io", "instructiontunes", "list"),
         ("instructune.io", "instructiontunes", "watch"),
         ("instructune.io", "instructiontunes", "patch"),

@@ -46,9 +46,11 @@ needs `create` as well) the children, reads the serving Deployment, and deletes 
 and, after its TTL, the tune.
 */}}
 {{- define "instructune.rules" -}}
+# get: reconcile reads the tune afresh when its job has just succeeded (the job's last status
+# patch may be newer than the watch event being handled).
 - apiGroups: [instructune.io]
   resources: [instructiontunes]
-  verbs: [list, watch, patch, delete]
+  verbs: [get, list, watch, patch, delete]
 # get+patch on status is what the per-tune job Roles grant: RBAC lets the operator create those
 # Roles and their RoleBindings only because it holds these permissions itself (no escalate/bind).
 - apiGroups: [instructune.io]
