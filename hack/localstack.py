@@ -3,10 +3,12 @@
 
     python hack/localstack.py up|down|status [--dir DIR]
 
-Starts etcd, kube-apiserver (TLS, RBAC), kube-controller-manager, kube-scheduler, KWOK (fake GPU
-and CPU nodes), the KubeRay operator with its CRDs, MinIO with the project's buckets, and a local Ray
-head. Every process runs in its own process group; its pid is recorded in ``<dir>/stack.json`` and
-``down`` stops exactly those processes (and their descendants), never anything found by name: the
+Starts etcd, kube-apiserver (TLS, RBAC, Node authorizer), kube-controller-manager, kube-scheduler,
+KWOK (fake GPU and CPU nodes), the KubeRay operator with its CRDs, MinIO with the project's buckets, a
+local Ray head, and one real node in pool `local`: containerd, a kubelet, kube-proxy and CoreDNS, whose
+pods run code (hack/localstack_node.py; what each component runs: hack/localstack_components.py).
+Every process runs in its own process group; its pid is recorded in ``<dir>/stack.json`` and ``down``
+stops exactly those processes (and their descendants), never anything found by name: the
 Ray head runs as ``ray start --block`` and is stopped through it, not with ``ray stop`` (which stops
 every Ray on the machine, including other stacks').
 
@@ -14,6 +16,11 @@ Files in the state dir: ``kubeconfig`` (admin), ``env`` (shell-sourceable; the o
 credentials are written), ``stack.json`` (ports, pids, paths), ``logs/<component>.log``.
 Programs come from ``hack/build-stack.sh`` (run automatically when one is missing); ``ray`` comes from
 the project's virtual environment (``hack/venv.sh``). Standard library only.
+
+The real node needs root and bridge netfilter; it is left out (``up`` says why) when the machine lacks
+them, with INSTRUCTUNE_NODE=0, or while another stack on the machine runs its node. ``up`` refuses to
+start when no pod range is safe (every range is checked against the machine's routes, name servers
+and package hosts), and ``down`` removes everything the node created.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import datetime as dt
 import fcntl
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -41,6 +49,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import localstack_components as comp
+import localstack_node as node
+
 HACK = Path(__file__).resolve().parent
 REPO = HACK.parent
 DEFAULT_DIR = REPO / ".stack"
@@ -55,7 +66,10 @@ GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 STOP_GRACE_S = 10.0
 # State-dir entries that `up` owns and may delete; nothing else in the directory is touched.
-OWNED_ENTRIES = ("etcd", "minio", "pki", "logs", "kwok", "bin", "kubeconfig", "env", "stack.json")
+OWNED_ENTRIES = ("etcd", "minio", "pki", "logs", "kwok", "bin", "node", "kubeconfig", "env", "stack.json")
+NODE_NAME = comp.NODE_NAME
+# The real node's containerd keeps its images and snapshots here (imported once, kept across stacks).
+CONTAINERD_ROOT = CACHE / "node" / "containerd"
 
 
 class StackError(RuntimeError):
@@ -97,6 +111,12 @@ PROGRAMS = {
     "kwok": ("kwok", "KWOK_VERSION"),
     "kuberay-operator": ("kuberay", "KUBERAY_VERSION"),
     "minio": ("minio", "MINIO_VERSION"),
+    "kubelet": ("kubernetes", "K8S_VERSION"),
+    "kube-proxy": ("kubernetes", "K8S_VERSION"),
+    "coredns": ("coredns", "COREDNS_VERSION"),
+    # The node's own static programs (hack/node-images), versioned by a hash of their sources.
+    "pause": ("node-images", ""),
+    "probe": ("node-images", ""),
 }
 
 
@@ -130,7 +150,9 @@ def versions() -> dict[str, str]:
 
 
 def program(name: str) -> Path:
-    return CACHE / "bin" / f"{name}-{versions()[PROGRAMS[name][1]]}"
+    key = PROGRAMS[name][1]
+    version = versions()[key] if key else node.source_hash(HACK / "node-images")
+    return CACHE / "bin" / f"{name}-{version}"
 
 
 def ensure_programs() -> None:
@@ -303,12 +325,44 @@ def stop(procs: Sequence[Proc], grace_s: float = STOP_GRACE_S) -> list[Proc]:
     return _wait_gone(live + tree, 5)
 
 
-def stop_in_waves(procs: Sequence[Proc]) -> list[Proc]:
-    """Clients first, then the API server, then etcd: a server that loses its storage while it shuts
-    down waits for it (kube-apiserver would hang until SIGKILL)."""
-    waves = [[p for p in procs if p.name not in ("kube-apiserver", "etcd")]]
-    waves += [[p for p in procs if p.name == name] for name in ("kube-apiserver", "etcd")]
-    return [p for wave in waves for p in stop(wave)]
+def stop_stack(state_dir: Path, state: dict[str, Any], procs: Sequence[Proc]) -> list[Proc]:
+    """Stops every process and removes everything the real node created, in order: the node's pods
+    (through the kubelet, so that CNI releases their networks), the clients, the node's containers
+    (containerd still running), containerd, the node's bridge/mounts/iptables/cgroups, then the API
+    server and etcd. Works from a partial record (a failed start)."""
+    record = state.get("node")
+    by_name = {p.name: p for p in procs}
+    if record:
+        with contextlib.suppress(Exception):
+            _drain_node(state_dir, record, by_name)
+    core = ("containerd", "kube-apiserver", "etcd")
+    left = stop([p for p in procs if p.name not in core])
+    if record:
+        containerd = by_name.get("containerd")
+        if containerd is not None and alive(containerd):
+            with contextlib.suppress(Exception):
+                node.remove_containers(Path(record["dir"]) / "containerd.sock", log)
+        left += stop([p for p in procs if p.name == "containerd"])
+        problems = node.teardown(record, state_dir, log)
+        if problems:
+            log(f"the real node left: {', '.join(problems)}")
+    for name in ("kube-apiserver", "etcd"):
+        left += stop([p for p in procs if p.name == name])
+    return left
+
+
+def _drain_node(state_dir: Path, record: dict[str, Any], by_name: dict[str, Proc]) -> None:
+    """Deletes the node's pods while the kubelet runs and waits (briefly) until their sandboxes stop."""
+    if not all(n in by_name and alive(by_name[n]) for n in ("kube-apiserver", "kubelet", "containerd")):
+        return
+    kubectl(state_dir, "delete", "pods", "--all-namespaces", f"--field-selector=spec.nodeName={record['name']}",
+            "--grace-period=0", "--force", "--wait=false", check=False)  # fmt: skip
+    sock = Path(record["dir"]) / "containerd.sock"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not node.ctr(sock, "tasks", "ls", "-q", check=False, timeout=10).stdout.strip():
+            return
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -452,6 +506,8 @@ def make_pki(pki: Path) -> None:
     _sign(pki, "admin", "/O=system:masters/CN=instructune-admin", client)
     _sign(pki, "controller-manager", "/CN=system:kube-controller-manager", client)
     _sign(pki, "scheduler", "/CN=system:kube-scheduler", client)
+    # The API server's identity towards kubelets (logs, exec); bound to system:kubelet-api-admin.
+    _sign(pki, "apiserver-kubelet-client", "/CN=instructune:apiserver-kubelet-client", client)
     _key(pki / "sa.key")
     _openssl("pkey", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 
@@ -618,6 +674,7 @@ def ray_temp_dir(state_dir: Path) -> Path:
 
 
 def _clean(state_dir: Path) -> None:
+    node.unmount_below([state_dir / "node"])  # never delete through a mount
     for name in OWNED_ENTRIES:
         p = state_dir / name
         if p.is_dir() and not p.is_symlink():
@@ -649,11 +706,18 @@ def healthy(state_dir: Path, state: dict[str, Any]) -> list[str]:
             f"http://{HOST}:{ports['ray_dashboard']}/api/version", headers=ray_auth(read_env(state_dir))
         ),
     }
+    record = state.get("node")
+    if record:
+        checks["containerd"] = lambda: node.ctr(Path(record["dir"]) / "containerd.sock", "version", check=False,
+                                               timeout=5).returncode == 0  # fmt: skip
+        checks["coredns"] = http_ok(f"http://{HOST}:{ports['coredns_ready']}/ready")
+        checks["kube-proxy"] = http_ok(f"http://{HOST}:{ports['kube_proxy_healthz']}/healthz")
+        checks["kubelet"] = http_ok(f"http://{HOST}:{ports['kubelet_healthz']}/healthz")
     bad = []
     for name, check in checks.items():
         try:
             ok = check()
-        except (OSError, ValueError):
+        except (OSError, ValueError, subprocess.SubprocessError):
             ok = False
         if not ok:
             bad.append(name)
@@ -701,8 +765,61 @@ def _running_stack(state_dir: Path) -> dict[str, Any] | None:
                 f"run `python hack/localstack.py down --dir {state_dir}`"
             )
         log(f"cleaning the stale state of a stack that no longer runs in {state_dir}")
+        if old.get("node"):
+            node.teardown(old["node"], state_dir, log)
     _clean(state_dir)
     return None
+
+
+def node_wanted(state_dir: Path) -> str | None:
+    """Why this stack runs without the real node (None: it runs one). INSTRUCTUNE_NODE=0 turns it off."""
+    if os.environ.get("INSTRUCTUNE_NODE", "1") == "0":
+        return "INSTRUCTUNE_NODE=0"
+    reason = node.unavailable_reason()
+    if reason:
+        return reason
+    other = node.owner()
+    if other and other != str(state_dir):
+        old = _load(Path(other))
+        if old is not None and any(alive(p) for p in _procs(old) if p.name in ("kubelet", "containerd")):
+            return f"the stack in {other} runs this machine's real node (one per machine)"
+        log(f"removing what the stopped stack in {other} left of its node")
+        if old is not None and old.get("node"):
+            node.teardown(old["node"], Path(other), log)
+        else:
+            node.OWNER_FILE.unlink(missing_ok=True)
+    return None
+
+
+def _plan_node(state_dir: Path) -> dict[str, Any]:
+    """The node's record (stack.json's "node"), or {"absent": why} when this stack runs without one. Refuses
+    (StackError) when no pod range is safe: nothing has been created yet at that point."""
+    why_not = node_wanted(state_dir)
+    if why_not:
+        log(f"no real node in this stack: {why_not}")
+        return {"absent": why_not}
+    try:
+        node.ensure_packages(log)
+        pod_cidr = node.plan_network(SERVICE_CIDR)
+    except node.NodeError as e:
+        raise StackError(f"real node: {e}") from e
+    bridge, cgroup_root = node.names_for(state_dir)
+    return {
+        "name": NODE_NAME,
+        "dir": str(state_dir / "node"),
+        "containerd_root": str(CONTAINERD_ROOT),
+        "bridge": bridge,
+        "bridge_created": False,
+        "pod_cidr": str(pod_cidr),
+        "service_cidr": SERVICE_CIDR,
+        "gateway": str(pod_cidr.network_address + 1),
+        "cgroup_root": cgroup_root,
+        "cni_network": f"instructune-{bridge}",
+        "kube_proxy": str(program("kube-proxy")),
+        "baseline": None,
+        "pause_image": f"localhost/instructune/pause:{node.source_hash(HACK / 'node-images')}",
+        "probe_image": f"localhost/instructune/probe:{node.source_hash(HACK / 'node-images')}",
+    }
 
 
 def _start(state_dir: Path) -> dict[str, Any]:
@@ -711,6 +828,9 @@ def _start(state_dir: Path) -> dict[str, Any]:
     crds = crd_dir()
 
     state: dict[str, Any] = {"dir": str(state_dir), "complete": False, "processes": [], "timings": {}}
+    planned = _plan_node(state_dir)
+    state["node"] = None if "absent" in planned else planned
+    state["node_absent"] = planned.get("absent")
     procs: list[Proc] = []
     t0 = time.monotonic()
 
@@ -729,7 +849,7 @@ def _start(state_dir: Path) -> dict[str, Any]:
         _up(state_dir, state, launch, mark, ray_bin, crds)
     except BaseException:
         log("start failed: stopping what was started")
-        stop_in_waves(procs)
+        stop_stack(state_dir, state, procs)
         shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
         state["processes"] = [asdict(p) for p in procs]
         _save(state_dir, state)
@@ -739,6 +859,119 @@ def _start(state_dir: Path) -> dict[str, Any]:
     _save(state_dir, state)
     log(f"stack up in {state['timings']['total']}s: . {state_dir / 'env'}")
     return _result(state_dir, state, reused=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real node (its parts: hack/localstack_components.py; what it creates: hack/localstack_node.py)
+
+
+def node_layout(record: dict[str, Any], pki: Path, api: str, ports: dict[str, int]) -> comp.NodeLayout:
+    return comp.NodeLayout(
+        dir=Path(record["dir"]),
+        containerd_root=Path(record["containerd_root"]),
+        pki=pki,
+        apiserver=api,
+        bridge=record["bridge"],
+        pod_cidr=ipaddress.IPv4Network(record["pod_cidr"]),
+        service_cidr=ipaddress.IPv4Network(record["service_cidr"]),
+        cgroup_root=record["cgroup_root"],
+        pause_image=record["pause_image"],
+        ports=ports,
+        name=record["name"],
+    )
+
+
+def make_node_pki(pki: Path, api: str, n: comp.NodeLayout) -> None:
+    """The node's identities: the kubelet (Node authorizer: system:node:<name> in system:nodes) and its
+    serving certificate for the node's address, kube-proxy (system:node-proxier) and CoreDNS."""
+    client = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
+    _sign(pki, "kubelet", f"/O=system:nodes/CN=system:node:{n.name}", client)
+    _sign(pki, "kubelet-serving", f"/CN={n.name}", "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+          f"subjectAltName=IP:{n.gateway},DNS:{n.name}\n")  # fmt: skip
+    _sign(pki, "kube-proxy", "/CN=system:kube-proxy", client)
+    _sign(pki, "coredns", "/CN=instructune:coredns", client)
+    for user in ("kubelet", "kube-proxy", "coredns"):
+        write_kubeconfig(pki / f"{user}.kubeconfig", api, pki, user)
+
+
+def write_files(c: comp.Component) -> None:
+    for path, content in c.files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(content)
+
+
+def start_node_runtime(
+    state_dir: Path,
+    state: dict[str, Any],
+    record: dict[str, Any],
+    n: comp.NodeLayout,
+    launch: Callable[..., Proc],
+    mark: Callable[[str], None],
+) -> None:
+    """The bridge, the cgroup root and containerd (with the node's images): all before the API server
+    is up. Each creation is recorded before it happens, so a failure removes it."""
+    for d in (n.dir, n.dir / "cni-ipam", n.pod_logs_dir, n.kubelet_dir, n.containerd_root):
+        d.mkdir(parents=True, exist_ok=True)
+    # What this machine had before the node: `down` removes what was added, the tests compare.
+    record["baseline"] = node.inventory(node.marks(record))
+    node.claim(state_dir)
+    record["bridge_created"] = True
+    _save(state_dir, state)
+    try:
+        node.create_bridge(n.bridge, n.pod_cidr)
+        node.create_cgroup_root(n.cgroup_root)
+    except node.NodeError as e:
+        raise StackError(f"real node: {e}") from e
+    c = comp.containerd(n)
+    write_files(c)
+    containerd = launch(c.name, list(c.argv), dict(c.env))
+    wait_until("containerd", containerd,
+               lambda: node.ctr(n.containerd_socket, "version", check=False, timeout=5).returncode == 0, 60,
+               "its socket")  # fmt: skip
+    mark("containerd")
+    have = node.image_refs(n.containerd_socket)
+    images = CACHE / "node" / "images"
+    for name, ref in (("pause", record["pause_image"]), ("probe", record["probe_image"])):
+        if ref not in have:
+            archive = images / f"{name}-{ref.rsplit(':', 1)[1]}.oci.tar"
+            node.write_program_image(archive, ref, program(name), name)
+            node.import_image(n.containerd_socket, archive)
+    mark("node images")
+
+
+def start_node_agents(state_dir: Path, n: comp.NodeLayout, launch: Callable[..., Proc]) -> None:
+    """CoreDNS, kube-proxy and the kubelet: once the API server answers."""
+    kubectl(state_dir, "apply", "--server-side", "--field-manager=instructune-localstack", "-f", "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": comp.node_rbac()}))  # fmt: skip
+    for c in (comp.coredns(n, program("coredns")), comp.kube_proxy(n, program("kube-proxy")),
+              comp.kubelet(n, program("kubelet"))):  # fmt: skip
+        write_files(c)
+        launch(c.name, list(c.argv), dict(c.env))
+
+
+def procs_by_name(state: dict[str, Any]) -> dict[str, Proc]:
+    return {p.name: p for p in _procs(state)}
+
+
+def wait_node_ready(
+    state_dir: Path, n: comp.NodeLayout, procs: dict[str, Proc], mark: Callable[[str], None]
+) -> None:
+    wait_until(
+        "coredns", procs["coredns"], http_ok(f"http://{HOST}:{n.ports['coredns_ready']}/ready"), 60, "/ready"
+    )
+    mark("coredns")
+    wait_until("kube-proxy", procs["kube-proxy"], http_ok(f"http://{HOST}:{n.ports['kube_proxy_healthz']}/healthz"),
+               90, "/healthz")  # fmt: skip
+    mark("kube-proxy")
+    wait_until("kubelet", procs["kubelet"], http_ok(f"http://{HOST}:{n.ports['kubelet_healthz']}/healthz"), 90,
+               "/healthz")  # fmt: skip
+    wait_until(
+        "kubelet", procs["kubelet"],
+        lambda: kubectl(state_dir, "wait", "--for=condition=Ready", "--timeout=5s", f"node/{n.name}",
+                        check=False).returncode == 0,
+        120, f"node {n.name} Ready",
+    )  # fmt: skip
+    mark("node Ready")
 
 
 def _up(
@@ -754,6 +987,8 @@ def _up(
         "etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok", "kuberay_metrics",
         "kuberay_probe", "minio", "minio_console", "ray_gcs", "ray_dashboard", "ray_client", "ray_agent",
         "ray_node_manager", "ray_object_manager", "ray_metrics", "ray_runtime_env_agent", "ray_dashboard_agent_grpc",
+        "kubelet", "kubelet_healthz", "kube_proxy_healthz", "kube_proxy_metrics", "coredns_health", "coredns_ready",
+        "containerd_stream",
     ]  # fmt: skip
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     state["ports"] = ports
@@ -851,6 +1086,13 @@ def _up(
     (bindir / "ray").symlink_to(ray_bin)
     mark("pki")
 
+    record = state.get("node")
+    layout = None
+    if record:
+        layout = node_layout(record, pki, api, ports)
+        make_node_pki(pki, api, layout)
+        start_node_runtime(state_dir, state, record, layout, launch, mark)
+
     etcd = launch(
         "etcd",
         [str(program("etcd")), "--name", "default", "--data-dir", str(state_dir / "etcd"),
@@ -884,13 +1126,19 @@ def _up(
          "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
          f"--cert-dir={pki / 'apiserver-generated'}", "--profiling=false",
          "--max-requests-inflight=150", "--max-mutating-requests-inflight=50", "--event-ttl=30m",
-         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none"],
+         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none",
+         # Logs, exec and port-forward reach a kubelet at its node's address (no DNS names nodes here).
+         "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+         f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+         f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}"],
         {"GOMAXPROCS": "2", "GOMEMLIMIT": "1500MiB"},
     )  # fmt: skip
     wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
     mark("kube-apiserver")
     # Nodes first, while the API server is idle (the CRDs below keep it busy for seconds).
     kubectl(state_dir, "create", "-f", "-", input=json.dumps(node_manifests()))
+    if record and layout:
+        start_node_agents(state_dir, layout, launch)
 
     kcm = launch(
         "kube-controller-manager",
@@ -965,7 +1213,7 @@ def _up(
     wait_until("kwok", kwok, http_ok(f"http://{HOST}:{ports['kwok']}/healthz"), 60, "/healthz")
     wait_until(
         "kwok", kwok,
-        lambda: kubectl(state_dir, "wait", "--for=condition=Ready", "--timeout=5s", "node", "-l", POOL_LABEL,
+        lambda: kubectl(state_dir, "wait", "--for=condition=Ready", "--timeout=5s", "node", "-l", "type=kwok",
                         check=False).returncode == 0,
         90, "every fake node Ready",
     )  # fmt: skip
@@ -989,6 +1237,8 @@ def _up(
         "/api/version",
     )
     mark("ray")
+    if record and layout:
+        wait_node_ready(state_dir, layout, procs_by_name(state), mark)
 
     _write_env(state_dir, env)
 
@@ -1005,7 +1255,7 @@ def down(state_dir: Path) -> None:
             log(f"no stack recorded in {state_dir}")
             return
         procs = _procs(state)
-        left = stop_in_waves(procs)
+        left = stop_stack(state_dir, state, procs)
         shutil.rmtree(ray_temp_dir(state_dir), ignore_errors=True)
         if left:
             raise StackError(f"still running after SIGKILL: {', '.join(f'{p.name}[{p.pid}]' for p in left)}")

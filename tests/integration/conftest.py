@@ -102,3 +102,35 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.5) -
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real node (a kubelet with containerd on this machine; see hack/localstack_node.py)
+
+
+@pytest.fixture(scope="session")
+def real_node(stack: Any) -> dict[str, Any]:
+    """The stack's real node record (stack.json's "node"); skips when the stack runs without one."""
+    record = stack.info.get("node")
+    if not record:
+        pytest.skip(f"the stack runs no real node: {stack.info.get('node_absent') or 'unknown reason'}")
+    return dict(record)
+
+
+@pytest.fixture(scope="session")
+def product_images(real_node: dict[str, Any]) -> dict[str, str]:
+    """The product's images (hack/build-images.sh: built once, cached outside the clone), imported into
+    the node's containerd: {"operator": REF, "job": REF}."""
+    import localstack_node  # hack/ is on sys.path through tests/conftest.py
+
+    res = subprocess.run(
+        ["bash", str(ROOT / "hack" / "build-images.sh"), "operator", "job"],
+        capture_output=True, text=True, check=False, timeout=5400,
+    )  # fmt: skip
+    assert res.returncode == 0, f"hack/build-images.sh failed:\n{res.stderr[-4000:]}"
+    refs = [line.split() for line in res.stdout.splitlines() if len(line.split()) == 2]
+    assert len(refs) == 2, res.stdout
+    sock = Path(real_node["dir"]) / "containerd.sock"
+    for ref, archive in refs:
+        localstack_node.import_archive(sock, ref, Path(archive))
+    return dict(zip(("operator", "job"), (ref for ref, _ in refs), strict=True))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import localstack
+import localstack_node
 import pytest
 
 from tests.conftest import Stack
@@ -79,7 +80,8 @@ def test_api_server_denies_anonymous_and_ungranted_users_because_rbac_is_on(stac
 
 
 def test_each_pool_has_ready_fake_nodes_with_its_gpu_capacity_and_taint(stack: Stack) -> None:
-    nodes = get_json(stack, "nodes", "-l", localstack.POOL_LABEL)["items"]
+    # The fake nodes (the stack's real node, in pool `local`, has tests of its own: test_real_node.py).
+    nodes = get_json(stack, "nodes", "-l", f"{localstack.POOL_LABEL},type=kwok")["items"]
     by_pool: dict[str, list[dict[str, Any]]] = {}
     for node in nodes:
         by_pool.setdefault(node["metadata"]["labels"][localstack.POOL_LABEL], []).append(node)
@@ -245,9 +247,19 @@ def test_down_leaves_no_recorded_process_or_port_alive(stack: Stack, tmp_path: P
     }
     assert all(localstack.alive(p) for p in recorded)
 
+    record = info.get("node")
     localstack.down(state_dir)
 
     assert [f"{p.name}[{p.pid}]" for p in tree if localstack.alive(p)] == []
+    if record:
+        # The real node: nothing of it is left, and the machine is as it was before it started.
+        left = localstack_node.inventory(localstack_node.marks(record))
+        assert left["processes"] == []
+        for what in ("mounts", "netns", "links", "paths", "iptables_ipv4", "iptables_ipv6"):
+            assert left[what] == record["baseline"][what], what
+        assert record["bridge"] not in left["links"]
+        assert localstack_node.cgroup_dirs(record["cgroup_root"]) == []
+        assert localstack_node.owner() != str(state_dir)
     assert not localstack.ray_temp_dir(state_dir).exists()
     assert localstack.status(state_dir)["running"] is False
     for name in ("apiserver", "etcd", "minio", "ray_dashboard"):

@@ -1,0 +1,502 @@
+"""What each component of the local stack runs, as pure descriptions (no I/O), like kwokctl's components.
+
+A :class:`Component` is a program's argv, its environment and the files it needs written before it
+starts; ``hack/localstack.py`` decides when to start it and how to wait for it. The real node's
+configuration files (containerd, CNI, kubelet, kube-proxy, CoreDNS) are rendered here too, and so are
+the checks that keep its address ranges off every route and address this machine depends on.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import json
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+CLUSTER_DOMAIN = "cluster.local"
+POOL_LABEL = "instructune.io/pool"
+NODE_POOL = "local"
+NODE_NAME = "local-0"
+# Candidate pod ranges of the real node, tried in order: the first that overlaps no route and no
+# protected address is used. 198.18.0.0/15 is reserved for benchmarking (RFC 2544): nothing on a
+# network of its own should route it.
+POD_CIDR_CANDIDATES = tuple(f"198.18.{i}.0/24" for i in range(0, 256, 4))
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process of the stack: what to run, with which environment, after writing which files."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Address ranges: the node's pod range and the service range must collide with nothing
+
+
+@dataclass(frozen=True)
+class Route:
+    network: IPv4Network
+    line: str
+
+
+_ROUTE_TYPES = {"unicast", "local", "broadcast", "multicast", "throw", "unreachable", "prohibit",
+                "blackhole", "nat", "anycast"}  # fmt: skip
+
+
+def parse_routes(text: str) -> list[Route]:
+    """Routes of ``ip -4 route show table all`` output; default routes are left out (they cover
+    everything by design, and the stack adds none)."""
+    routes = []
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0] in _ROUTE_TYPES:
+            words = words[1:]
+        if not words or words[0] == "default":
+            continue
+        try:
+            net = ipaddress.ip_network(words[0], strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, IPv4Network) and net.prefixlen > 0:
+            routes.append(Route(net, line.strip()))
+    return routes
+
+
+def range_conflicts(
+    ranges: Mapping[str, IPv4Network], routes: Iterable[Route], protected: Mapping[str, Iterable[str]]
+) -> list[str]:
+    """Why the given ranges are unsafe here (empty: safe). ``protected`` maps a reason (say, "package
+    index host") to the addresses it resolves to: a range over one of them would capture its traffic."""
+    problems = []
+    routes = list(routes)
+    for what, net in ranges.items():
+        for r in routes:
+            if net.overlaps(r.network):
+                problems.append(f"{what} {net} overlaps the route `{r.line}`")
+        for reason, addrs in protected.items():
+            for a in addrs:
+                try:
+                    addr = ipaddress.ip_address(a)
+                except ValueError:
+                    continue
+                if addr in net:
+                    problems.append(f"{what} {net} contains {addr} ({reason})")
+    names = list(ranges)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if ranges[a].overlaps(ranges[b]):
+                problems.append(f"{a} {ranges[a]} overlaps {b} {ranges[b]}")
+    return problems
+
+
+def choose_pod_cidr(
+    service_cidr: IPv4Network,
+    routes: Iterable[Route],
+    protected: Mapping[str, Iterable[str]],
+    candidates: Sequence[str] = POD_CIDR_CANDIDATES,
+) -> IPv4Network:
+    """The first candidate pod range that is safe beside the service range; ValueError (saying why each
+    was refused, and why the service range is unsafe) when none is."""
+    routes = list(routes)
+    svc = range_conflicts({"service range": service_cidr}, routes, protected)
+    if svc:
+        raise ValueError("; ".join(svc))
+    refused = []
+    for c in candidates:
+        net = IPv4Network(c)
+        problems = range_conflicts({"pod range": net, "service range": service_cidr}, routes, protected)
+        if not problems:
+            return net
+        refused.append(problems[0])
+    raise ValueError("no safe pod range: " + "; ".join(refused[:3]) + (" ..." if len(refused) > 3 else ""))
+
+
+def reverse_zone(net: IPv4Network) -> str:
+    """The in-addr.arpa zone that covers `net` (whole octets only, rounded down)."""
+    octets = str(net.network_address).split(".")[: max(1, net.prefixlen // 8)]
+    return ".".join(reversed(octets)) + ".in-addr.arpa"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real node
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """Where the real node keeps everything, its network and its ports: the input of every renderer."""
+
+    dir: Path  # <state>/node: sockets, state, configs, kubelet root; all removed by `down`
+    containerd_root: Path  # images and snapshots: kept in the cache, so images are imported once
+    pki: Path
+    apiserver: str  # https://127.0.0.1:PORT
+    bridge: str
+    pod_cidr: IPv4Network
+    service_cidr: IPv4Network
+    cgroup_root: str  # /instructune-<hash>: every pod's cgroup lives below it
+    pause_image: str
+    ports: Mapping[str, int]
+    name: str = NODE_NAME
+
+    @property
+    def gateway(self) -> IPv4Address:
+        """The bridge's address: the node IP, the pods' gateway and the cluster DNS server."""
+        return self.pod_cidr.network_address + 1
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.dir / "containerd.sock"
+
+    @property
+    def cni_network(self) -> str:
+        return f"instructune-{self.bridge}"
+
+    @property
+    def kubelet_dir(self) -> Path:
+        return self.dir / "kubelet"
+
+    @property
+    def pod_logs_dir(self) -> Path:
+        return self.dir / "pod-logs"
+
+
+def containerd_config(n: NodeLayout) -> str:
+    """containerd's own config file (format 2, containerd 1.6): everything below the node's dirs."""
+    cri = '[plugins."io.containerd.grpc.v1.cri"]'
+    runc = f"{cri[:-1]}.containerd.runtimes.runc]"
+    return f"""version = 2
+root = "{n.containerd_root}"
+state = "{n.dir / "containerd"}"
+oom_score = 0
+
+[grpc]
+  address = "{n.containerd_socket}"
+[ttrpc]
+  address = "{n.containerd_socket}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{n.dir / "opt"}"
+
+{cri}
+  sandbox_image = "{n.pause_image}"
+  # This machine refuses to lower any process's oom_score_adj below 0 (the kubelet asks -998 for
+  # pause containers): without this the sandbox dies at start.
+  restrict_oom_score_adj = true
+  stream_server_address = "{HOST}"
+  stream_server_port = "{n.ports["containerd_stream"]}"
+  enable_selinux = false
+  disable_apparmor = true
+  netns_mounts_under_state_dir = true
+  max_container_log_line_size = 16384
+
+{cri[:-1]}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+
+{runc}
+  runtime_type = "io.containerd.runc.v2"
+
+{runc[:-1]}.options]
+  SystemdCgroup = false
+  BinaryName = "runc"
+  Root = "{n.dir / "runc"}"
+
+{cri[:-1]}.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{n.dir / "cni"}"
+  max_conf_num = 1
+"""
+
+
+def cni_conflist(n: NodeLayout) -> str:
+    """The pod network: veths on the node's bridge, addresses from its pod range. The bridge plugin
+    is not the gateway (the stack gives the bridge its address, and leaves IP forwarding alone), and
+    the only route a pod gets is the service range through the bridge: no default route, so pods
+    reach the stack's own addresses only."""
+    return json.dumps(
+        {
+            "cniVersion": "1.0.0",
+            "name": n.cni_network,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": n.bridge,
+                    "isGateway": False,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": str(n.dir / "cni-ipam"),
+                        "ranges": [[{"subnet": str(n.pod_cidr), "gateway": str(n.gateway)}]],
+                        "routes": [{"dst": str(n.service_cidr), "gw": str(n.gateway)}],
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": True}, "snat": False},
+            ],
+        },
+        indent=2,
+    )
+
+
+def kubelet_config(n: NodeLayout) -> str:
+    """KubeletConfiguration (JSON is YAML)."""
+    cfg: dict[str, Any] = {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": str(n.gateway),
+        "port": n.ports["kubelet"],
+        "readOnlyPort": 0,
+        "healthzBindAddress": HOST,
+        "healthzPort": n.ports["kubelet_healthz"],
+        "tlsCertFile": str(n.pki / "kubelet-serving.crt"),
+        "tlsPrivateKeyFile": str(n.pki / "kubelet-serving.key"),
+        "rotateCertificates": False,
+        "serverTLSBootstrap": False,
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": True, "cacheTTL": "30s"},
+            "x509": {"clientCAFile": str(n.pki / "ca.crt")},
+        },
+        "authorization": {"mode": "Webhook"},
+        "containerRuntimeEndpoint": f"unix://{n.containerd_socket}",
+        "cgroupDriver": "cgroupfs",
+        "cgroupRoot": n.cgroup_root,
+        "cgroupsPerQOS": True,
+        "failSwapOn": False,
+        "clusterDNS": [str(n.gateway)],
+        "clusterDomain": CLUSTER_DOMAIN,
+        "resolvConf": str(n.dir / "resolv.conf"),
+        "podLogsDir": str(n.pod_logs_dir),
+        "makeIPTablesUtilChains": False,
+        "maxPods": 110,
+        # The job image is large and imported once: never garbage-collect images, never evict on disk.
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "evictionHard": {
+            "memory.available": "100Mi",
+            "nodefs.available": "1%",
+            "imagefs.available": "1%",
+            "nodefs.inodesFree": "1%",
+        },
+        "serializeImagePulls": False,
+        "nodeStatusUpdateFrequency": "5s",
+        "syncFrequency": "10s",
+        "fileCheckFrequency": "0s",
+        "shutdownGracePeriod": "0s",
+    }
+    return json.dumps(cfg, indent=2)
+
+
+def kube_proxy_config(n: NodeLayout) -> str:
+    """KubeProxyConfiguration: iptables mode; NodePorts only on the bridge's address; leaves the
+    machine's sysctls (conntrack sizes, route_localnet) as they are."""
+    cfg = {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(n.pki / "kube-proxy.kubeconfig")},
+        "mode": "iptables",
+        "hostnameOverride": n.name,
+        "bindAddress": str(n.gateway),
+        "clusterCIDR": str(n.pod_cidr),
+        "healthzBindAddress": f"{HOST}:{n.ports['kube_proxy_healthz']}",
+        "metricsBindAddress": f"{HOST}:{n.ports['kube_proxy_metrics']}",
+        "nodePortAddresses": [f"{n.gateway}/32"],
+        "iptables": {
+            "localhostNodePorts": False,
+            "masqueradeAll": False,
+            "syncPeriod": "30s",
+            "minSyncPeriod": "1s",
+        },
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+    }
+    return json.dumps(cfg, indent=2)
+
+
+def corefile(n: NodeLayout) -> str:
+    """Cluster DNS on the bridge's address: cluster.local and the reverse zones of the pod and service
+    ranges from the API server; every other name is refused (nothing is forwarded anywhere)."""
+    zones = [CLUSTER_DOMAIN, reverse_zone(n.service_cidr), reverse_zone(n.pod_cidr)]
+    return f"""{" ".join(f"{z}:53" for z in zones)} {{
+    bind {n.gateway}
+    errors
+    health {HOST}:{n.ports["coredns_health"]}
+    ready {HOST}:{n.ports["coredns_ready"]}
+    kubernetes {" ".join(zones)} {{
+        kubeconfig {n.pki / "coredns.kubeconfig"} instructune
+        pods insecure
+        ttl 5
+    }}
+    cache 5
+    loadbalance
+}}
+"""
+
+
+def containerd(n: NodeLayout) -> Component:
+    config = n.dir / "containerd.toml"
+    return Component(
+        "containerd",
+        ("containerd", "--config", str(config), "--log-level", "warn"),
+        files={
+            str(config): containerd_config(n),
+            str(n.dir / "cni" / "10-instructune.conflist"): cni_conflist(n),
+        },
+    )
+
+
+def kubelet(n: NodeLayout, binary: Path) -> Component:
+    config = n.dir / "kubelet.yaml"
+    resolv = n.dir / "resolv.conf"
+    return Component(
+        "kubelet",
+        (str(binary), f"--config={config}", f"--kubeconfig={n.pki / 'kubelet.kubeconfig'}",
+         f"--hostname-override={n.name}", f"--node-ip={n.gateway}", f"--root-dir={n.kubelet_dir}",
+         f"--cert-dir={n.kubelet_dir / 'pki'}", f"--node-labels={POOL_LABEL}={NODE_POOL},type=real", "--v=1"),
+        env={"GOMAXPROCS": "2"},
+        # Pods with dnsPolicy Default get this (no name servers: nothing outside the stack);
+        # cluster-DNS pods get the bridge's address and no search domain of the host's.
+        files={str(config): kubelet_config(n), str(resolv): "# the local node's pods resolve no outside names\n"},
+    )  # fmt: skip
+
+
+def kube_proxy(n: NodeLayout, binary: Path) -> Component:
+    config = n.dir / "kube-proxy.yaml"
+    return Component(
+        "kube-proxy",
+        (str(binary), f"--config={config}", "--v=1"),
+        env={"GOMAXPROCS": "1"},
+        files={str(config): kube_proxy_config(n)},
+    )
+
+
+def coredns(n: NodeLayout, binary: Path) -> Component:
+    config = n.dir / "Corefile"
+    return Component(
+        "coredns",
+        (str(binary), "-conf", str(config)),
+        env={"GOMAXPROCS": "1"},
+        files={str(config): corefile(n)},
+    )
+
+
+def node_rbac() -> list[dict[str, Any]]:
+    """What the node's components may do beyond the built-in roles: CoreDNS reads Services and
+    EndpointSlices; the API server's kubelet client may use the kubelet API (logs, exec). The
+    kubelet is authorized by the Node authorizer; kube-proxy by the built-in system:node-proxier binding."""
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "instructune:coredns"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["endpoints", "services", "pods", "namespaces"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
+            ],
+        },
+        _binding("instructune:coredns", "instructune:coredns", "instructune:coredns"),
+        _binding(
+            "instructune:apiserver-kubelet-client",
+            "system:kubelet-api-admin",
+            "instructune:apiserver-kubelet-client",
+        ),
+    ]
+
+
+def _binding(name: str, role: str, user: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images of the stack's own: an OCI image layout of one layer, written without any image tool
+
+
+def oci_archive(ref: str, files: Mapping[str, bytes], entrypoint: Sequence[str]) -> bytes:
+    """An OCI image archive (what `ctr images import` reads) of one layer holding `files` (path ->
+    content, every file executable), named `ref`. Deterministic: the same files give the same digest."""
+    layer = _tar({name.lstrip("/"): (data, 0o755) for name, data in files.items()})
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = _canonical(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Entrypoint": list(entrypoint), "Env": ["PATH=/"], "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    )
+    manifest = _canonical(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": _descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": [_descriptor("application/vnd.oci.image.layer.v1.tar", layer)],
+        }
+    )
+    desc = _descriptor("application/vnd.oci.image.manifest.v1+json", manifest)
+    desc["annotations"] = {"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": ref}
+    index = _canonical({"schemaVersion": 2, "manifests": [desc]})
+    blobs = {f"blobs/sha256/{hashlib.sha256(b).hexdigest()}": b for b in (layer, config, manifest)}
+    return _tar(
+        {"oci-layout": (b'{"imageLayoutVersion":"1.0.0"}', 0o644), "index.json": (index, 0o644)}
+        | {k: (v, 0o644) for k, v in blobs.items()}
+    )
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _descriptor(media_type: str, blob: bytes) -> dict[str, Any]:
+    return {
+        "mediaType": media_type,
+        "digest": "sha256:" + hashlib.sha256(blob).hexdigest(),
+        "size": len(blob),
+    }
+
+
+def _tar(members: Mapping[str, tuple[bytes, int]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs: set[str] = set()
+        for name in sorted(members):
+            parts = name.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    info = tarfile.TarInfo(d)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+            data, mode = members[name]
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
