@@ -365,6 +365,31 @@ def inventory(paths: Iterable[str]) -> dict[str, list[str]]:
             **{f"iptables_{k}": v for k, v in iptables_state().items()}}  # fmt: skip
 
 
+def leftovers(record: dict[str, Any]) -> list[str]:
+    """What of the node is still on this machine, compared with what it had before the node started
+    (empty: nothing). Other programs' creations in the meantime (a container build's bridge, say)
+    are not the node's and are not listed."""
+    now, before = inventory(marks(record)), record["baseline"]
+    left = [f"process {p}" for p in now["processes"]]
+    left += [f"mount {m}" for m in now["mounts"] if m not in before["mounts"]]
+    left += [f"netns {n}" for n in now["netns"] if n not in before["netns"]]
+    left += [f"link {link}" for link in now["links"] if link not in before["links"]
+             and (link == record["bridge"] or link.startswith("veth"))]  # fmt: skip
+    for family in ("iptables_ipv4", "iptables_ipv6"):
+        left += [f"{family} {r}" for r in now[family] if r not in before[family]
+                 and ours(r, record.get("cni_network", ""))]  # fmt: skip
+    for path in now["paths"]:
+        if path not in before["paths"]:
+            for dirpath, _, files in os.walk(path):
+                left += [f"file {dirpath}/{f}" for f in files
+                         if stat.S_ISSOCK(os.lstat(os.path.join(dirpath, f)).st_mode)
+                         or record.get("cni_network", "-") in f]  # fmt: skip
+    left += [f"cgroup {d}" for d in cgroup_dirs(record["cgroup_root"])]
+    if owner() == str(Path(record["dir"]).parent):
+        left.append(f"the machine's node claim ({OWNER_FILE})")
+    return left
+
+
 def _kill_pids(pids: Iterable[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -401,9 +426,17 @@ def remove_containers(socket_path: Path, log: Any) -> None:
         log(f"node: removed {len(containers)} containers")
 
 
-def remove_iptables(baseline: dict[str, list[str]], kube_proxy: str | None) -> None:
+def ours(line: str, cni_network: str) -> bool:
+    """Whether an iptables line is the node's: kube-proxy's and the kubelet's KUBE-* chains (nothing
+    else on a machine runs them: one node per machine), the node's ITN-* guard, and CNI rules that
+    name the node's network (portmap's per-pod chains). Other CNI users (a container build's
+    network, say) share CNI's chain names, so CNI-* alone never counts."""
+    return bool(re.search(r"\b(KUBE|ITN)-", line)) or (bool(cni_network) and f'"{cni_network}"' in line)
+
+
+def remove_iptables(baseline: dict[str, list[str]], kube_proxy: str | None, cni_network: str) -> None:
     """kube-proxy's own clean-up first, then every rule and chain that was not there before the node
-    started and names a KUBE-/CNI-/ITN- chain (the node's creations; nothing else is touched)."""
+    started and is the node's (:func:`ours`); nothing else is touched."""
     if kube_proxy and Path(kube_proxy).exists():
         _run(kube_proxy, "--cleanup", "--v=0", check=False, timeout=60)
     for family in (4, 6):
@@ -411,23 +444,23 @@ def remove_iptables(baseline: dict[str, list[str]], kube_proxy: str | None) -> N
         if not shutil.which(tool):
             continue
         before = set(baseline.get(f"ipv{family}", []))
-        new_rules: list[tuple[str, str]] = []
-        new_chains: list[tuple[str, str]] = []
-        for table, line in _iptables_rules(family):
-            if f"{table} {line}" in before:
-                continue
-            if line.startswith(":") and re.match(r"(KUBE|CNI|ITN)-", line[1:]):
-                new_chains.append((table, line[1:].split()[0]))
-            elif line.startswith("-A ") and re.search(r"\b(KUBE|CNI|ITN)-", line):
-                new_rules.append((table, line))
-        created = {c for _, c in new_chains}
+        rules = _iptables_rules(family)
+        new_rules = [(t, line) for t, line in rules if line.startswith("-A ") and f"{t} {line}" not in before
+                     and ours(line, cni_network)]  # fmt: skip
+        # Chains: KUBE-*/ITN-* that are new, and the chains the node's CNI rules jump to.
+        chains = {(t, line[1:].split()[0]) for t, line in rules if line.startswith(":")}
+        created = {(t, c) for t, c in chains if re.match(r"(KUBE|ITN)-", c) and f"{t} :{c} -" not in before}
+        for t, line in new_rules:
+            jump = re.search(r"-j (CNI-DN-\S+)", line)
+            if jump and (t, jump.group(1)) in chains:
+                created.add((t, jump.group(1)))
         for table, line in new_rules:
             words = shlex.split(line)
-            if words[1] not in created:  # rules in created chains go with their chain
+            if (table, words[1]) not in created:  # rules in created chains go with their chain
                 _run(tool, "-w", "-t", table, "-D", *words[1:], check=False)
-        for table, chain in new_chains:
+        for table, chain in sorted(created):
             _run(tool, "-w", "-t", table, "-F", chain, check=False)
-        for table, chain in new_chains:
+        for table, chain in sorted(created):
             _run(tool, "-w", "-t", table, "-X", chain, check=False)
 
 
@@ -485,7 +518,9 @@ def teardown(record: dict[str, Any], state_dir: Path, log: Any) -> list[str]:
     baseline = record.get("baseline")
     if baseline is not None:
         remove_iptables(
-            {k.removeprefix("iptables_"): v for k, v in baseline.items()}, record.get("kube_proxy")
+            {k.removeprefix("iptables_"): v for k, v in baseline.items()},
+            record.get("kube_proxy"),
+            record.get("cni_network", ""),
         )
     bridge = record.get("bridge")
     if bridge and record.get("bridge_created"):
@@ -518,7 +553,7 @@ def teardown(record: dict[str, Any], state_dir: Path, log: Any) -> list[str]:
     if baseline is not None and "paths" in baseline:
         for p in MACHINE_PATHS:
             if p not in baseline["paths"] and not _remove_if_only_sockets(Path(p)):
-                problems.append(f"path {p}")
+                log(f"node: left {p}: it holds files of another program now")
     release(state_dir)
     if problems:
         log(f"node: could not remove: {', '.join(problems)}")
