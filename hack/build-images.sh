@@ -14,7 +14,7 @@
 #   storage.conf, storage/      buildah's image store (CONTAINERS_STORAGE_CONF=$IMAGES/storage.conf)
 #   tmp/                        buildah's temporary files and its RUN cache mounts (pip's cache)
 #   base-<key>.tar              the debootstrap root filesystem of the base image
-#   archives/<name>-<key>.tar   the image archives (OCI)
+#   archives/<name>-<key>.oci.tar  the image archives (OCI)
 #   logs/<name>.log             the last build's output of each image
 # An image's key hashes its Dockerfile, its lock file(s), the sources it ships and the base's key:
 # nothing is rebuilt unless one of them changed.
@@ -128,6 +128,7 @@ build_base() {
     rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/cache/apt/*.bin "$dir"/var/lib/apt/lists/* \
       "$dir"/var/log/* "$dir"/etc/hostname "$dir"/etc/machine-id
     : >"$dir/etc/resolv.conf"
+    rm -f "$IMAGES"/base-*.tar
     timed "base tar" tar -C "$dir" --numeric-owner --xattrs -cf "$rootfs_tar.part" .
     mv "$rootfs_tar.part" "$rootfs_tar"
     rm -rf "$dir"
@@ -168,7 +169,7 @@ build_image() {
   key=$(cd "$root" && { echo "$RECIPE $base_key $VERSION"; python3 hack/images.py key $(image_inputs "$name"); } \
     | sha256sum | cut -c1-16)
   KEY=$key
-  if [ -f "$IMAGES/archives/$name-$key.tar" ] || [ "$(image_key "$ref")" = "$key" ]; then
+  if [ -f "$IMAGES/archives/$name-$key.oci.tar" ] || [ "$(image_key "$ref")" = "$key" ]; then
     log "$name: $ref is up to date (key $key)"
     return
   fi
@@ -200,7 +201,7 @@ build_image() {
 # OCI by images.py, whose index names the manifest digest an importer can compare).
 archive() {
   local name=$1 ref=$2 key=$3
-  local path=$IMAGES/archives/$name-$key.tar docker=$IMAGES/tmp/$name.docker.tar
+  local path=$IMAGES/archives/$name-$key.oci.tar docker=$IMAGES/tmp/$name.docker.tar
   if [ ! -f "$path" ]; then
     rm -f "$IMAGES/archives/$name"-*.tar "$docker"
     timed "$name push" buildah push --quiet "$ref" "docker-archive:$docker:$ref" >/dev/null \
