@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +118,23 @@ def real_node(stack: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def product_images(real_node: dict[str, Any]) -> dict[str, str]:
-    """The product's images (hack/build-images.sh: built once, cached outside the clone), imported into
-    the node's containerd: {"operator": REF, "job": REF}."""
+def product_image(real_node: dict[str, Any]) -> Callable[[str], str]:
+    """`product_image("operator" | "job")`: the product's image (hack/build-images.sh: built once,
+    cached outside the clone) imported into the node's containerd; returns its reference."""
     import localstack_node  # hack/ is on sys.path through tests/conftest.py
 
-    res = subprocess.run(
-        ["bash", str(ROOT / "hack" / "build-images.sh"), "operator", "job"],
-        capture_output=True, text=True, check=False, timeout=5400,
-    )  # fmt: skip
-    assert res.returncode == 0, f"hack/build-images.sh failed:\n{res.stderr[-4000:]}"
-    refs = [line.split() for line in res.stdout.splitlines() if len(line.split()) == 2]
-    assert len(refs) == 2, res.stdout
-    sock = Path(real_node["dir"]) / "containerd.sock"
-    for ref, archive in refs:
-        localstack_node.import_archive(sock, ref, Path(archive))
-    return dict(zip(("operator", "job"), (ref for ref, _ in refs), strict=True))
+    refs: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in refs:
+            res = subprocess.run(
+                ["bash", str(ROOT / "hack" / "build-images.sh"), name],
+                capture_output=True, text=True, check=False, timeout=5400,
+            )  # fmt: skip
+            assert res.returncode == 0, f"hack/build-images.sh {name} failed:\n{res.stderr[-4000:]}"
+            ref, archive = res.stdout.split()[:2]
+            localstack_node.import_archive(Path(real_node["dir"]) / "containerd.sock", ref, Path(archive))
+            refs[name] = ref
+        return refs[name]
+
+    return get

@@ -14,10 +14,12 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import localstack
+import localstack_node
 import pytest
 
 from tests.conftest import Stack
@@ -162,7 +164,7 @@ def test_pods_reach_only_the_stacks_own_addresses(stack: Stack, real_node: dict[
 
 @pytest.mark.timeout(5400)
 def test_the_job_image_imports_the_training_stack_and_starts_a_ray_head(
-    stack: Stack, product_images: dict[str, str], ns: str
+    stack: Stack, product_image: Callable[[str], str], ns: str
 ) -> None:
     script = (
         "set -e; python -c 'import instructune_jobs, torch, ray, deepspeed, peft, transformers; "
@@ -171,7 +173,7 @@ def test_the_job_image_imports_the_training_stack_and_starts_a_ray_head(
         'python -c \'import ray; ray.init(address="auto"); print("cpus", ray.cluster_resources().get("CPU"))\'; '
         "ray stop --force"
     )
-    job = pod("ray-head", product_images["job"], ["-c", script], command=["bash"],
+    job = pod("ray-head", product_image("job"), ["-c", script], command=["bash"],
               volumeMounts=[{"name": "shm", "mountPath": "/dev/shm"}])  # fmt: skip
     job["spec"]["volumes"] = [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
     apply(stack, ns, job)
@@ -183,17 +185,49 @@ def test_the_job_image_imports_the_training_stack_and_starts_a_ray_head(
 
 @pytest.mark.timeout(5400)
 def test_the_operator_image_runs_as_non_root_with_a_read_only_root_filesystem(
-    stack: Stack, product_images: dict[str, str], ns: str
+    stack: Stack, product_image: Callable[[str], str], ns: str
 ) -> None:
     script = (
         "import os, instructune_operator\n"
         "try:\n    open('/probe', 'w')\n    print('writable')\nexcept OSError as e:\n    print('read-only', e.errno)\n"
         "print('uid', os.getuid())\n"
     )
-    op = pod("operator", product_images["operator"], ["-c", script], command=["python"],
+    op = pod("operator", product_image("operator"), ["-c", script], command=["python"],
              securityContext={"readOnlyRootFilesystem": True, "runAsNonRoot": True,
                               "allowPrivilegeEscalation": False})  # fmt: skip
     apply(stack, ns, op)
     phase, logs = finished(stack, ns, "operator", timeout=180)
     assert phase == "Succeeded", logs
     assert "read-only 30" in logs and "uid 65532" in logs, logs
+
+
+@pytest.mark.stack_teardown
+def test_a_start_that_fails_with_a_pod_running_on_the_node_leaves_nothing_of_it(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs after the session's stack stopped (stack_teardown): its node is this machine's one node.
+    if stack.owned:
+        localstack.down(stack.dir)
+    state_dir = tmp_path / "failing"
+    wait_node_ready = localstack.wait_node_ready
+
+    def ready_then_fail(sd: Path, layout: Any, procs: Any, mark: Any) -> None:
+        wait_node_ready(sd, layout, procs, mark)
+        spec = pod(
+            "left-running",
+            json.loads((sd / "stack.json").read_text())["node"]["probe_image"],
+            ["serve", "8080"],
+        )
+        localstack.kubectl(sd, "apply", "-n", "default", "-f", "-", input=json.dumps(spec))
+        localstack.kubectl(
+            sd, "wait", "-n", "default", "--for=condition=Ready", "--timeout=60s", "pod/left-running"
+        )
+        raise localstack.StackError("injected: the start fails with a pod running on the node")
+
+    monkeypatch.setattr(localstack, "wait_node_ready", ready_then_fail)
+    with pytest.raises(localstack.StackError, match="injected"):
+        localstack.up(state_dir)
+    record = json.loads((state_dir / "stack.json").read_text())["node"]
+    if record is None:
+        pytest.skip("no real node for a second stack here (another stack runs this machine's node)")
+    assert localstack_node.leftovers(record) == []
