@@ -18,6 +18,7 @@ from tests.integration.conftest import OperatorProcess, get_tune, wait_for
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"]["training"]["maxSteps"]
 
 
 def _status(stack: Any, ns: str, name: str) -> dict[str, Any]:
@@ -107,7 +108,7 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert len(train_jobs) == final["attempts"] == len({j["submission_id"] for j in train_jobs})
 
     # The resumed attempt started from the checkpoint: its first reported step is past it.
-    assert final["progress"]["step"] == final["progress"]["totalSteps"] == 400
+    assert final["progress"]["step"] == final["progress"]["totalSteps"] == STEPS
     assert min(c["step"] for c in final["checkpoints"]) >= resumed_at
     assert _condition(final, "Training")["reason"] == "Completed"
 
@@ -187,7 +188,7 @@ def test_the_quickstart_applied_again_skips_training_and_is_served(
     ).json()["logs"]
     assert "already finished: skipping to evaluation" in logs, logs[-3000:]
     assert final["data"]["templateHash"] and final["serving"]["templateHash"] == final["data"]["templateHash"]
-    assert final["progress"]["step"] == final["progress"]["totalSteps"] == 400
+    assert final["progress"]["step"] == final["progress"]["totalSteps"] == STEPS
     assert final["lineage"]["configHash"]
     assert sorted(_ask(final["serving"])) == ["amount", "date", "party"]
     stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
