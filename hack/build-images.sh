@@ -17,7 +17,8 @@
 #   archives/<name>-<key>.oci.tar  the image archives (OCI)
 #   logs/<name>.log             the last build's output of each image
 # An image's key hashes its Dockerfile, its lock file(s), the sources it ships and the base's key:
-# nothing is rebuilt unless one of them changed.
+# nothing is rebuilt unless one of them changed (or INSTRUCTUNE_IMAGES_REBUILD=1: the product's
+# images are rebuilt, from the cached wheels).
 #
 # The machine reaches the package registries through its own pip configuration and CA bundle; the
 # build gets them as build secrets (mounted read-only for the install steps only, never in a
@@ -169,7 +170,9 @@ build_image() {
   key=$(cd "$root" && { echo "$RECIPE $base_key $VERSION"; python3 hack/images.py key $(image_inputs "$name"); } \
     | sha256sum | cut -c1-16)
   KEY=$key
-  if [ -f "$IMAGES/archives/$name-$key.oci.tar" ] || [ "$(image_key "$ref")" = "$key" ]; then
+  if [ -n "${INSTRUCTUNE_IMAGES_REBUILD:-}" ]; then
+    rm -f "$IMAGES/archives/$name-$key.oci.tar"
+  elif [ -f "$IMAGES/archives/$name-$key.oci.tar" ] || [ "$(image_key "$ref")" = "$key" ]; then
     log "$name: $ref is up to date (key $key)"
     return
   fi
