@@ -63,7 +63,7 @@ REGION = "us-east-1"
 BUCKETS = ("models", "datasets", "artifacts")
 POOL_LABEL = "instructune.io/pool"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
-KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+KWOK_ANNOTATION = comp.KWOK_ANNOTATION
 STOP_GRACE_S = 10.0
 # State-dir entries that `up` owns and may delete; nothing else in the directory is touched.
 OWNED_ENTRIES = ("etcd", "minio", "pki", "logs", "kwok", "bin", "node", "kubeconfig", "env", "stack.json")
@@ -894,6 +894,11 @@ def make_node_pki(pki: Path, api: str, n: comp.NodeLayout) -> None:
         write_kubeconfig(pki / f"{user}.kubeconfig", api, pki, user)
 
 
+def launch_component(launch: Callable[..., Proc], c: comp.Component) -> Proc:
+    write_files(c)
+    return launch(c.name, list(c.argv), dict(c.env))
+
+
 def write_files(c: comp.Component) -> None:
     for path, content in c.files.items():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -922,9 +927,7 @@ def start_node_runtime(
         node.create_cgroup_root(n.cgroup_root)
     except node.NodeError as e:
         raise StackError(f"real node: {e}") from e
-    c = comp.containerd(n)
-    write_files(c)
-    containerd = launch(c.name, list(c.argv), dict(c.env))
+    containerd = launch_component(launch, comp.containerd(n))
     wait_until("containerd", containerd,
                lambda: node.ctr(n.containerd_socket, "version", check=False, timeout=5).returncode == 0, 60,
                "its socket")  # fmt: skip
@@ -945,8 +948,7 @@ def start_node_agents(state_dir: Path, n: comp.NodeLayout, launch: Callable[...,
             input=json.dumps({"apiVersion": "v1", "kind": "List", "items": comp.node_rbac()}))  # fmt: skip
     for c in (comp.coredns(n, program("coredns")), comp.kube_proxy(n, program("kube-proxy")),
               comp.kubelet(n, program("kubelet"))):  # fmt: skip
-        write_files(c)
-        launch(c.name, list(c.argv), dict(c.env))
+        launch_component(launch, c)
 
 
 def procs_by_name(state: dict[str, Any]) -> dict[str, Proc]:
@@ -1030,42 +1032,16 @@ def _up(
     state["versions"] = versions()
 
     # Processes that do not need the API server start first, so their start-up overlaps with it.
-    minio_dir = state_dir / "minio" / "data"
-    minio_dir.mkdir(parents=True)
-    minio = launch(
-        "minio",
-        [str(program("minio")), "server", str(minio_dir), "--address", f"{HOST}:{ports['minio']}",
-         "--console-address", f"{HOST}:{ports['minio_console']}", "--quiet"],
-        {"MINIO_ROOT_USER": access, "MINIO_ROOT_PASSWORD": secret, "MINIO_BROWSER": "on",
-         "MINIO_UPDATE": "off", "MINIO_API_REQUESTS_MAX": "200", "HOME": str(state_dir / "minio")},
-    )  # fmt: skip
+    stack_layout = comp.StackLayout(state_dir, ports, SERVICE_CIDR)
+    (state_dir / "minio" / "data").mkdir(parents=True)
+    minio = launch_component(launch, comp.minio(stack_layout, program("minio"), access, secret))
     ray_tmp.mkdir(parents=True, exist_ok=True)
-    ray = launch(
-        "ray",
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(ports["ray_gcs"]),
-         "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(ports["ray_dashboard"]),
-         "--ray-client-server-port", str(ports["ray_client"]),
-         "--dashboard-agent-listen-port", str(ports["ray_agent"]),
-         "--dashboard-agent-grpc-port", str(ports["ray_dashboard_agent_grpc"]),
-         "--node-manager-port", str(ports["ray_node_manager"]),
-         "--object-manager-port", str(ports["ray_object_manager"]),
-         "--metrics-export-port", str(ports["ray_metrics"]),
-         "--runtime-env-agent-port", str(ports["ray_runtime_env_agent"]),
-         # Logical CPUs: two training workers, an evaluation task and a Serve replica fit at once.
-         "--num-cpus", "4", "--num-gpus", "0", "--object-store-memory", str(1 << 30),
-         "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
-        # Ray 2.60 enables token authentication by default; the token is ours, not ~/.ray/auth_token.
-        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's switch that keeps `--node-ip-address 127.0.0.1`
-        # on loopback (otherwise Ray swaps it for the host's routable IP and listens on every interface).
-        {"RAY_USAGE_STATS_ENABLED": "0", **{k: env[k] for k in env if k.startswith("RAY_") and k != "RAY_ADDRESS"},
-         # Jobs on this head get what a tune's Ray pods get: S3 credentials in their environment
-         # (pods: by secretKeyRef), never through job info or runtime_env. Entrypoints run
-         # `python -m instructune_jobs` with this clone's code and the project venv first on PATH.
-         **{k: env[k] for k in ("AWS_ENDPOINT_URL", "INSTRUCTUNE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID",
-                                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
-         "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-         "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("jobs", "operator")),
-         "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions")},
+    ray = launch_component(
+        launch,
+        comp.ray_head(
+            stack_layout, ray_bin, ray_tmp, env, path=f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            pythonpath=os.pathsep.join(str(REPO / d) for d in ("jobs", "operator")), cache=CACHE,
+        ),
     )  # fmt: skip
 
     make_pki(pki)
@@ -1093,18 +1069,7 @@ def _up(
         make_node_pki(pki, api, layout)
         start_node_runtime(state_dir, state, record, layout, launch, mark)
 
-    etcd = launch(
-        "etcd",
-        [str(program("etcd")), "--name", "default", "--data-dir", str(state_dir / "etcd"),
-         "--listen-client-urls", f"http://{HOST}:{ports['etcd']}",
-         "--advertise-client-urls", f"http://{HOST}:{ports['etcd']}",
-         "--listen-peer-urls", f"http://{HOST}:{ports['etcd_peer']}",
-         "--initial-advertise-peer-urls", f"http://{HOST}:{ports['etcd_peer']}",
-         "--initial-cluster", f"default=http://{HOST}:{ports['etcd_peer']}",
-         "--quota-backend-bytes", str(2 << 30), "--snapshot-count", "10000",
-         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "10m",
-         "--unsafe-no-fsync", "--log-level", "warn"],
-    )  # fmt: skip
+    etcd = launch_component(launch, comp.etcd(stack_layout, program("etcd")))
     wait_until(
         "etcd",
         etcd,
@@ -1114,25 +1079,7 @@ def _up(
     )
     mark("etcd")
 
-    apiserver = launch(
-        "kube-apiserver",
-        [str(program("kube-apiserver")), f"--etcd-servers=http://{HOST}:{ports['etcd']}",
-         f"--bind-address={HOST}", f"--advertise-address={HOST}", f"--secure-port={ports['apiserver']}",
-         f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-         f"--client-ca-file={pki / 'ca.crt'}",
-         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-         f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
-         f"--service-cluster-ip-range={SERVICE_CIDR}", "--authorization-mode=Node,RBAC",
-         "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
-         f"--cert-dir={pki / 'apiserver-generated'}", "--profiling=false",
-         "--max-requests-inflight=150", "--max-mutating-requests-inflight=50", "--event-ttl=30m",
-         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none",
-         # Logs, exec and port-forward reach a kubelet at its node's address (no DNS names nodes here).
-         "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki / 'ca.crt'}",
-         f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
-         f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}"],
-        {"GOMAXPROCS": "2", "GOMEMLIMIT": "1500MiB"},
-    )  # fmt: skip
+    apiserver = launch_component(launch, comp.kube_apiserver(stack_layout, program("kube-apiserver")))
     wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
     mark("kube-apiserver")
     # Nodes first, while the API server is idle (the CRDs below keep it busy for seconds).
@@ -1141,42 +1088,11 @@ def _up(
         state["node_agents_started"] = time.time()
         start_node_agents(state_dir, layout, launch)
 
-    kcm = launch(
-        "kube-controller-manager",
-        [str(program("kube-controller-manager")),
-         f"--kubeconfig={pki / 'controller-manager.kubeconfig'}",
-         f"--authentication-kubeconfig={pki / 'controller-manager.kubeconfig'}",
-         f"--authorization-kubeconfig={pki / 'controller-manager.kubeconfig'}",
-         f"--bind-address={HOST}", f"--secure-port={ports['controller_manager']}", "--leader-elect=false",
-         "--use-service-account-credentials=true", f"--service-account-private-key-file={pki / 'sa.key'}",
-         f"--root-ca-file={pki / 'ca.crt'}", f"--cluster-signing-cert-file={pki / 'ca.crt'}",
-         f"--cluster-signing-key-file={pki / 'ca.key'}", f"--service-cluster-ip-range={SERVICE_CIDR}",
-         f"--cert-dir={pki / 'controller-manager-generated'}", "--profiling=false"],
-        {"GOMAXPROCS": "2"},
-    )  # fmt: skip
-    scheduler = launch(
-        "kube-scheduler",
-        [str(program("kube-scheduler")), f"--kubeconfig={pki / 'scheduler.kubeconfig'}",
-         f"--authentication-kubeconfig={pki / 'scheduler.kubeconfig'}",
-         f"--authorization-kubeconfig={pki / 'scheduler.kubeconfig'}",
-         f"--bind-address={HOST}", f"--secure-port={ports['scheduler']}", "--leader-elect=false",
-         f"--cert-dir={pki / 'scheduler-generated'}", "--profiling=false"],
-        {"GOMAXPROCS": "2"},
-    )  # fmt: skip
-    kwok_home = state_dir / "kwok"
-    kwok_home.mkdir(exist_ok=True)
-    (kwok_home / "kwok.yaml").write_text(
-        "apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\noptions:\n  nodeLeaseDurationSeconds: 40\n"
+    kcm = launch_component(
+        launch, comp.kube_controller_manager(stack_layout, program("kube-controller-manager"))
     )
-    # No Stage objects are configured, so kwok uses its default stages: nodes become Ready (with
-    # node leases) and pods Running/Ready; pods owned by a Job complete.
-    kwok = launch(
-        "kwok",
-        [str(program("kwok")), f"--kubeconfig={kubeconfig}", f"--config={kwok_home / 'kwok.yaml'}",
-         f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-         f"--server-address={HOST}:{ports['kwok']}", "--node-lease-duration-seconds=40"],
-        {"HOME": str(kwok_home), "GOMAXPROCS": "2"},
-    )  # fmt: skip
+    scheduler = launch_component(launch, comp.kube_scheduler(stack_layout, program("kube-scheduler")))
+    kwok = launch_component(launch, comp.kwok(stack_layout, program("kwok")))
 
     crd_files = sorted(crds.glob("*.yaml"))
     kubectl(state_dir, "apply", "--server-side", "--field-manager=instructune-localstack",
@@ -1189,13 +1105,7 @@ def _up(
         60, "CRDs Established",
     )  # fmt: skip
     mark("kuberay CRDs")
-    kuberay = launch(
-        "kuberay-operator",
-        [str(program("kuberay-operator")), "--enable-leader-election=false",
-         f"--metrics-addr={HOST}:{ports['kuberay_metrics']}",
-         f"--health-probe-bind-address={HOST}:{ports['kuberay_probe']}", "--log-stdout-encoder=console"],
-        {"KUBECONFIG": str(kubeconfig), "GOMAXPROCS": "2"},
-    )  # fmt: skip
+    kuberay = launch_component(launch, comp.kuberay_operator(stack_layout, program("kuberay-operator")))
 
     wait_until("kube-scheduler", scheduler, http_ok(f"https://{HOST}:{ports['scheduler']}/healthz", insecure_ctx()),
                90, "/healthz")  # fmt: skip

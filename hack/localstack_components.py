@@ -42,6 +42,166 @@ class Component:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The control plane and the services beside it (processes on 127.0.0.1)
+
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """The stack's state dir, its ports and its service range: the input of the components below."""
+
+    dir: Path
+    ports: Mapping[str, int]
+    service_cidr: str
+
+    @property
+    def pki(self) -> Path:
+        return self.dir / "pki"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def api(self) -> str:
+        return f"https://{HOST}:{self.ports['apiserver']}"
+
+
+def etcd(s: StackLayout, binary: Path) -> Component:
+    p = s.ports
+    return Component(
+        "etcd",
+        (str(binary), "--name", "default", "--data-dir", str(s.dir / "etcd"),
+         "--listen-client-urls", f"http://{HOST}:{p['etcd']}", "--advertise-client-urls", f"http://{HOST}:{p['etcd']}",
+         "--listen-peer-urls", f"http://{HOST}:{p['etcd_peer']}",
+         "--initial-advertise-peer-urls", f"http://{HOST}:{p['etcd_peer']}",
+         "--initial-cluster", f"default=http://{HOST}:{p['etcd_peer']}",
+         "--quota-backend-bytes", str(2 << 30), "--snapshot-count", "10000",
+         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "10m",
+         "--unsafe-no-fsync", "--log-level", "warn"),
+    )  # fmt: skip
+
+
+def kube_apiserver(s: StackLayout, binary: Path) -> Component:
+    pki = s.pki
+    return Component(
+        "kube-apiserver",
+        (str(binary), f"--etcd-servers=http://{HOST}:{s.ports['etcd']}",
+         f"--bind-address={HOST}", f"--advertise-address={HOST}", f"--secure-port={s.ports['apiserver']}",
+         f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+         f"--client-ca-file={pki / 'ca.crt'}",
+         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+         f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
+         f"--service-cluster-ip-range={s.service_cidr}",
+         # The real node's kubelet is authorized as a node (its own objects only), not by RBAC.
+         "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
+         f"--cert-dir={pki / 'apiserver-generated'}", "--profiling=false",
+         "--max-requests-inflight=150", "--max-mutating-requests-inflight=50", "--event-ttl=30m",
+         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none",
+         # Logs, exec and port-forward reach a kubelet at its node's address (no DNS names nodes here).
+         "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+         f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+         f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}"),
+        env={"GOMAXPROCS": "2", "GOMEMLIMIT": "1500MiB"},
+    )  # fmt: skip
+
+
+def kube_controller_manager(s: StackLayout, binary: Path) -> Component:
+    pki, kc = s.pki, s.pki / "controller-manager.kubeconfig"
+    return Component(
+        "kube-controller-manager",
+        (str(binary), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+         f"--bind-address={HOST}", f"--secure-port={s.ports['controller_manager']}", "--leader-elect=false",
+         "--use-service-account-credentials=true", f"--service-account-private-key-file={pki / 'sa.key'}",
+         f"--root-ca-file={pki / 'ca.crt'}", f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+         f"--cluster-signing-key-file={pki / 'ca.key'}", f"--service-cluster-ip-range={s.service_cidr}",
+         f"--cert-dir={pki / 'controller-manager-generated'}", "--profiling=false"),
+        env={"GOMAXPROCS": "2"},
+    )  # fmt: skip
+
+
+def kube_scheduler(s: StackLayout, binary: Path) -> Component:
+    kc = s.pki / "scheduler.kubeconfig"
+    return Component(
+        "kube-scheduler",
+        (str(binary), f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+         f"--bind-address={HOST}", f"--secure-port={s.ports['scheduler']}", "--leader-elect=false",
+         f"--cert-dir={s.pki / 'scheduler-generated'}", "--profiling=false"),
+        env={"GOMAXPROCS": "2"},
+    )  # fmt: skip
+
+
+def kwok(s: StackLayout, binary: Path) -> Component:
+    """Fake nodes: only those with KWOK's annotation (so never the real node, nor its pods). No Stage
+    objects are configured, so kwok uses its default stages: nodes become Ready (with node leases) and
+    pods Running/Ready; pods owned by a Job complete."""
+    home = s.dir / "kwok"
+    config = home / "kwok.yaml"
+    return Component(
+        "kwok",
+        (str(binary), f"--kubeconfig={s.kubeconfig}", f"--config={config}",
+         f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+         f"--server-address={HOST}:{s.ports['kwok']}", "--node-lease-duration-seconds=40"),
+        env={"HOME": str(home), "GOMAXPROCS": "2"},
+        files={str(config): "apiVersion: config.kwok.x-k8s.io/v1alpha1\nkind: KwokConfiguration\n"
+                            "options:\n  nodeLeaseDurationSeconds: 40\n"},
+    )  # fmt: skip
+
+
+def kuberay_operator(s: StackLayout, binary: Path) -> Component:
+    return Component(
+        "kuberay-operator",
+        (str(binary), "--enable-leader-election=false", f"--metrics-addr={HOST}:{s.ports['kuberay_metrics']}",
+         f"--health-probe-bind-address={HOST}:{s.ports['kuberay_probe']}", "--log-stdout-encoder=console"),
+        env={"KUBECONFIG": str(s.kubeconfig), "GOMAXPROCS": "2"},
+    )  # fmt: skip
+
+
+def minio(s: StackLayout, binary: Path, access: str, secret: str) -> Component:
+    return Component(
+        "minio",
+        (str(binary), "server", str(s.dir / "minio" / "data"), "--address", f"{HOST}:{s.ports['minio']}",
+         "--console-address", f"{HOST}:{s.ports['minio_console']}", "--quiet"),
+        env={"MINIO_ROOT_USER": access, "MINIO_ROOT_PASSWORD": secret, "MINIO_BROWSER": "on",
+             "MINIO_UPDATE": "off", "MINIO_API_REQUESTS_MAX": "200", "HOME": str(s.dir / "minio")},
+    )  # fmt: skip
+
+
+def ray_head(
+    s: StackLayout, ray: Path, temp_dir: Path, env: Mapping[str, str], path: str, pythonpath: str, cache: Path
+) -> Component:
+    """The local Ray head on loopback. `env` is the stack's environment (<dir>/env), `path` the PATH it
+    runs with (the project venv's bin first)."""
+    p = s.ports
+    return Component(
+        "ray",
+        (str(ray), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(p["ray_gcs"]),
+         "--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(p["ray_dashboard"]),
+         "--ray-client-server-port", str(p["ray_client"]),
+         "--dashboard-agent-listen-port", str(p["ray_agent"]),
+         "--dashboard-agent-grpc-port", str(p["ray_dashboard_agent_grpc"]),
+         "--node-manager-port", str(p["ray_node_manager"]),
+         "--object-manager-port", str(p["ray_object_manager"]),
+         "--metrics-export-port", str(p["ray_metrics"]),
+         "--runtime-env-agent-port", str(p["ray_runtime_env_agent"]),
+         # Logical CPUs: two training workers, an evaluation task and a Serve replica fit at once.
+         "--num-cpus", "4", "--num-gpus", "0", "--object-store-memory", str(1 << 30),
+         "--temp-dir", str(temp_dir), "--disable-usage-stats"),
+        # Ray 2.60 enables token authentication by default; the token is ours, not ~/.ray/auth_token.
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's switch that keeps `--node-ip-address 127.0.0.1`
+        # on loopback (otherwise Ray swaps it for the host's routable IP and listens on every interface).
+        env={"RAY_USAGE_STATS_ENABLED": "0", **{k: env[k] for k in env if k.startswith("RAY_") and k != "RAY_ADDRESS"},
+             # Jobs on this head get what a tune's Ray pods get: S3 credentials in their environment
+             # (pods: by secretKeyRef), never through job info or runtime_env. Entrypoints run
+             # `python -m instructune_jobs` with this clone's code and the project venv first on PATH.
+             **{k: env[k] for k in ("AWS_ENDPOINT_URL", "INSTRUCTUNE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID",
+                                     "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")},
+             "PATH": path, "PYTHONPATH": pythonpath, "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions")},
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
 # Address ranges: the node's pod range and the service range must collide with nothing
 
 

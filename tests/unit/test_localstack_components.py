@@ -159,3 +159,16 @@ def test_an_oci_archive_of_one_program_is_deterministic_and_self_consistent() ->
     with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
         member = tar.getmember("pause")
         assert member.mode == 0o755 and tar.extractfile(member).read() == b"\x7fELF..."  # type: ignore[union-attr]
+
+
+def test_the_api_server_authorizes_nodes_and_reaches_kubelets_by_address_and_kwok_ignores_the_real_node() -> (
+    None
+):
+    s = comp.StackLayout(Path("/st"), {"etcd": 1, "apiserver": 2, "kwok": 3}, "10.96.0.0/16")
+    api = comp.kube_apiserver(s, Path("/bin/kube-apiserver")).argv
+    assert "--authorization-mode=Node,RBAC" in api and "--enable-admission-plugins=NodeRestriction" in api
+    assert "--kubelet-preferred-address-types=InternalIP" in api
+    assert "--kubelet-certificate-authority=/st/pki/ca.crt" in api
+    kwok = comp.kwok(s, Path("/bin/kwok"))
+    assert "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake" in kwok.argv
+    assert list(kwok.files) == ["/st/kwok/kwok.yaml"]
