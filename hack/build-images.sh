@@ -16,6 +16,9 @@
 #   base-<key>.tar              the debootstrap root filesystem of the base image
 #   archives/<name>-<key>.oci.tar  the image archives (OCI)
 #   logs/<name>.log             the last build's output of each image
+# The job image's `environment` stage (its locked venv) is kept as an image of its own,
+# localhost/instructune-job-environment:<key>, keyed by jobs/Dockerfile and jobs/requirements.lock
+# only: a change of instructune_jobs rebuilds the job image on top of it in minutes.
 # An image's key hashes its Dockerfile, its lock file(s), the sources it ships and the base's key:
 # nothing is rebuilt unless one of them changed (or INSTRUCTUNE_IMAGES_REBUILD=1: the product's
 # images are rebuilt, from the cached wheels).
@@ -29,8 +32,10 @@ CACHE=${INSTRUCTUNE_CACHE:-$HOME/.cache/instructune}
 IMAGES=$CACHE/images
 REPO=${INSTRUCTUNE_IMAGE_REPOSITORY:-ghcr.io/instructune}
 SUITE=bookworm
-# Bump to rebuild everything (what this script does to the images changed).
-RECIPE=1
+# Bump to rebuild the base (BASE_RECIPE) or the product's images (RECIPE) when what this script
+# does to them changes.
+BASE_RECIPE=1
+RECIPE=2
 
 # Logs go to the caller's stderr (fd 7) even from steps whose own output goes to a log file.
 exec 7>&2
@@ -95,6 +100,7 @@ export BUILDAH_ISOLATION=chroot
 
 VERSION=$(python3 "$root/hack/images.py" version)
 BASE_REF=localhost/instructune-base:$SUITE
+ENVIRONMENT_REPO=localhost/instructune-job-environment
 
 # image_key REF: the build key recorded on an image in the store (empty when absent).
 image_key() {
@@ -103,7 +109,7 @@ image_key() {
 }
 
 # --- the base: debootstrap, imported as a local image ----------------------------------------
-base_key=$(printf '%s\n' "$RECIPE" "$SUITE" minbase python3,python3-venv,ca-certificates,wget \
+base_key=$(printf '%s\n' "$BASE_RECIPE" "$SUITE" minbase python3,python3-venv,ca-certificates,wget \
   | sha256sum | cut -c1-16)
 
 build_base() {
@@ -162,6 +168,31 @@ image_ref() {
   esac
 }
 
+# bud STEP LOG DOCKERFILE REF KEY [BUD ARGS...]: one `buildah bud`, the machine's pip configuration
+# and CA bundle given as build secrets, its output in LOG (its tail on stderr when it fails).
+bud() {
+  local step=$1 logfile=$2 dockerfile=$3 ref=$4 key=$5
+  shift 5
+  local secrets pipconf=$IMAGES/tmp/pip.conf
+  # The machine's pip configuration (files and PIP_* variables) as one file for the build, its
+  # `cert` pointing at where the build mounts the machine's CA bundle.
+  mapfile -t secrets < <(python3 "$root/hack/images.py" pip-conf "$pipconf" /run/secrets/ca.crt)
+  local args=(--build-arg "BASE=$BASE_REF" --build-arg "VERSION=$VERSION"
+    --secret "id=pip.conf,src=$pipconf" --label "io.instructune.build-key=$key")
+  [ -n "${secrets[0]:-}" ] && args+=(--secret "id=ca.crt,src=${secrets[0]}")
+  local dir
+  for dir in "${secrets[@]:1}"; do args+=(-v "$dir:$dir:ro"); done
+  log "$step: building $ref (key $key; log: $logfile) ..."
+  if ! timed "$step bud" buildah bud --isolation chroot --pull=false "${args[@]}" "$@" \
+      -f "$root/$dockerfile" -t "$ref" "$root" >"$logfile" 2>&1; then
+    tail -n 30 "$logfile" >&2
+    if grep -qiE 'connection (refused|reset)|timed out|name resolution|ssl|certificate' "$logfile"; then
+      log "the package index looked unreachable or untrusted from inside the build (pip configuration: $pipconf)"
+    fi
+    die "building $step failed (log: $logfile)"
+  fi
+}
+
 build_image() {
   local name=$1 ref key dockerfile
   ref=$(image_ref "$name")
@@ -177,24 +208,25 @@ build_image() {
     return
   fi
   build_base
-  local secrets pipconf=$IMAGES/tmp/pip.conf
-  # The machine's pip configuration (files and PIP_* variables) as one file for the build, its
-  # `cert` pointing at where the build mounts the machine's CA bundle.
-  mapfile -t secrets < <(python3 "$root/hack/images.py" pip-conf "$pipconf" /run/secrets/ca.crt)
-  local args=(--build-arg "BASE=$BASE_REF" --build-arg "VERSION=$VERSION"
-    --secret "id=pip.conf,src=$pipconf" --label "io.instructune.build-key=$key")
-  [ -n "${secrets[0]:-}" ] && args+=(--secret "id=ca.crt,src=${secrets[0]}")
-  local dir
-  for dir in "${secrets[@]:1}"; do args+=(-v "$dir:$dir:ro"); done
-  log "$name: building $ref (key $key; log: $IMAGES/logs/$name.log) ..."
-  if ! timed "$name bud" buildah bud --isolation chroot --pull=false "${args[@]}" \
-      -f "$root/$dockerfile" -t "$ref" "$root" >"$IMAGES/logs/$name.log" 2>&1; then
-    tail -n 30 "$IMAGES/logs/$name.log" >&2
-    if grep -qiE 'connection (refused|reset)|timed out|name resolution|ssl|certificate' "$IMAGES/logs/$name.log"; then
-      log "the package index looked unreachable or untrusted from inside the build (pip configuration: $pipconf)"
+  local extra=()
+  if [ "$name" = job ]; then
+    # The job image's `environment` stage (the locked venv: ~6 GB, most of the build's time) as an
+    # image of its own, keyed by what it installs: a change of instructune_jobs alone reuses it.
+    local env_key env_ref
+    env_key=$(cd "$root" && { echo "$RECIPE $base_key"; python3 hack/images.py key jobs/Dockerfile \
+      jobs/requirements.lock hack/split_lock.py; } | sha256sum | cut -c1-16)
+    env_ref=$ENVIRONMENT_REPO:$env_key
+    if [ -n "${INSTRUCTUNE_IMAGES_REBUILD:-}" ] || [ "$(image_key "$env_ref")" != "$env_key" ]; then
+      bud "job-environment" "$IMAGES/logs/job-environment.log" "$dockerfile" "$env_ref" "$env_key" \
+        --target environment
+      local old
+      for old in $(buildah images --format '{{.Name}}:{{.Tag}}' | grep "^$ENVIRONMENT_REPO:" | grep -v ":$env_key\$"); do
+        buildah rmi "$old" >/dev/null 2>&1 || true
+      done
     fi
-    die "building $name failed (log: $IMAGES/logs/$name.log)"
+    extra=(--build-arg "ENVIRONMENT=$env_ref")
   fi
+  bud "$name" "$IMAGES/logs/$name.log" "$dockerfile" "$ref" "$key" "${extra[@]}"
   # The previous build's image, now untagged, and nothing else of it.
   buildah rmi --prune >/dev/null 2>&1 || true
 }
