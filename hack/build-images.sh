@@ -231,19 +231,27 @@ build_image() {
   buildah rmi --prune >/dev/null 2>&1 || true
 }
 
-# archive NAME REF KEY: the image as an OCI archive (uncompressed layers: no gzip of gigabytes on
-# two cores; buildah 1.28 compresses its OCI outputs, so it writes a docker-archive, rewritten as
-# OCI by images.py, whose index names the manifest digest an importer can compare).
+# archive NAME REF KEY: the image as an OCI archive with uncompressed layers (no gzip of gigabytes
+# on two cores). buildah 1.28 compresses its OCI outputs, so it writes a docker-archive into a pipe
+# that images.py rewrites as OCI on the fly (one pass, no second copy on disk); the OCI index
+# names the manifest digest, which an importer can compare with what containerd holds.
 archive() {
   local name=$1 ref=$2 key=$3
-  local path=$IMAGES/archives/$name-$key.oci.tar docker=$IMAGES/tmp/$name.docker.tar
+  local path=$IMAGES/archives/$name-$key.oci.tar fifo=$IMAGES/tmp/$name.docker-archive.pipe
   if [ ! -f "$path" ]; then
-    rm -f "$IMAGES/archives/$name"-*.tar "$docker"
-    timed "$name push" buildah push --quiet "$ref" "docker-archive:$docker:$ref" >/dev/null \
-      || die "writing the archive of $ref failed"
-    timed "$name archive" python3 "$root/hack/images.py" oci-archive "$docker" "$path.part" "$ref" >/dev/null \
-      || die "rewriting the archive of $ref as OCI failed"
-    rm -f "$docker"
+    rm -f "$IMAGES/archives/$name"-*.tar "$fifo" "$path.part"
+    mkfifo "$fifo"
+    python3 "$root/hack/images.py" oci-archive "$fifo" "$path.part" "$ref" >/dev/null &
+    local conv=$!
+    if ! timed "$name archive" buildah push --quiet "$ref" "docker-archive:$fifo:$ref" >/dev/null; then
+      # Unblock the reader if buildah never opened the pipe, then give up.
+      timeout 5 sh -c ': >"$1"' sh "$fifo" 2>/dev/null || true
+      wait "$conv" 2>/dev/null || true
+      rm -f "$fifo" "$path.part"
+      die "writing the archive of $ref failed"
+    fi
+    wait "$conv" || { rm -f "$fifo" "$path.part"; die "rewriting the archive of $ref as OCI failed"; }
+    rm -f "$fifo"
     mv "$path.part" "$path"
   fi
   echo "$ref $path"

@@ -13,7 +13,8 @@ Standard library only: it runs before any environment exists.
   images.py version                the project's version (pyproject.toml)
   images.py oci-archive SRC OUT REF
                                    rewrites a docker-archive (what `buildah push` writes with
-                                   uncompressed layers) as an OCI archive named REF
+                                   uncompressed layers; SRC may be a pipe) as an OCI archive
+                                   named REF
                                    (`ctr images import` reads both; the OCI index names the
                                    manifest digest, so an importer can tell it holds the image)
 """
@@ -166,36 +167,48 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def docker_to_oci_archive(src: Path, out: Path, ref: str) -> str:
-    """Streams the docker-archive `src` into the OCI archive `out` (layers stay uncompressed and
-    keep their digests; each is verified on the way). Returns the manifest digest."""
-    with tarfile.open(src) as dock, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as oci:
+    """Streams the docker-archive `src` (a file, or a pipe `buildah push` writes into) into the
+    OCI archive `out`: one sequential pass, layers uncompressed under their own digests, each
+    verified on the way. Returns the manifest digest."""
+    blob_name = re.compile(r"^(?:\./)?([0-9a-f]{64})\.(tar|json)$")
+    seen: dict[str, int] = {}  # layer digest -> size
+    small: dict[str, bytes] = {}  # config blobs and manifest.json
+    with tarfile.open(src, "r|") as dock, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as oci:
         oci.copybufsize = 1 << 20
-        (entry,) = json.loads(dock.extractfile("manifest.json").read())  # type: ignore[union-attr]
-        config = dock.extractfile(entry["Config"]).read()  # type: ignore[union-attr]
         _add_bytes(oci, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        for member in dock:
+            if not member.isfile():
+                continue  # the legacy per-layer directories: symbolic links and small files
+            match = blob_name.match(member.name)
+            data = dock.extractfile(member)
+            assert data is not None
+            if match and match.group(2) == "tar":
+                digest = match.group(1)
+                reader = _HashingReader(data)  # type: ignore[arg-type]
+                info = tarfile.TarInfo(f"blobs/sha256/{digest}")
+                info.size, info.mode = member.size, 0o644
+                oci.addfile(info, reader)  # type: ignore[arg-type]
+                if reader.sha.hexdigest() != digest:
+                    raise ValueError(f"{src}: layer {member.name} does not match its digest")
+                seen[digest] = member.size
+            elif match or member.name.removeprefix("./") == "manifest.json":
+                small[member.name.removeprefix("./")] = data.read()
+        (entry,) = json.loads(small["manifest.json"])
+        config = small[entry["Config"]]
+        config_digest = hashlib.sha256(config).hexdigest()
+        _add_bytes(oci, f"blobs/sha256/{config_digest}", config)
         layers = []
         for name in entry["Layers"]:
-            member = dock.getmember(name)
-            while member.issym() or member.islnk():
-                member = dock.getmember(
-                    os.path.normpath(os.path.join(os.path.dirname(member.name), member.linkname))
-                )
-            reader = _HashingReader(dock.extractfile(member))  # type: ignore[arg-type]
-            digest = os.path.basename(member.name).removesuffix(".tar")
-            info = tarfile.TarInfo(f"blobs/sha256/{digest}")
-            info.size, info.mode = member.size, 0o644
-            oci.addfile(info, reader)  # type: ignore[arg-type]
-            if reader.sha.hexdigest() != digest:
-                raise ValueError(f"{src}: layer {name} does not match its digest")
+            digest = os.path.basename(name).removesuffix(".tar")
+            if digest not in seen:
+                raise ValueError(f"{src}: layer {name} is not in the archive")
             layers.append(
                 {
                     "mediaType": "application/vnd.oci.image.layer.v1.tar",
                     "digest": f"sha256:{digest}",
-                    "size": member.size,
+                    "size": seen[digest],
                 }
             )
-        config_digest = hashlib.sha256(config).hexdigest()
-        _add_bytes(oci, f"blobs/sha256/{config_digest}", config)
         manifest = _canonical(
             {
                 "schemaVersion": 2,
