@@ -171,7 +171,7 @@ def test_the_job_image_imports_the_training_stack_and_starts_a_ray_head(
         'print("imports", ray.__version__, torch.__version__)\'; '
         "ray start --head --num-cpus=1 --num-gpus=0 --disable-usage-stats --include-dashboard=false; "
         'python -c \'import ray; ray.init(address="auto"); print("cpus", ray.cluster_resources().get("CPU"))\'; '
-        "ray stop --force"
+        "ray stop --force >/dev/null"
     )
     job = pod("ray-head", product_image("job"), ["-c", script], command=["bash"],
               volumeMounts=[{"name": "shm", "mountPath": "/dev/shm"}])  # fmt: skip
