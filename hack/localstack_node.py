@@ -289,12 +289,25 @@ def image_digest(socket_path: Path, ref: str) -> str | None:
     return None
 
 
+def remove_image(socket_path: Path, ref: str, manifest_digest: str) -> None:
+    """Removes `ref` and the name the CRI gives the same image (its config digest), so that the
+    garbage collector frees its layers (a replaced multi-GB image would otherwise stay on disk)."""
+    names = [ref]
+    with contextlib.suppress(NodeError, ValueError, KeyError):
+        manifest = json.loads(ctr(socket_path, "content", "get", manifest_digest, timeout=60).stdout)
+        names.append(manifest["config"]["digest"])
+    have = image_refs(socket_path)
+    ctr(socket_path, "images", "rm", "--sync", *[n for n in names if n in have], check=False, timeout=600)
+
+
 def import_archive(socket_path: Path, ref: str, archive: Path) -> bool:
     """Imports `archive` unless containerd already holds `ref` at the archive's digest (the root
     outlives stacks: a multi-GB image is imported once). True when it imported."""
-    digest = archive_digest(archive)
-    if digest is not None and image_digest(socket_path, ref) == digest:
+    digest, old = archive_digest(archive), image_digest(socket_path, ref)
+    if digest is not None and old == digest:
         return False
+    if old is not None:
+        remove_image(socket_path, ref, old)
     import_image(socket_path, archive)
     if ref not in image_refs(socket_path):
         raise NodeError(f"importing {archive} did not give an image named {ref}")
