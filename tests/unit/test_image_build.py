@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,17 @@ def test_a_layer_that_does_not_match_its_digest_is_refused(tmp_path: Path) -> No
     _docker_archive(tmp_path / "docker.tar", "x:1", [_layer({"a": b"a"})], corrupt=True)
     with pytest.raises(ValueError, match="does not match its digest"):
         images.docker_to_oci_archive(tmp_path / "docker.tar", tmp_path / "oci.tar", "x:1")
+
+
+def test_the_docker_archive_may_come_through_a_pipe(tmp_path: Path) -> None:
+    """hack/build-images.sh has buildah write into a FIFO that the rewrite reads in one pass."""
+    ref = "ghcr.io/instructune/instructune-operator:0.1.0"
+    layers = [_layer({"etc/os-release": b"bookworm\n"})]
+    _docker_archive(tmp_path / "docker.tar", ref, layers)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes((tmp_path / "docker.tar").read_bytes()))
+    writer.start()
+    digest = images.docker_to_oci_archive(fifo, tmp_path / "oci.tar", ref)
+    writer.join(timeout=10)
+    assert digest == images.docker_to_oci_archive(tmp_path / "docker.tar", tmp_path / "again.tar", ref)
