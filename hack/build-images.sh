@@ -112,6 +112,16 @@ image_key() {
 base_key=$(printf '%s\n' "$BASE_RECIPE" "$SUITE" minbase python3,python3-venv,ca-certificates,wget \
   | sha256sum | cut -c1-16)
 
+# remove_rootfs DIR: a debootstrap target, with whatever it left mounted inside (proc, sys, devpts
+# after a failure) unmounted first; rm never crosses into another file system.
+remove_rootfs() {
+  local mnt
+  for mnt in $(awk -v d="$1/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r); do
+    umount -l "$mnt" 2>/dev/null || true
+  done
+  rm -rf --one-file-system "$1"
+}
+
 build_base() {
   if [ "$(image_key "$BASE_REF")" = "$base_key" ]; then
     return
@@ -127,7 +137,7 @@ build_base() {
         --include=python3,python3-venv,ca-certificates,wget "$SUITE" "$dir" "$mirror" \
         >"$IMAGES/logs/base.log" 2>&1; then
       tail -n 20 "$IMAGES/logs/base.log" >&2
-      rm -rf "$dir"
+      remove_rootfs "$dir"
       die "debootstrap failed (log: $IMAGES/logs/base.log)"
     fi
     # What a container image does not carry: package caches and lists, the building machine's
@@ -138,7 +148,7 @@ build_base() {
     rm -f "$IMAGES"/base-*.tar
     timed "base tar" tar -C "$dir" --numeric-owner --xattrs -cf "$rootfs_tar.part" .
     mv "$rootfs_tar.part" "$rootfs_tar"
-    rm -rf "$dir"
+    remove_rootfs "$dir"
   fi
   local ctr
   ctr=$(buildah from scratch)
