@@ -193,14 +193,31 @@ bud() {
   local dir
   for dir in "${secrets[@]:1}"; do args+=(-v "$dir:$dir:ro"); done
   log "$step: building $ref (key $key; log: $logfile) ..."
-  if ! timed "$step bud" buildah bud --isolation chroot --pull=false "${args[@]}" "$@" \
-      -f "$root/$dockerfile" -t "$ref" "$root" >"$logfile" 2>&1; then
+  # Each line of the log starts with its time, so the commit (the last step) is timed too.
+  if ! timed "$step bud" stamped "$logfile" buildah bud --isolation chroot --pull=false "${args[@]}" "$@" \
+      -f "$root/$dockerfile" -t "$ref" "$root"; then
     tail -n 30 "$logfile" >&2
     if grep -qiE 'connection (refused|reset)|timed out|name resolution|ssl|certificate' "$logfile"; then
       log "the package index looked unreachable or untrusted from inside the build (pip configuration: $pipconf)"
     fi
     die "building $step failed (log: $logfile)"
   fi
+  local commit
+  commit=$(awk '$3 == "COMMIT" || $2 == "COMMIT" { c = $1 } { last = $1 } END { if (c) printf "%.1f", last - c }' "$logfile")
+  if [ -n "$commit" ]; then
+    log "$step commit: ${commit}s (of the bud)"
+    echo "$(date -u +%FT%TZ) $step commit ${commit}s" >>"$IMAGES/timings.log"
+  fi
+}
+
+# stamped LOG CMD...: runs CMD, its output (stdout and stderr) in LOG, each line after its time.
+stamped() {
+  local logfile=$1; shift
+  (
+    set +e +o pipefail
+    "$@" 2>&1 | while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$logfile"
+    exit "${PIPESTATUS[0]}"
+  )
 }
 
 build_image() {
