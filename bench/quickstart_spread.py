@@ -10,15 +10,17 @@ Math settings are what another machine may pick on its own: ATen's vector ISA
 (ATEN_CPU_CAPABILITY), oneDNN's (DNNL_MAX_CPU_ISA) and the thread count of the workers.
 
     python bench/quickstart_spread.py [--seeds 7,1,2,3,4] [--settings default,avx2,threads2]
-        [--max-steps N] [--learning-rate X] [--out results.jsonl]
+        [--max-steps N] [--learning-rate X] [--train-rows N] [--out results.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +40,7 @@ SETTINGS: dict[str, dict[str, str]] = {
 FIELDS = ("party", "amount", "date")
 
 
-def seed_locally(data: Path) -> dict[str, str]:
+def seed_locally(data: Path, train_rows: int) -> dict[str, str]:
     """The quickstart's objects (instructune_jobs.quickstart) as local files; returns s3 uri -> path."""
     from instructune_jobs import quickstart
     from instructune_jobs.synthetic import build_tiny_llama, extraction_rows, general_rows, rows_to_bytes
@@ -47,7 +49,7 @@ def seed_locally(data: Path) -> dict[str, str]:
     if not (model / "config.json").exists():
         build_tiny_llama(model)
     rows = {
-        quickstart.TRAIN_URI: extraction_rows(quickstart.TRAIN_ROWS, seed=1, split="train"),
+        quickstart.TRAIN_URI: extraction_rows(train_rows, seed=1, split="train"),
         quickstart.HELDOUT_URI: extraction_rows(quickstart.HELDOUT_ROWS, seed=2, split="heldout"),
         quickstart.GENERAL_URI: general_rows(quickstart.GENERAL_ROWS, seed=3),
         quickstart.PROBE_URI: general_rows(quickstart.PROBE_ROWS, seed=4),
@@ -98,17 +100,23 @@ print("RESULT " + json.dumps({"final_loss": outcome.final_loss, "train_s": t1 - 
 
 
 def run_child(config_json: str, env: dict[str, str], log: Path) -> dict[str, Any]:
+    """The child starts a Ray of its own: its whole process group goes when the bench stops."""
     with log.open("w") as out:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-c", CHILD],
-            input=config_json,
-            text=True,
-            env={**os.environ, **env},
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=out,
-            check=False,
+            text=True,
+            env={**os.environ, **env},
+            start_new_session=True,
         )
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        try:
+            stdout, _ = proc.communicate(config_json)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"run failed (exit {proc.returncode}); log: {log}")
     result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
@@ -139,8 +147,11 @@ def main() -> int:
     parser.add_argument("--settings", default="default")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--train-rows", type=int, help="default: the quickstart's own")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    # A stopped bench stops its run (run_child's finally) instead of leaving a Ray cluster behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     overrides: dict[str, Any] = {}
     if args.max_steps:
         overrides["maxSteps"] = args.max_steps
@@ -150,7 +161,10 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="quickstart-spread-") as tmp:
         data = Path(tmp) / "data"
-        paths = seed_locally(data)
+        from instructune_jobs.quickstart import TRAIN_ROWS
+
+        train_rows = args.train_rows or TRAIN_ROWS
+        paths = seed_locally(data, train_rows)
         for setting in args.settings.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 work = Path(tmp) / f"{setting}-{seed}"
@@ -158,7 +172,7 @@ def main() -> int:
                 job = one_run(work, paths, seed, overrides)
                 started = time.monotonic()
                 result = run_child(job["config"], SETTINGS[setting], work / "log.txt")
-                row = {"setting": setting, "seed": seed, **overrides, **result}
+                row = {"setting": setting, "seed": seed, "trainRows": train_rows, **overrides, **result}
                 row["wall_s"] = round(time.monotonic() - started, 1)
                 print(json.dumps(row), flush=True)
                 if args.out:
