@@ -21,7 +21,7 @@ TRAIN_URI = "s3://datasets/extraction/train.jsonl"
 HELDOUT_URI = "s3://datasets/extraction/heldout.jsonl"
 GENERAL_URI = "s3://datasets/general/general.jsonl"
 PROBE_URI = "s3://datasets/general/probe.jsonl"
-TRAIN_ROWS, HELDOUT_ROWS, GENERAL_ROWS, PROBE_ROWS = 2000, 48, 400, 48
+TRAIN_ROWS, HELDOUT_ROWS, GENERAL_ROWS, PROBE_ROWS = 6000, 48, 1600, 48
 
 
 def seed_quickstart(client: Any, train_rows: int = TRAIN_ROWS, heldout_rows: int = HELDOUT_ROWS) -> dict[str, str]:
