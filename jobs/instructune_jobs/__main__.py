@@ -116,7 +116,12 @@ def finished_run_status(manifest: dict[str, Any]) -> dict[str, Any]:
         },
     }
     if isinstance(steps, int) and steps > 0:
-        status["progress"] = {"step": steps, "totalSteps": steps, "percent": 100, "loss": training.get("finalLoss")}
+        status["progress"] = {
+            "step": steps,
+            "totalSteps": steps,
+            "percent": 100,
+            "loss": training.get("finalLoss"),
+        }
     return status
 
 

@@ -24,7 +24,9 @@ PROBE_URI = "s3://datasets/general/probe.jsonl"
 TRAIN_ROWS, HELDOUT_ROWS, GENERAL_ROWS, PROBE_ROWS = 6000, 48, 1600, 48
 
 
-def seed_quickstart(client: Any, train_rows: int = TRAIN_ROWS, heldout_rows: int = HELDOUT_ROWS) -> dict[str, str]:
+def seed_quickstart(
+    client: Any, train_rows: int = TRAIN_ROWS, heldout_rows: int = HELDOUT_ROWS
+) -> dict[str, str]:
     """Uploads model and data; returns uri -> ETag of the data objects."""
     with tempfile.TemporaryDirectory() as tmp:
         upload_directory(build_tiny_llama(tmp), MODEL_URI, client)
