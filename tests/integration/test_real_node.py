@@ -209,22 +209,29 @@ def test_a_start_that_fails_with_a_pod_running_on_the_node_leaves_nothing_of_it(
     if stack.owned:
         localstack.down(stack.dir)
     state_dir = tmp_path / "failing"
-    wait_node_ready = localstack.wait_node_ready
+    start_node_agents = localstack.start_node_agents
 
-    def ready_then_fail(sd: Path, layout: Any, procs: Any, mark: Any) -> None:
-        wait_node_ready(sd, layout, procs, mark)
+    # Right after the node's agents start (before the rest of the stack is waited for): the node
+    # becomes Ready, a pod runs on it (placed directly: no scheduler yet), then the start fails.
+    def agents_then_fail(sd: Path, layout: Any, launch: Any) -> None:
+        start_node_agents(sd, layout, launch)
+        wait_for("the node Ready", lambda: localstack.kubectl(
+            sd, "wait", "--for=condition=Ready", "--timeout=5s", f"node/{layout.name}", check=False
+        ).returncode == 0, 120)  # fmt: skip
+        localstack.kubectl(sd, "create", "serviceaccount", "default", "-n", "default", check=False)
         spec = pod(
             "left-running",
             json.loads((sd / "stack.json").read_text())["node"]["probe_image"],
             ["serve", "8080"],
         )
+        spec["spec"]["nodeName"] = layout.name
         localstack.kubectl(sd, "apply", "-n", "default", "-f", "-", input=json.dumps(spec))
         localstack.kubectl(
-            sd, "wait", "-n", "default", "--for=condition=Ready", "--timeout=60s", "pod/left-running"
+            sd, "wait", "-n", "default", "--for=condition=Ready", "--timeout=90s", "pod/left-running"
         )
         raise localstack.StackError("injected: the start fails with a pod running on the node")
 
-    monkeypatch.setattr(localstack, "wait_node_ready", ready_then_fail)
+    monkeypatch.setattr(localstack, "start_node_agents", agents_then_fail)
     with pytest.raises(localstack.StackError, match="injected"):
         localstack.up(state_dir)
     record = json.loads((state_dir / "stack.json").read_text())["node"]
