@@ -19,8 +19,10 @@ images:
 stack-build:
 	@hack/build-stack.sh
 
+# The stack, then the product's images (built once, cached) imported into its real node.
 stack-up: stack-build venv
 	@$(PY) hack/localstack.py up --dir $(STACK_DIR)
+	@$(PY) hack/localstack.py images --dir $(STACK_DIR)
 
 stack-down:
 	@# The demo's operator first (its process group), then every process of the stack.
