@@ -41,7 +41,7 @@ def test_unknown_pool_is_rejected_naming_the_known_ones() -> None:
     spec = _quickstart()
     spec["resources"]["gpuPool"] = "h100"
     _, errors = validate_spec(spec, SETTINGS)
-    assert errors == ["spec.resources.gpuPool: unknown pool 'h100' (known: a100-80g, cpu, l4)"]
+    assert errors == ["spec.resources.gpuPool: unknown pool 'h100' (known: a100-80g, cpu, l4, local)"]
 
 
 def test_request_larger_than_the_pool_is_rejected() -> None:
