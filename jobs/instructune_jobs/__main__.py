@@ -109,7 +109,7 @@ def finished_run_status(manifest: dict[str, Any]) -> dict[str, Any]:
         "data": data,
         "lineage": {
             "baseModelRevision": (manifest.get("baseModel") or {}).get("revision"),
-            "dataEtags": (manifest.get("data") or {}).get("etags") or {},
+            "dataEtags": recorded.get("etags") or {},
             "configHash": manifest.get("configHash"),
             "image": manifest.get("image"),
             "version": (manifest.get("packages") or {}).get("instructune"),
