@@ -236,8 +236,14 @@ def test_a_start_that_fails_with_a_pod_running_on_the_node_leaves_nothing_of_it(
         raise localstack.StackError("injected: the start fails with a pod running on the node")
 
     monkeypatch.setattr(localstack, "start_node_agents", agents_then_fail)
-    with pytest.raises(localstack.StackError, match="injected"):
-        localstack.up(state_dir)
+    failed_as_injected = False
+    try:
+        with pytest.raises(localstack.StackError, match="injected"):
+            localstack.up(state_dir)
+        failed_as_injected = True
+    finally:
+        if not failed_as_injected:  # up came back (or failed otherwise): stop what it started
+            localstack.down(state_dir)
     record = json.loads((state_dir / "stack.json").read_text())["node"]
     if record is None:
         pytest.skip("no real node for a second stack here (another stack runs this machine's node)")
