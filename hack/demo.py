@@ -1,18 +1,16 @@
 """`make demo`: the quickstart end to end on the embedded local stack.
 
 Brings the stack up (or reuses it), seeds MinIO with a tiny model and the extraction task, installs
-the CRD, starts the operator, applies examples/quickstart.yaml, follows it to the end and prints
-its status, evaluation and, when it is served, the answer to a held-out question.
+the operator with helm (it runs in a pod on the stack's real node), applies examples/quickstart.yaml
+(its Ray cluster runs in pods there too), follows it to the end and prints the pods, the status, the
+evaluation and, when it is served, the answer to a held-out question asked through its Service.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ ROOT = HACK.parent
 sys.path.insert(0, str(HACK))
 
 import localstack  # noqa: E402
+import operator_release  # noqa: E402
 
 from instructune_jobs.quickstart import held_out_question, seed_quickstart  # noqa: E402
 
@@ -42,50 +41,26 @@ def kubectl(state_dir: Path, *args: str, input: str | None = None, check: bool =
     return localstack.kubectl(state_dir, *args, input=input, check=check).stdout
 
 
-def serve_port(state_dir: Path) -> str:
-    """Ray Serve's HTTP port on the local stack: picked once per stack, stable across operator restarts."""
-    path = state_dir / "serve-port"
-    if not path.exists():
-        path.write_text(str(localstack.free_ports(1)[0]))
-    return path.read_text().strip()
+def show_pods(state_dir: Path) -> None:
+    say(f"kubectl get pods -n {NAMESPACE} -o wide   (the tune's Ray cluster, from the job image)")
+    print(kubectl(state_dir, "get", "pods", "-n", NAMESPACE, "-o", "wide"), end="")
 
 
-def operator_env(env: dict[str, str], state_dir: Path) -> dict[str, str]:
-    """The operator's environment on the local stack: settings file plus the stack's endpoints."""
-    return {
-        **os.environ,
-        **env,
-        "INSTRUCTUNE_SETTINGS": str(HACK / "local-settings.yaml"),
-        "INSTRUCTUNE_S3_ENDPOINT": env["AWS_ENDPOINT_URL"],
-        "INSTRUCTUNE_RAY_ADDRESS": env["RAY_ADDRESS"],
-        "INSTRUCTUNE_LOCAL_JOB_IDENTITY_DIR": str(state_dir / "job-identity"),
-        "INSTRUCTUNE_RAY_SERVE_HTTP_PORT": serve_port(state_dir),
-    }
-
-
-def start_operator(env: dict[str, str], state_dir: Path) -> subprocess.Popen[bytes]:
-    log = (state_dir / "logs" / "operator.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "instructune_operator"],
-        env=operator_env(env, state_dir),
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    (state_dir / "operator.pid").write_text(str(proc.pid))
-    return proc
-
-
-def stop_previous_operator(state_dir: Path) -> None:
-    pid_file = state_dir / "operator.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        pid_file.unlink()
+def service_url(state_dir: Path, endpoint: str) -> str:
+    """`http://<svc>.<ns>.svc:PORT/...` -> the same URL on the Service's cluster IP: kube-proxy routes
+    it from this machine as from any pod, and no resolver here knows the cluster's names."""
+    scheme, rest = endpoint.split("://", 1)
+    host, _, path = rest.partition("/")
+    name, _, port = host.partition(":")
+    parts = name.split(".")
+    if len(parts) < 3 or parts[2] != "svc":
+        return endpoint
+    ip = kubectl(state_dir, "get", "service", parts[0], "-n", parts[1], "-o", "jsonpath={.spec.clusterIP}")
+    return f"{scheme}://{ip}:{port or 80}/{path}"
 
 
 def follow(state_dir: Path, timeout_s: float) -> dict[str, Any]:
-    deadline, last = time.monotonic() + timeout_s, ""
+    deadline, last, shown = time.monotonic() + timeout_s, "", False
     while time.monotonic() < deadline:
         tune = yaml.safe_load(kubectl(state_dir, "get", "itune", TUNE, "-n", NAMESPACE, "-o", "yaml"))
         status = tune.get("status") or {}
@@ -97,20 +72,25 @@ def follow(state_dir: Path, timeout_s: float) -> dict[str, Any]:
         if line != last:
             print("   ", line, flush=True)
             last = line
+        if not shown and progress.get("step"):
+            show_pods(state_dir)
+            shown = True
         if status.get("phase") in ("Succeeded", "Failed"):
             return tune
         time.sleep(3)
     raise SystemExit(
-        f"the quickstart did not finish within {timeout_s:.0f}s; see {state_dir}/logs/operator.log"
+        f"the quickstart did not finish within {timeout_s:.0f}s; see the operator's log: "
+        f"kubectl logs -n {operator_release.NAMESPACE} deploy/{operator_release.DEPLOYMENT}"
     )
 
 
-def ask(endpoint: str, model: str) -> None:
+def ask(state_dir: Path, endpoint: str, model: str) -> None:
     row = held_out_question()
     question = f"{row['instruction']}\n\n{row['input']}"
-    say(f"asking the served model a held-out question:\n    {question!r}")
+    url = service_url(state_dir, endpoint)
+    say(f"asking the served model a held-out question through its Service ({url}):\n    {question!r}")
     response = httpx.post(
-        f"{endpoint}/chat/completions",
+        f"{url}/chat/completions",
         timeout=120,
         json={
             "model": model,
@@ -135,7 +115,7 @@ def main() -> int:
     args = parser.parse_args()
     state_dir = args.dir.resolve()
 
-    say("starting the local stack (kube-apiserver, etcd, scheduler, KWOK GPU pools, KubeRay, MinIO, Ray)")
+    say("starting the local stack (kube-apiserver, etcd, scheduler, KWOK GPU pools, KubeRay, MinIO, a real node)")
     stack = localstack.up(state_dir)
     env = stack["env"]
     os.environ.update(env)
@@ -145,9 +125,13 @@ def main() -> int:
     for uri, etag in seed_quickstart(s3).items():
         print(f"    {uri}  etag={etag}")
 
-    say("installing the InstructionTune CRD and starting the operator")
+    say("installing the operator with helm (charts/instructune, the locally built images, the CRD)")
+    # Helm installs a chart's CRDs only when they are absent: applied first, an upgrade reaches them.
     kubectl(state_dir, "apply", "--server-side", "-f", str(ROOT / "crds"))
     kubectl(state_dir, "wait", "--for=condition=Established", "crd/instructiontunes.instructune.io")
+    for name, ref in operator_release.install(state_dir).items():
+        print(f"    {name}: {ref}")
+    print(kubectl(state_dir, "get", "pods", "-n", operator_release.NAMESPACE, "-o", "wide"), end="")
     kubectl(state_dir, "create", "namespace", NAMESPACE, check=False)
     kubectl(state_dir, "delete", "itune", TUNE, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
     secret = {
@@ -160,8 +144,6 @@ def main() -> int:
         },
     }
     kubectl(state_dir, "apply", "-f", "-", input=json.dumps(secret))
-    stop_previous_operator(state_dir)
-    start_operator(env, state_dir)
 
     say("kubectl apply -f examples/quickstart.yaml")
     print(
@@ -186,7 +168,7 @@ def main() -> int:
         print(f"    {c['type']:<14} {c['status']:<6} {c['reason']:<22} {c['message'][:120]}")
     serving = status.get("serving") or {}
     if status.get("phase") == "Succeeded" and serving.get("endpoint"):
-        ask(serving["endpoint"], serving["model"])
+        ask(state_dir, serving["endpoint"], serving["model"])
     print(f"\nThe stack keeps running: `. {state_dir}/env` then kubectl …; `make stack-down` stops it.")
     return 0 if status.get("phase") == "Succeeded" else 1
 

@@ -479,7 +479,7 @@ def issue_client_cert(state_dir: Path, user: str, groups: Sequence[str] = ()) ->
     return _sign(state_dir / "pki", f"client-{safe}", subject, ext)
 
 
-def make_pki(pki: Path) -> None:
+def make_pki(pki: Path, extra_ips: Sequence[str] = ()) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     _key(pki / "ca.key")
     _openssl(
@@ -491,6 +491,7 @@ def make_pki(pki: Path) -> None:
         [
             f"IP:{HOST}",
             f"IP:{SERVICE_IP}",
+            *(f"IP:{ip}" for ip in extra_ips),
             "DNS:localhost",
             "DNS:kubernetes",
             "DNS:kubernetes.default",
@@ -649,7 +650,8 @@ def read_env(state_dir: Path) -> dict[str, str]:
         for line in (state_dir / "env").read_text().splitlines():
             if line.startswith("export ") and "=" in line:
                 k, _, v = line[len("export ") :].partition("=")
-                env[k] = v.strip("'")
+                if k != "PATH":  # for a shell to expand ("<dir>/bin:$PATH"), not a value
+                    env[k] = v.strip("'")
     return env
 
 
@@ -694,14 +696,14 @@ def healthy(state_dir: Path, state: dict[str, Any]) -> list[str]:
     ports = state["ports"]
     checks: dict[str, Callable[[], bool]] = {
         "etcd": http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
-        "kube-apiserver": http_ok(f"https://{HOST}:{ports['apiserver']}/readyz", admin_ctx(state_dir)),
+        "kube-apiserver": http_ok(f"{state['endpoints']['apiserver']}/readyz", admin_ctx(state_dir)),
         "kube-controller-manager": http_ok(
             f"https://{HOST}:{ports['controller_manager']}/healthz", insecure_ctx()
         ),
         "kube-scheduler": http_ok(f"https://{HOST}:{ports['scheduler']}/healthz", insecure_ctx()),
         "kwok": http_ok(f"http://{HOST}:{ports['kwok']}/healthz"),
         "kuberay-operator": http_ok(f"http://{HOST}:{ports['kuberay_probe']}/readyz"),
-        "minio": http_ok(f"http://{HOST}:{ports['minio']}/minio/health/live"),
+        "minio": http_ok(f"{state['endpoints']['s3']}/minio/health/live"),
         "ray": http_ok(
             f"http://{HOST}:{ports['ray_dashboard']}/api/version", headers=ray_auth(read_env(state_dir))
         ),
@@ -995,8 +997,12 @@ def _up(
     ports = dict(zip(names, free_ports(len(names)), strict=True))
     state["ports"] = ports
     ray_tmp = ray_temp_dir(state_dir)
-    api = f"https://{HOST}:{ports['apiserver']}"
-    s3 = f"http://{HOST}:{ports['minio']}"
+    record = state.get("node")
+    # With a real node, the API server and MinIO listen on its bridge's address (the host reaches it
+    # too): the only address of this machine that pods can reach.
+    service_host = str(record["gateway"]) if record else HOST
+    api = f"https://{service_host}:{ports['apiserver']}"
+    s3 = f"http://{service_host}:{ports['minio']}"
     access, secret = "instructune-" + secrets.token_hex(4), secrets.token_urlsafe(24)
     kubeconfig = state_dir / "kubeconfig"
     # The only copy of the credentials on disk is <dir>/env (mode 0600); stack.json holds none.
@@ -1032,9 +1038,7 @@ def _up(
     state["versions"] = versions()
 
     # Processes that do not need the API server start first, so their start-up overlaps with it.
-    stack_layout = comp.StackLayout(state_dir, ports, SERVICE_CIDR)
-    (state_dir / "minio" / "data").mkdir(parents=True)
-    minio = launch_component(launch, comp.minio(stack_layout, program("minio"), access, secret))
+    stack_layout = comp.StackLayout(state_dir, ports, SERVICE_CIDR, service_host)
     ray_tmp.mkdir(parents=True, exist_ok=True)
     ray = launch_component(
         launch,
@@ -1044,7 +1048,7 @@ def _up(
         ),
     )  # fmt: skip
 
-    make_pki(pki)
+    make_pki(pki, extra_ips=[service_host] if service_host != HOST else [])
     write_kubeconfig(kubeconfig, api, pki, "admin")
     write_kubeconfig(pki / "controller-manager.kubeconfig", api, pki, "controller-manager")
     write_kubeconfig(pki / "scheduler.kubeconfig", api, pki, "scheduler")
@@ -1062,12 +1066,14 @@ def _up(
     (bindir / "ray").symlink_to(ray_bin)
     mark("pki")
 
-    record = state.get("node")
     layout = None
     if record:
         layout = node_layout(record, pki, api, ports)
         make_node_pki(pki, api, layout)
         start_node_runtime(state_dir, state, record, layout, launch, mark)
+    # After the node's bridge exists: MinIO may listen on its address.
+    (state_dir / "minio" / "data").mkdir(parents=True)
+    minio = launch_component(launch, comp.minio(stack_layout, program("minio"), access, secret))
 
     etcd = launch_component(launch, comp.etcd(stack_layout, program("etcd")))
     wait_until(

@@ -54,6 +54,9 @@ class StackLayout:
     dir: Path
     ports: Mapping[str, int]
     service_cidr: str
+    # Where the API server and MinIO listen: loopback, or the real node's bridge address when the
+    # stack has one, so that pods reach them (a pod cannot reach the host's loopback).
+    service_host: str = HOST
 
     @property
     def pki(self) -> Path:
@@ -65,7 +68,7 @@ class StackLayout:
 
     @property
     def api(self) -> str:
-        return f"https://{HOST}:{self.ports['apiserver']}"
+        return f"https://{self.service_host}:{self.ports['apiserver']}"
 
 
 def etcd(s: StackLayout, binary: Path) -> Component:
@@ -88,7 +91,8 @@ def kube_apiserver(s: StackLayout, binary: Path) -> Component:
     return Component(
         "kube-apiserver",
         (str(binary), f"--etcd-servers=http://{HOST}:{s.ports['etcd']}",
-         f"--bind-address={HOST}", f"--advertise-address={HOST}", f"--secure-port={s.ports['apiserver']}",
+         f"--bind-address={s.service_host}", f"--advertise-address={s.service_host}",
+         f"--secure-port={s.ports['apiserver']}",
          f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
          f"--client-ca-file={pki / 'ca.crt'}",
          "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -98,7 +102,10 @@ def kube_apiserver(s: StackLayout, binary: Path) -> Component:
          "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction", "--allow-privileged=true",
          f"--cert-dir={pki / 'apiserver-generated'}", "--profiling=false",
          "--max-requests-inflight=150", "--max-mutating-requests-inflight=50", "--event-ttl=30m",
-         "--enable-priority-and-fairness=false", "--endpoint-reconciler-type=none",
+         "--enable-priority-and-fairness=false",
+         # The `kubernetes` Service's endpoint is the advertised address: pods reach the API server
+         # through it when it is the node's bridge; a loopback one would only mislead them.
+         f"--endpoint-reconciler-type={'none' if s.service_host == HOST else 'lease'}",
          # Logs, exec and port-forward reach a kubelet at its node's address (no DNS names nodes here).
          "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki / 'ca.crt'}",
          f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
@@ -161,7 +168,7 @@ def kuberay_operator(s: StackLayout, binary: Path) -> Component:
 def minio(s: StackLayout, binary: Path, access: str, secret: str) -> Component:
     return Component(
         "minio",
-        (str(binary), "server", str(s.dir / "minio" / "data"), "--address", f"{HOST}:{s.ports['minio']}",
+        (str(binary), "server", str(s.dir / "minio" / "data"), "--address", f"{s.service_host}:{s.ports['minio']}",
          "--console-address", f"{HOST}:{s.ports['minio_console']}", "--quiet"),
         env={"MINIO_ROOT_USER": access, "MINIO_ROOT_PASSWORD": secret, "MINIO_BROWSER": "on",
              "MINIO_UPDATE": "off", "MINIO_API_REQUESTS_MAX": "200", "HOME": str(s.dir / "minio")},

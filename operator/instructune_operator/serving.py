@@ -58,6 +58,9 @@ def _apply_ray_serve(
         "template_hash": _template_hash(body),
         "system_prompt": spec.template.system_prompt or "",
         "http_port": str(settings.ray_serve_http_port),
+        # In a cluster the proxy is reached through the head's Service (KubeRay's `serve` port);
+        # a Ray head on the operator's own machine keeps it on loopback.
+        "http_host": "127.0.0.1" if settings.ray_address_override else "0.0.0.0",
     }
     entrypoint = "python -m instructune_jobs.serve " + " ".join(
         f"--{k.replace('_', '-')} {shlex.quote(v)}" for k, v in args.items()

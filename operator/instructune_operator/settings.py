@@ -36,6 +36,9 @@ class GpuPool(_Model):
     gpus_per_node: int = Field(default=8, ge=0)
     max_workers: int = Field(default=16, ge=1)
     cpus_per_node: int = Field(default=64, ge=1)
+    # CPU requests are limits / cpuOvercommit: above 1, a (development) pool packs more CPU-bound
+    # pods than it has cores, as Burstable pods. 1 (the default) keeps Guaranteed pods.
+    cpu_overcommit: float = Field(default=1.0, ge=1.0, le=16.0)
 
 
 class Settings(_Model):

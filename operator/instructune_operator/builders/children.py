@@ -70,9 +70,12 @@ def _pod_template(
     spec: InstructionTuneSpec, settings: Settings, pool: GpuPool, meta: dict[str, Any], role: str, gpus: int
 ) -> dict[str, Any]:
     res = spec.resources
-    requests: dict[str, Any] = {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker}
+    limits: dict[str, Any] = {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker}
     if gpus:
-        requests[pool.gpu_resource] = str(gpus)
+        limits[pool.gpu_resource] = str(gpus)
+    requests = dict(limits)
+    if pool.cpu_overcommit > 1:
+        requests["cpu"] = f"{int(res.cpus_per_worker * 1000 / pool.cpu_overcommit)}m"
     return {
         "metadata": {"labels": labels(meta["name"], f"ray-{role}")},
         "spec": {
@@ -85,7 +88,7 @@ def _pod_template(
                     "name": f"ray-{role}",
                     "image": res.image or settings.ray_image,
                     "env": job_env(spec, settings),
-                    "resources": {"requests": requests, "limits": dict(requests)},
+                    "resources": {"requests": requests, "limits": limits},
                     "securityContext": restricted_security_context(),
                     "volumeMounts": [
                         {"name": "dshm", "mountPath": "/dev/shm"},
