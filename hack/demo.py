@@ -115,7 +115,9 @@ def main() -> int:
     args = parser.parse_args()
     state_dir = args.dir.resolve()
 
-    say("starting the local stack (kube-apiserver, etcd, scheduler, KWOK GPU pools, KubeRay, MinIO, a real node)")
+    say(
+        "starting the local stack (kube-apiserver, etcd, scheduler, KWOK GPU pools, KubeRay, MinIO, a real node)"
+    )
     stack = localstack.up(state_dir)
     env = stack["env"]
     os.environ.update(env)

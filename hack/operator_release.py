@@ -34,7 +34,9 @@ SETTINGS_FILE = HACK / "local-settings.yaml"
 NODE_SELECTOR = {localstack.POOL_LABEL: "local"}
 
 
-def stack_values(settings: dict[str, Any], operator_ref: str, job_ref: str, s3_endpoint: str) -> dict[str, Any]:
+def stack_values(
+    settings: dict[str, Any], operator_ref: str, job_ref: str, s3_endpoint: str
+) -> dict[str, Any]:
     """Helm values for the local stack. Pure: the chart's defaults apart from what the stack decides."""
     repository, tag = operator_ref.rsplit(":", 1)
     return {
@@ -51,7 +53,12 @@ def helm(state_dir: Path, *args: str, timeout: float = 600) -> subprocess.Comple
     env.update(HELM_CACHE_HOME=str(state_dir / "helm" / "cache"), HELM_CONFIG_HOME=str(state_dir / "helm" / "config"),
                HELM_DATA_HOME=str(state_dir / "helm" / "data"))  # fmt: skip
     return subprocess.run(
-        [str(state_dir / "bin" / "helm"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [str(state_dir / "bin" / "helm"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -75,7 +82,9 @@ def install(state_dir: Path) -> dict[str, str]:
         logs = localstack.kubectl(
             state_dir, "logs", "-n", NAMESPACE, f"deploy/{DEPLOYMENT}", "--tail=40", check=False
         ).stdout
-        raise localstack.StackError(f"helm install of the operator failed:\n{res.stderr[-3000:]}\n{pods}\n{logs}")
+        raise localstack.StackError(
+            f"helm install of the operator failed:\n{res.stderr[-3000:]}\n{pods}\n{logs}"
+        )
     localstack.log(f"operator installed with helm in {time.monotonic() - started:.0f}s ({operator_ref})")
     return {"operator": operator_ref, "job": job_ref}
 

@@ -33,6 +33,10 @@ def job_identity_name(tune: str) -> str:
     return child_name(tune, "job")
 
 
+def ray_auth_secret_name(tune: str) -> str:
+    return child_name(tune, "ray-auth")
+
+
 def config_map_name(tune: str) -> str:
     return child_name(tune, "config")
 

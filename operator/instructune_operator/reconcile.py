@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from instructune_operator.api import API_VERSION, KIND, InstructionTuneSpec
-from instructune_operator.builders.children import build_config_map, build_job_identity, build_ray_cluster
+from instructune_operator.builders.children import (
+    build_config_map,
+    build_job_identity,
+    build_ray_auth_secret,
+    build_ray_cluster,
+)
 from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.clients.kube import Kube
 from instructune_operator.clients.ray_jobs import RayJobs
 from instructune_operator.lifecycle import TERMINAL_PHASES, Decision, Observation, decide
 from instructune_operator.naming import job_identity_name, ray_address, ray_cluster_name
+from instructune_operator.ray_auth import derive_token
 from instructune_operator.settings import Settings
 from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
@@ -43,16 +49,35 @@ class Outcome:
 
 
 class Clients:
-    """The I/O a pass needs; one per operator process (Ray clients cached per address)."""
+    """The I/O a pass needs; one per operator process (Ray clients cached per address and token).
 
-    def __init__(self, kube: Kube, settings: Settings) -> None:
+    `ray_auth_key` (INSTRUCTUNE_RAY_AUTH_KEY, from a Secret the chart creates) turns on Ray's token
+    authentication for every tune's cluster: each gets its own token (ray_auth.derive_token). A Ray
+    head outside the cluster (ray_address_override) is called with RAY_AUTH_TOKEN instead."""
+
+    def __init__(self, kube: Kube, settings: Settings, ray_auth_key: str | None = None) -> None:
         self.kube, self.settings = kube, settings
-        self._ray: dict[str, RayJobs] = {}
+        self.ray_auth_key = (
+            ray_auth_key if ray_auth_key is not None else os.environ.get("INSTRUCTUNE_RAY_AUTH_KEY")
+        )
+        self._ray: dict[tuple[str, str | None], RayJobs] = {}
 
-    def ray(self, address: str) -> RayJobs:
-        if address not in self._ray:
-            self._ray[address] = RayJobs(address, token=os.environ.get("RAY_AUTH_TOKEN"))
-        return self._ray[address]
+    @property
+    def cluster_auth(self) -> bool:
+        """Whether tunes' Ray clusters run with token authentication."""
+        return bool(self.ray_auth_key) and not self.settings.ray_address_override
+
+    def ray_token(self, uid: str) -> str | None:
+        if self.settings.ray_address_override:
+            return os.environ.get("RAY_AUTH_TOKEN")
+        return derive_token(self.ray_auth_key, uid) if self.ray_auth_key else None
+
+    def ray(self, meta: dict[str, Any]) -> RayJobs:
+        """The Jobs API of the tune's Ray cluster (its head's Service), with the cluster's token."""
+        key = (ray_address(self.settings, meta["namespace"], meta["name"]), self.ray_token(meta["uid"]))
+        if key not in self._ray:
+            self._ray[key] = RayJobs(key[0], token=key[1])
+        return self._ray[key]
 
 
 class Seen(Protocol):
@@ -84,7 +109,7 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
             status.get("phase") == "Suspended" and spec.suspend
         )
         if job_id and not settled:
-            ray = clients.ray(ray_address(clients.settings, ns, name))
+            ray = clients.ray(meta)
             try:
                 info = ray.get(job_id)
             except Exception as err:  # the head may be starting or gone; the next pass looks again
@@ -133,18 +158,21 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_childr
     kube, settings = clients.kube, clients.settings
     address = ray_address(settings, ns, name)
     if decision.stop_job:
-        clients.ray(address).stop(decision.stop_job)
+        clients.ray(meta).stop(decision.stop_job)
     if decision.ensure_children and apply_children:
         config = build_train_config(spec, ns, name, meta["uid"], max(decision.attempt, 1))
         small = [*build_job_identity(meta), build_config_map(meta, config)]
-        # The Ray pods name the ServiceAccount: admission refuses them until it exists.
+        token = clients.ray_token(meta["uid"]) if clients.cluster_auth else None
+        if token:
+            small.append(build_ray_auth_secret(meta, token))
+        # The Ray pods name the ServiceAccount and the token's Secret: they must exist first.
         list(_APPLY_POOL.map(kube.apply, small))
-        kube.apply(build_ray_cluster(meta, spec, settings))
+        kube.apply(build_ray_cluster(meta, spec, settings, ray_auth=token is not None))
         decision.status["rayCluster"] = {"name": ray_cluster_name(name), "dashboardUrl": address}
     if decision.submit:
         config = build_train_config(spec, ns, name, meta["uid"], decision.attempt)
         entrypoint = f"python -m instructune_jobs --config-json {shlex.quote(config.to_json())}"
-        clients.ray(address).submit(
+        clients.ray(meta).submit(
             decision.submit,
             entrypoint,
             env_vars=_job_env(clients, ns, name),
@@ -218,7 +246,7 @@ def release_tune(body: dict[str, Any], clients: Clients) -> None:
     job_id = status.get("jobId")
     if job_id:
         try:
-            clients.ray(ray_address(clients.settings, meta["namespace"], meta["name"])).stop(job_id)
+            clients.ray(meta).stop(job_id)
         except Exception as err:  # the cluster may already be gone with the job
             log.info("could not stop Ray job %s on delete: %s", job_id, err)
     spec, _ = validate_spec(dict(body.get("spec") or {}), clients.settings)

@@ -69,7 +69,7 @@ def _apply_ray_serve(
         "INSTRUCTUNE_S3_ENDPOINT": settings.s3_endpoint or "",
         "AWS_ENDPOINT_URL": settings.s3_endpoint or "",
     }
-    clients.ray(address).submit(
+    clients.ray(meta).submit(
         f"serve-{meta['namespace']}-{name}-{meta['uid'][:8]}",
         entrypoint,
         env_vars=env,
@@ -88,9 +88,7 @@ def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTun
     meta = body["metadata"]
     name = serving_name(meta["name"], spec.serving.target)
     if spec.serving.runtime == "ray-serve":
-        return clients.ray(
-            ray_address(clients.settings, meta["namespace"], meta["name"])
-        ).serve_ready_replicas(name)
+        return clients.ray(meta).serve_ready_replicas(name)
     deployment = clients.kube.get("apps/v1", "Deployment", meta["namespace"], name)
     if deployment is None:
         return None
@@ -114,7 +112,7 @@ def delete_serving(clients: Clients, body: dict[str, Any], spec: InstructionTune
     serving = (body.get("status") or {}).get("serving") or {}
     if not serving.get("endpoint"):
         return  # never rolled out
-    ray = clients.ray(ray_address(clients.settings, meta["namespace"], meta["name"]))
+    ray = clients.ray(meta)
     ray.submit(
         f"serve-delete-{meta['namespace']}-{name}-{meta['uid'][:8]}",
         f"python -m instructune_jobs.serve --delete --name {shlex.quote(name)}",

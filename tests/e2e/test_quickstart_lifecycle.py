@@ -3,6 +3,7 @@ SIGKILLs, suspend and resume from a checkpoint, evaluate, pass the gate, serve, 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -12,9 +13,11 @@ import boto3
 import httpx
 import pytest
 import yaml
+from demo import service_url  # hack/ is on sys.path through tests/conftest.py
 
 from instructune_jobs.quickstart import held_out_question, seed_quickstart
-from tests.integration.conftest import OperatorProcess, get_tune, wait_for
+from tests.e2e.conftest import OperatorPod
+from tests.integration.conftest import get_tune, wait_for
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,12 +28,28 @@ def _status(stack: Any, ns: str, name: str) -> dict[str, Any]:
     return get_tune(stack, ns, name).get("status") or {}
 
 
-def _ray_jobs(stack: Any, tune: str) -> list[dict[str, Any]]:
-    headers = (
-        {"Authorization": f"Bearer {stack.env['RAY_AUTH_TOKEN']}"} if stack.env.get("RAY_AUTH_TOKEN") else {}
-    )
-    jobs = httpx.get(f"{stack.ray_address}/api/jobs/", headers=headers, timeout=10).json()
-    return [j for j in jobs if (j.get("metadata") or {}).get("tune") == tune]
+def _ray_head(stack: Any, ns: str, tune: str) -> tuple[str, dict[str, str]]:
+    """The Jobs API of the tune's Ray head, through its Service (kube-proxy routes the cluster IP
+    from this machine too), and the header its token authentication wants."""
+    ip = stack.kubectl(
+        "get", "service", f"{tune}-ray-head-svc", "-n", ns, "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout  # fmt: skip
+    token = stack.kubectl(
+        "get", "secret", f"{tune}-ray-auth", "-n", ns, "-o", "jsonpath={.data.RAY_AUTH_TOKEN}", check=False
+    ).stdout  # fmt: skip
+    headers = {"Authorization": f"Bearer {base64.b64decode(token).decode()}"} if token else {}
+    return f"http://{ip}:8265", headers
+
+
+def _ray_jobs(stack: Any, ns: str, tune: str) -> list[dict[str, Any]]:
+    """The Ray jobs of the tune's current Ray cluster."""
+    address, headers = _ray_head(stack, ns, tune)
+    jobs = httpx.get(f"{address}/api/jobs/", headers=headers, timeout=10).json()
+    return [j for j in jobs if (j.get("metadata") or {}).get("tune") == f"{ns}/{tune}"]
+
+
+def _ray_pods(stack: Any, ns: str) -> list[str]:
+    return stack.kubectl("get", "pods", "-n", ns, "-l", "ray.io/cluster", "-o", "name").stdout.split()
 
 
 def _clusters(stack: Any, ns: str) -> list[str]:
@@ -60,7 +79,7 @@ def seeded(crd_installed: Any) -> dict[str, str]:
 
 
 def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
-    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+    crd_installed: Any, operator: OperatorPod, namespace: str, seeded: dict[str, str]
 ) -> None:
     stack, ns = crd_installed, namespace
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
@@ -77,13 +96,8 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     stack.kubectl("patch", "itune", "quickstart", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     wait_for(lambda: _status(stack, ns, "quickstart").get("phase") == "Suspended", 60, "phase Suspended")
     wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be removed while suspended")
-    wait_for(
-        lambda: all(
-            j["status"] in ("STOPPED", "SUCCEEDED", "FAILED") for j in _ray_jobs(stack, f"{ns}/quickstart")
-        ),
-        60,
-        "the running job to stop",
-    )
+    # Nothing of the attempt runs any more: its Ray pods are gone with their cluster.
+    wait_for(lambda: not _ray_pods(stack, ns), 120, "the Ray pods to be removed while suspended")
 
     # 3. Resume: a new attempt continues from the latest checkpoint, not from step 0.
     stack.kubectl(
@@ -102,10 +116,12 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     )
     assert final["phase"] == "Succeeded", json.dumps(final, indent=1)[-3000:]
 
-    # No duplicate submissions: one Ray job per attempt, ids all distinct.
-    jobs = _ray_jobs(stack, f"{ns}/quickstart")
+    # No duplicate submission: the resumed attempt's cluster (the first went with the suspension)
+    # ran exactly one training job, the one in status, although the operator was killed during it.
+    jobs = _ray_jobs(stack, ns, "quickstart")
     train_jobs = [j for j in jobs if "serving" not in (j.get("metadata") or {})]
-    assert len(train_jobs) == final["attempts"] == len({j["submission_id"] for j in train_jobs})
+    assert final["attempts"] == 2
+    assert [j["submission_id"] for j in train_jobs] == [final["jobId"]]
 
     # The resumed attempt started from the checkpoint: its first reported step is past it.
     assert final["progress"]["step"] == final["progress"]["totalSteps"] == STEPS
@@ -128,28 +144,29 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert "heldout.jsonSchema=" in _condition(final, "EvalPassed")["message"]
 
     # Ray Serve serves from the tune's own Ray cluster, so a served tune keeps it (a failed tune
-    # loses it: see the next test).
+    # loses it: see the next test). Its pods ran on the real node, from the job image.
     assert _clusters(stack, ns) == ["raycluster.ray.io/quickstart-ray"]
+    pods = json.loads(stack.kubectl("get", "pods", "-n", ns, "-l", "ray.io/cluster", "-o", "json").stdout)
+    assert {p["spec"]["nodeName"] for p in pods["items"]} == {"local-0"}
+    assert {p["spec"]["containers"][0]["image"] for p in pods["items"]} == {operator.refs["job"]}
 
     # Served with the template it was trained on, answering in the trained format.
     serving = final["serving"]
     assert serving["templateHash"] == final["data"]["templateHash"]
     assert _condition(final, "Serving")["status"] == "True"
-    assert sorted(_ask(serving)) == ["amount", "date", "party"]
+    assert sorted(_ask(stack, serving)) == ["amount", "date", "party"]
 
-    # Deleting the tune removes its serving (and frees the shared Ray head for the next test).
+    # Deleting the tune removes its serving with its Ray cluster.
+    url = service_url(stack.dir, serving["endpoint"])
     stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
-    wait_for(
-        lambda: _gone(f"{serving['endpoint']}/models"),
-        180,
-        "the Serve application to be removed",
-    )
+    wait_for(lambda: _gone(f"{url}/models"), 180, "the Serve application to be removed")
 
 
-def _ask(serving: dict[str, Any]) -> dict[str, Any]:
+def _ask(stack: Any, serving: dict[str, Any]) -> dict[str, Any]:
+    """Asks the served model a held-out question through its Service (the endpoint in status)."""
     row = held_out_question()
     response = httpx.post(
-        f"{serving['endpoint']}/chat/completions",
+        f"{service_url(stack.dir, serving['endpoint'])}/chat/completions",
         timeout=120,
         json={
             "model": serving["model"],
@@ -164,7 +181,7 @@ def _ask(serving: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_quickstart_applied_again_skips_training_and_is_served(
-    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+    crd_installed: Any, operator: OperatorPod, namespace: str, seeded: dict[str, str]
 ) -> None:
     """As a second `make demo` does: the finished run of the same configuration is in S3, so the
     job goes straight to evaluation, and serving still gets the template hash it checks."""
@@ -178,21 +195,20 @@ def test_the_quickstart_applied_again_skips_training_and_is_served(
         "the re-applied tune to finish",
     )
     assert final["phase"] == "Succeeded", json.dumps(final, indent=1)[-3000:]
-    jobs = [j for j in _ray_jobs(stack, f"{ns}/quickstart") if "serving" not in (j.get("metadata") or {})]
+    jobs = [j for j in _ray_jobs(stack, ns, "quickstart") if "serving" not in (j.get("metadata") or {})]
     assert len(jobs) == final["attempts"] == 1
-    headers = (
-        {"Authorization": f"Bearer {stack.env['RAY_AUTH_TOKEN']}"} if stack.env.get("RAY_AUTH_TOKEN") else {}
-    )
+    address, headers = _ray_head(stack, ns, "quickstart")
     logs = httpx.get(
-        f"{stack.ray_address}/api/jobs/{jobs[0]['submission_id']}/logs", headers=headers, timeout=10
+        f"{address}/api/jobs/{jobs[0]['submission_id']}/logs", headers=headers, timeout=10
     ).json()["logs"]
     assert "already finished: skipping to evaluation" in logs, logs[-3000:]
     assert final["data"]["templateHash"] and final["serving"]["templateHash"] == final["data"]["templateHash"]
     assert final["progress"]["step"] == final["progress"]["totalSteps"] == STEPS
     assert final["lineage"]["configHash"]
-    assert sorted(_ask(final["serving"])) == ["amount", "date", "party"]
+    assert sorted(_ask(stack, final["serving"])) == ["amount", "date", "party"]
+    url = service_url(stack.dir, final["serving"]["endpoint"])
     stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
-    wait_for(lambda: _gone(f"{final['serving']['endpoint']}/models"), 180, "the Serve application to go")
+    wait_for(lambda: _gone(f"{url}/models"), 180, "the Serve application to go")
 
 
 def _broken_tune(name: str, **changes: Any) -> dict[str, Any]:
@@ -215,7 +231,7 @@ def _ended(stack: Any, ns: str, name: str) -> dict[str, Any]:
 
 
 def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_reason(
-    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+    crd_installed: Any, operator: OperatorPod, namespace: str, seeded: dict[str, str]
 ) -> None:
     stack, ns = crd_installed, namespace
     # No model under the URI: maybe not uploaded yet, so each attempt is worth a retry.
@@ -228,12 +244,12 @@ def test_a_failing_job_is_retried_up_to_the_backoff_limit_then_fails_with_the_re
     succeeded = _condition(final, "Succeeded")
     assert succeeded["reason"] == "BackoffLimitExceeded"
     assert "no model files under s3://models/not-uploaded/" in succeeded["message"]
-    assert len(_ray_jobs(stack, f"{ns}/broken")) == 2
+    assert final["jobId"].endswith("-a2")
     wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be deleted after the failure")
 
 
 def test_refused_data_fails_the_tune_at_once_naming_the_row(
-    crd_installed: Any, operator: OperatorProcess, namespace: str, seeded: dict[str, str]
+    crd_installed: Any, operator: OperatorPod, namespace: str, seeded: dict[str, str]
 ) -> None:
     stack, ns = crd_installed, namespace
     # Alpaca rows read as dolly: every row misses `response`, and the policy is to fail. A retry
@@ -255,5 +271,5 @@ def test_refused_data_fails_the_tune_at_once_naming_the_row(
     assert succeeded["reason"] == "InvalidData"
     assert "s3://datasets/general/general.jsonl:1: missing field 'response'" in succeeded["message"]
     assert "progress" not in final, "no training step ran"
-    assert len(_ray_jobs(stack, f"{ns}/refused")) == 1
+    assert final["jobId"].endswith("-a1")
     wait_for(lambda: not _clusters(stack, ns), 60, "the RayCluster to be deleted after the failure")

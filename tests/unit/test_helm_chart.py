@@ -17,9 +17,15 @@ import pytest
 import yaml
 
 from instructune_operator.api import InstructionTuneSpec
-from instructune_operator.builders.children import build_config_map, build_job_identity, build_ray_cluster
+from instructune_operator.builders.children import (
+    build_config_map,
+    build_job_identity,
+    build_ray_auth_secret,
+    build_ray_cluster,
+)
 from instructune_operator.builders.serving import build_serving
 from instructune_operator.builders.train_config import build_train_config
+from instructune_operator.ray_auth import derive_token
 from instructune_operator.settings import parse_settings
 
 pytestmark = pytest.mark.unit
@@ -104,7 +110,9 @@ def test_lint_passes(helm: Path) -> None:
 
 def test_renders_the_operator_objects(default_docs: list[dict[str, Any]]) -> None:
     kinds = sorted(d["kind"] for d in default_docs)
-    assert kinds == sorted(["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment"])
+    assert kinds == sorted(
+        ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment", "Secret"]
+    )
     for doc in default_docs:
         if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == NAMESPACE
@@ -116,12 +124,16 @@ def test_crds_ship_with_the_chart(helm: Path) -> None:
     assert crd["metadata"]["name"] == "instructiontunes.instructune.io"
 
 
-def test_cluster_role_has_no_secrets_and_no_wildcards(default_docs: list[dict[str, Any]]) -> None:
+def test_cluster_role_may_write_but_never_read_secrets_and_has_no_wildcards(
+    default_docs: list[dict[str, Any]],
+) -> None:
     rules = one(default_docs, "ClusterRole")["rules"]
     for rule in rules:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule.get(key, []), rule
-        assert not {"secrets", "secrets/*"} & set(rule["resources"]), rule
+        if {"secrets", "secrets/*"} & set(rule["resources"]):
+            # Each tune's Ray token Secret is applied, never read back (instructune_operator.ray_auth).
+            assert rule["resources"] == ["secrets"] and sorted(rule["verbs"]) == ["create", "patch"], rule
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
         assert not rule.get("nonResourceURLs"), rule
     # Kopf runs standalone: no peering objects, no CRD or namespace observation granted.
@@ -164,6 +176,9 @@ def test_rules_are_exactly_what_the_operator_calls(default_docs: list[dict[str, 
         ("apps", "deployments", "patch"),
         ("", "pods", "list"),  # diagnosing unschedulable / crashing Ray pods
         ("", "pods", "watch"),
+        # rayAuth: each tune's Ray token Secret is applied, never read.
+        ("", "secrets", "create"),
+        ("", "secrets", "patch"),
     }
     assert granted == expected
 
@@ -177,7 +192,8 @@ def _example_children(settings: Any) -> list[dict[str, Any]]:
     return [
         *build_job_identity(meta),
         build_config_map(meta, config),
-        build_ray_cluster(meta, spec, settings),
+        build_ray_auth_secret(meta, derive_token("key", meta["uid"])),
+        build_ray_cluster(meta, spec, settings, ray_auth=True),
         *build_serving(meta, spec, settings, "0" * 64),
     ]
 
@@ -190,7 +206,7 @@ def test_every_built_child_can_be_server_side_applied(default_docs: list[dict[st
     rules = one(default_docs, "ClusterRole")["rules"]
     children = _example_children(settings_of(default_docs))
     assert {c["kind"] for c in children} == {
-        "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "RayCluster", "Deployment", "Service",
+        "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret", "RayCluster", "Deployment", "Service",
     }  # fmt: skip
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]
@@ -348,3 +364,20 @@ def test_credentials_reach_the_operator_only_by_secret_key_ref(helm: Path) -> No
     assert not any(
         grants(one(docs, "ClusterRole")["rules"], "", "secrets", verb) for verb in ("get", "list", "watch")
     )
+
+
+def test_ray_auth_key_is_generated_once_and_reaches_the_operator_by_secret_key_ref(
+    default_docs: list[dict[str, Any]], helm: Path
+) -> None:
+    key = next(
+        d for d in default_docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-ray-auth-key")
+    )
+    assert (
+        len(key["data"]["key"]) >= 64 and key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    )
+    (operator,) = one(default_docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = next(e for e in operator["env"] if e["name"] == "INSTRUCTUNE_RAY_AUTH_KEY")
+    assert env["valueFrom"]["secretKeyRef"] == {"name": key["metadata"]["name"], "key": "key"}
+    off = render(helm, "--set", "rayAuth.enabled=false")
+    assert not [d for d in off if d["kind"] == "Secret"]
+    assert not any(grants(one(off, "ClusterRole")["rules"], "", "secrets", v) for v in ("create", "patch"))

@@ -74,6 +74,12 @@ and, after its TTL, the tune.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+{{- if .Values.rayAuth.enabled }}
+# rayAuth: each tune's Ray token Secret is applied (server-side apply: PATCH, and create), never read.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, patch]
+{{- end }}
 {{- if .Values.settings.localJobIdentityDir }}
 # localJobIdentityDir: jobs outside the cluster get their tune's ServiceAccount token (TokenRequest).
 - apiGroups: [""]

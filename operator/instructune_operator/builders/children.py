@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from instructune_jobs.config import TrainConfig
 from instructune_operator.api import API_VERSION, GROUP, KIND, PLURAL, InstructionTuneSpec
-from instructune_operator.naming import config_map_name, job_identity_name, labels, ray_cluster_name
+from instructune_operator.naming import (
+    config_map_name,
+    job_identity_name,
+    labels,
+    ray_auth_secret_name,
+    ray_cluster_name,
+)
 from instructune_operator.settings import GpuPool, Settings
 
 RAY_VERSION = "2.60.0"
@@ -46,9 +53,26 @@ def restricted_security_context() -> dict[str, Any]:
     }
 
 
-def job_env(spec: InstructionTuneSpec, settings: Settings) -> list[dict[str, Any]]:
+RAY_AUTH_KEY = "RAY_AUTH_TOKEN"
+
+
+def job_env(
+    spec: InstructionTuneSpec, settings: Settings, tune: str = "", ray_auth: bool = False, image: str = ""
+) -> list[dict[str, Any]]:
     """Environment of Ray pods: endpoints in clear, credentials only by secretKeyRef."""
     env: list[dict[str, Any]] = [{"name": "INSTRUCTUNE_CONFIG_FILE", "value": f"{CONFIG_MOUNT}/{CONFIG_KEY}"}]
+    if image:
+        # What the job reports as status.lineage.image: the image its pods run.
+        env.append({"name": "INSTRUCTUNE_IMAGE", "value": image})
+    if ray_auth:
+        # Every Ray process of the cluster (head, workers, the job's driver) checks and sends it.
+        env += [
+            {"name": "RAY_AUTH_MODE", "value": "token"},
+            {
+                "name": "RAY_AUTH_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": ray_auth_secret_name(tune), "key": RAY_AUTH_KEY}},
+            },
+        ]
     if settings.s3_endpoint:
         env += [
             {"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint},
@@ -67,7 +91,13 @@ def job_env(spec: InstructionTuneSpec, settings: Settings) -> list[dict[str, Any
 
 
 def _pod_template(
-    spec: InstructionTuneSpec, settings: Settings, pool: GpuPool, meta: dict[str, Any], role: str, gpus: int
+    spec: InstructionTuneSpec,
+    settings: Settings,
+    pool: GpuPool,
+    meta: dict[str, Any],
+    role: str,
+    gpus: int,
+    ray_auth: bool,
 ) -> dict[str, Any]:
     res = spec.resources
     limits: dict[str, Any] = {"cpu": str(res.cpus_per_worker), "memory": res.memory_per_worker}
@@ -87,7 +117,7 @@ def _pod_template(
                 {
                     "name": f"ray-{role}",
                     "image": res.image or settings.ray_image,
-                    "env": job_env(spec, settings),
+                    "env": job_env(spec, settings, meta["name"], ray_auth, res.image or settings.ray_image),
                     "resources": {"requests": requests, "limits": limits},
                     "securityContext": restricted_security_context(),
                     "volumeMounts": [
@@ -105,10 +135,14 @@ def _pod_template(
     }
 
 
-def build_ray_cluster(meta: dict[str, Any], spec: InstructionTuneSpec, settings: Settings) -> dict[str, Any]:
+def build_ray_cluster(
+    meta: dict[str, Any], spec: InstructionTuneSpec, settings: Settings, ray_auth: bool = False
+) -> dict[str, Any]:
+    """The tune's RayCluster. With `ray_auth`, every Ray container gets token authentication from
+    the cluster's Secret (build_ray_auth_secret)."""
     pool = settings.pools[spec.resources.gpu_pool]
     workers = spec.resources.workers
-    head = _pod_template(spec, settings, pool, meta, "head", gpus=0)
+    head = _pod_template(spec, settings, pool, meta, "head", gpus=0, ray_auth=ray_auth)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
@@ -129,7 +163,7 @@ def build_ray_cluster(meta: dict[str, Any], spec: InstructionTuneSpec, settings:
                     "maxReplicas": workers,
                     "rayStartParams": {},
                     "template": _pod_template(
-                        spec, settings, pool, meta, "worker", spec.resources.gpus_per_worker
+                        spec, settings, pool, meta, "worker", spec.resources.gpus_per_worker, ray_auth
                     ),
                 }
             ],
@@ -171,4 +205,15 @@ def build_config_map(meta: dict[str, Any], config: TrainConfig) -> dict[str, Any
         "kind": "ConfigMap",
         "metadata": _metadata(meta, config_map_name(meta["name"]), "train-config"),
         "data": {CONFIG_KEY: config.to_json()},
+    }
+
+
+def build_ray_auth_secret(meta: dict[str, Any], token: str) -> dict[str, Any]:
+    """The Ray token of the tune's cluster (instructune_operator.ray_auth), owned by the tune."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(meta, ray_auth_secret_name(meta["name"]), "ray-auth"),
+        "type": "Opaque",
+        "data": {RAY_AUTH_KEY: base64.b64encode(token.encode()).decode()},
     }
