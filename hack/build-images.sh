@@ -17,8 +17,9 @@
 #   archives/<name>-<key>.oci.tar  the image archives (OCI)
 #   logs/<name>.log             the last build's output of each image
 # The job image's `environment` stage (its locked venv) is kept as an image of its own,
-# localhost/instructune-job-environment:<key>, keyed by jobs/Dockerfile and jobs/requirements.lock
-# only: a change of instructune_jobs rebuilds the job image on top of it in minutes.
+# localhost/instructune-job-environment:<key>, keyed by jobs/Dockerfile's `environment` stage and
+# jobs/requirements.lock only: a change of instructune_jobs, or of the stages after `environment`,
+# rebuilds the job image on top of it in minutes.
 # An image's key hashes its Dockerfile, its lock file(s), the sources it ships and the base's key:
 # nothing is rebuilt unless one of them changed (or INSTRUCTUNE_IMAGES_REBUILD=1: the product's
 # images are rebuilt, from the cached wheels).
@@ -240,8 +241,8 @@ build_image() {
     # The job image's `environment` stage (the locked venv: ~6 GB, most of the build's time) as an
     # image of its own, keyed by what it installs: a change of instructune_jobs alone reuses it.
     local env_key env_ref
-    env_key=$(cd "$root" && { echo "$RECIPE $base_key"; python3 hack/images.py key jobs/Dockerfile \
-      jobs/requirements.lock hack/split_lock.py; } | sha256sum | cut -c1-16)
+    env_key=$(cd "$root" && { echo "$RECIPE $base_key"; python3 hack/images.py stage jobs/Dockerfile environment; \
+      python3 hack/images.py key jobs/requirements.lock hack/split_lock.py; } | sha256sum | cut -c1-16)
     env_ref=$ENVIRONMENT_REPO:$env_key
     if [ -n "${INSTRUCTUNE_IMAGES_REBUILD:-}" ] || [ "$(image_key "$env_ref")" != "$env_key" ]; then
       bud "job-environment" "$IMAGES/logs/job-environment.log" "$dockerfile" "$env_ref" "$env_key" \

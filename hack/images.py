@@ -241,6 +241,20 @@ def docker_to_oci_archive(src: Path, out: Path, ref: str) -> str:
     return manifest_digest
 
 
+def stage_text(dockerfile: str, stage: str) -> str:
+    """The Dockerfile up to the end of stage `stage` (its global ARGs, earlier stages and itself):
+    what that stage's image depends on, so an edit of a later stage does not rebuild it."""
+    lines = dockerfile.splitlines(keepends=True)
+    start = next(
+        (i for i, line in enumerate(lines) if re.match(rf"(?i)^FROM\s+\S+\s+AS\s+{re.escape(stage)}\s*$", line)),
+        None,
+    )
+    if start is None:
+        raise SystemExit(f"images.py: no stage {stage!r}")
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"(?i)^FROM\s", lines[i])), len(lines))
+    return "".join(lines[:end])
+
+
 def project_version(pyproject: Path = ROOT / "pyproject.toml") -> str:
     match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M)
     if not match:
@@ -252,6 +266,8 @@ def main(argv: list[str]) -> int:
     command, args = argv[0], argv[1:]
     if command == "key":
         print(tree_key([Path(a) for a in args], Path.cwd()))
+    elif command == "stage":
+        sys.stdout.write(stage_text(Path(args[0]).read_text(), args[1]))
     elif command == "pip-conf":
         out, cert_target = args
         listing = subprocess.run(

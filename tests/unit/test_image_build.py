@@ -204,3 +204,14 @@ def test_the_docker_archive_may_come_through_a_pipe(tmp_path: Path) -> None:
     digest = images.docker_to_oci_archive(fifo, tmp_path / "oci.tar", ref)
     writer.join(timeout=10)
     assert digest == images.docker_to_oci_archive(tmp_path / "docker.tar", tmp_path / "again.tar", ref)
+
+
+def test_the_job_environment_key_covers_its_stage_not_the_stages_after_it() -> None:
+    dockerfile = (ROOT / "jobs" / "Dockerfile").read_text()
+    stage = images.stage_text(dockerfile, "environment")
+    assert "FROM ${BASE} AS environment" in stage and "pip install" in stage
+    assert "FROM ${ENVIRONMENT}" not in stage and "ShareMemCommBuilder" not in stage
+    edited = dockerfile.replace("PYTHONUNBUFFERED=1", "PYTHONUNBUFFERED=1 EXTRA=1")
+    assert edited != dockerfile and images.stage_text(edited, "environment") == stage
+    with pytest.raises(SystemExit):
+        images.stage_text(dockerfile, "no-such-stage")
