@@ -1024,6 +1024,7 @@ def _up(
         "kubeconfig": str(kubeconfig),
         "env": str(state_dir / "env"),
         "logs": str(state_dir / "logs"),
+        "audit_log": str(state_dir / "logs" / "audit.log"),
         "pki": str(pki),
         "ray_temp_dir": str(ray_tmp),
         "crds": str(crds),

@@ -67,6 +67,10 @@ class StackLayout:
         return self.dir / "kubeconfig"
 
     @property
+    def audit_log(self) -> Path:
+        return self.dir / "logs" / "audit.log"
+
+    @property
     def api(self) -> str:
         return f"https://{self.service_host}:{self.ports['apiserver']}"
 
@@ -86,8 +90,21 @@ def etcd(s: StackLayout, binary: Path) -> Component:
     )  # fmt: skip
 
 
+# Every request of a ServiceAccount (the operator's, the jobs'), without bodies: what the tests read
+# to prove least privilege (tests/e2e: the chart's rules against the calls the operator made).
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+"""
+
+
 def kube_apiserver(s: StackLayout, binary: Path) -> Component:
     pki = s.pki
+    policy = pki / "audit-policy.yaml"
     return Component(
         "kube-apiserver",
         (str(binary), f"--etcd-servers=http://{HOST}:{s.ports['etcd']}",
@@ -109,8 +126,11 @@ def kube_apiserver(s: StackLayout, binary: Path) -> Component:
          # Logs, exec and port-forward reach a kubelet at its node's address (no DNS names nodes here).
          "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki / 'ca.crt'}",
          f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
-         f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}"),
+         f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+         f"--audit-policy-file={policy}", f"--audit-log-path={s.audit_log}", "--audit-log-format=json",
+         "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s", "--audit-log-maxsize=200"),
         env={"GOMAXPROCS": "2", "GOMEMLIMIT": "1500MiB"},
+        files={str(policy): AUDIT_POLICY},
     )  # fmt: skip
 
 
