@@ -61,7 +61,7 @@ SOURCES = [str(ROOT / "operator"), str(ROOT / "jobs")]
 sys.path[:0] = [str(ROOT / "hack"), *SOURCES]
 
 import localstack  # noqa: E402
-from demo import operator_env  # noqa: E402
+from operator_release import process_env  # noqa: E402
 
 GROUP, VERSION, PLURAL = "instructune.io", "v1alpha1", "instructiontunes"
 POOL, NO_NODE = "bench", {"instructune.io/pool": "bench-none"}
@@ -370,7 +370,6 @@ def run(
     stack = localstack.up(state_dir)
     cleanup.append(lambda: localstack.down(state_dir))
     result["stack_up_s"] = round(time.monotonic() - t, 1)
-    env = stack["env"]
     api_url = stack["endpoints"]["apiserver"]
     ctx = localstack.admin_ctx(state_dir)
 
@@ -399,7 +398,7 @@ def run(
 
     op_log = state_dir / "logs" / "operator.log"
     op_env = {
-        **operator_env(env, state_dir),
+        **process_env(state_dir),
         "INSTRUCTUNE_SETTINGS": str(settings_path),
         "INSTRUCTUNE_NAMESPACES": args.namespace,
         "PYTHONPATH": os.pathsep.join([*SOURCES, *filter(None, [os.environ.get("PYTHONPATH")])]),

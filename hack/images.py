@@ -246,7 +246,11 @@ def stage_text(dockerfile: str, stage: str) -> str:
     what that stage's image depends on, so an edit of a later stage does not rebuild it."""
     lines = dockerfile.splitlines(keepends=True)
     start = next(
-        (i for i, line in enumerate(lines) if re.match(rf"(?i)^FROM\s+\S+\s+AS\s+{re.escape(stage)}\s*$", line)),
+        (
+            i
+            for i, line in enumerate(lines)
+            if re.match(rf"(?i)^FROM\s+\S+\s+AS\s+{re.escape(stage)}\s*$", line)
+        ),
         None,
     )
     if start is None:

@@ -89,6 +89,78 @@ def install(state_dir: Path) -> dict[str, str]:
     return {"operator": operator_ref, "job": job_ref}
 
 
+PROCESS_RELEASE = "instructune-process"
+
+
+def process_values(local_job_identity_dir: str) -> dict[str, Any]:
+    """The chart for an operator run as a process on this machine (its Ray head is the stack's,
+    outside the cluster): only its ServiceAccount and RBAC, no pod. Pure."""
+    return {
+        "replicas": 0,
+        "rayAuth": {"enabled": False},  # the stack's own Ray head has its token in the environment
+        "settings": {"localJobIdentityDir": local_job_identity_dir},
+    }
+
+
+def process_kubeconfig(state_dir: Path, local_job_identity_dir: str) -> Path:
+    """A kubeconfig with the token of the chart's ServiceAccount, for an operator run as a process:
+    it holds exactly what the chart grants for its settings, never the stack's admin rights."""
+    values_file = state_dir / "operator-process-values.json"
+    values_file.write_text(json.dumps(process_values(local_job_identity_dir), indent=2))
+    res = helm(
+        state_dir, "upgrade", "--install", PROCESS_RELEASE, str(ROOT / "charts" / "instructune"),
+        "--namespace", NAMESPACE, "--create-namespace", "--skip-crds", "--values", str(values_file),
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise localstack.StackError(f"helm install of the operator's RBAC failed:\n{res.stderr[-3000:]}")
+    token = localstack.kubectl(
+        state_dir, "create", "token", PROCESS_RELEASE, "-n", NAMESPACE, "--duration=48h"
+    ).stdout.strip()
+    env = localstack.read_env(state_dir)
+    server = yaml.safe_load(Path(env["KUBECONFIG"]).read_text())["clusters"][0]["cluster"]
+    path = state_dir / "operator-process.kubeconfig"
+    path.touch(mode=0o600)
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "stack", "cluster": server}],
+                "users": [{"name": PROCESS_RELEASE, "user": {"token": token}}],
+                "contexts": [{"name": "stack", "context": {"cluster": "stack", "user": PROCESS_RELEASE}}],
+                "current-context": "stack",
+            }
+        )
+    )
+    return path
+
+
+def serve_port(state_dir: Path) -> str:
+    """Ray Serve's HTTP port on the stack's own Ray head: picked once per stack, stable across
+    operator restarts."""
+    path = state_dir / "serve-port"
+    if not path.exists():
+        path.write_text(str(localstack.free_ports(1)[0]))
+    return path.read_text().strip()
+
+
+def process_env(state_dir: Path) -> dict[str, str]:
+    """The environment of `python -m instructune_operator` run on this machine against the stack:
+    the chart's ServiceAccount (process_kubeconfig), the stack's pools, and its own Ray head."""
+    env = localstack.read_env(state_dir)
+    identity_dir = str(state_dir / "job-identity")
+    return {
+        **os.environ,
+        **env,
+        "KUBECONFIG": str(process_kubeconfig(state_dir, identity_dir)),
+        "INSTRUCTUNE_SETTINGS": str(SETTINGS_FILE),
+        "INSTRUCTUNE_S3_ENDPOINT": env["AWS_ENDPOINT_URL"],
+        "INSTRUCTUNE_RAY_ADDRESS": env["RAY_ADDRESS"],
+        "INSTRUCTUNE_LOCAL_JOB_IDENTITY_DIR": identity_dir,
+        "INSTRUCTUNE_RAY_SERVE_HTTP_PORT": serve_port(state_dir),
+    }
+
+
 def operator_logs(state_dir: Path, tail: int = 200) -> str:
     return localstack.kubectl(
         state_dir, "logs", "-n", NAMESPACE, f"deploy/{DEPLOYMENT}", f"--tail={tail}", check=False

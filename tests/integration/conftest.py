@@ -45,12 +45,16 @@ def namespace(crd_installed: Any) -> Iterator[str]:
 
 
 class OperatorProcess:
-    """`python -m instructune_operator` against the stack, as a user runs it; killable at will."""
+    """`python -m instructune_operator` run on this machine against the stack, killable at will, under
+    the chart's ServiceAccount and RBAC (never the stack's admin rights). Its jobs run on the stack's
+    Ray head outside the cluster (rayAddressOverride): fast enough for the many small tunes of the
+    integration tests; tests/e2e runs the operator as users do, in a pod."""
 
     def __init__(self, stack: Any, log: Path) -> None:
-        from demo import operator_env  # hack/ is on sys.path through tests/conftest.py
+        import operator_release  # hack/ is on sys.path through tests/conftest.py
 
-        self.env, self.log = operator_env(stack.env, stack.dir), log
+        self.env = operator_release.process_env(stack.dir)
+        self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -187,7 +187,7 @@ def serve_args(artifacts: dict[str, Any], name: str, port: int, digest: str) -> 
 @pytest.fixture(scope="module")
 def served(stack: Any, ray_jobs: RayJobs, artifacts: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The application deployed by the job; deleted (by a job) at the end."""
-    from demo import serve_port  # hack/ is on sys.path through tests/conftest.py: the operator's port
+    from operator_release import serve_port  # hack/ is on sys.path through tests/conftest.py
 
     port = int(serve_port(stack.dir))
     name = f"itest-{artifacts['run']}"
