@@ -12,8 +12,9 @@
 
 Exit codes: 0 done; 2 the config is invalid or asks for what cannot run here; 3 the checkpoint
 root belongs to another configuration; 4 the data was refused (the row report is in the log);
+5 the job's image runs another instructune version than the operator that submitted it;
 1 anything else (the operator retries from the latest checkpoint, up to backoffLimit). The
-operator fails a tune at once on 2, 3 and 4: a retry would end the same way.
+operator fails a tune at once on 2, 3, 4 and 5: a retry would end the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from instructune_jobs.config import TrainConfig
 log = logging.getLogger("instructune")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_CONFIG_MISMATCH, EXIT_INVALID_DATA = 0, 1, 2, 3, 4
+EXIT_VERSION_MISMATCH = 5
 RESULT_PREFIX = "INSTRUCTUNE_RESULT "
 # The fields of the tune's status.data a finished run's manifest can fill (a test holds it to the CRD).
 DATA_STATUS_KEYS = (
@@ -48,6 +50,27 @@ DATA_STATUS_KEYS = (
     "paddingFraction",
     "templateHash",
 )
+
+
+def own_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("instructune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def version_mismatch(operator_version: str | None, job_version: str) -> str | None:
+    """Why this job must not run the operator's config, or None. The config is the contract between
+    one operator version and the same job version: another version may read it differently."""
+    if not operator_version or operator_version == job_version:
+        return None
+    return (
+        f"the job's image runs instructune {job_version} but the operator that submitted it is "
+        f"{operator_version}: set the operator's rayImage (or spec.resources.image) to the job image "
+        f"of version {operator_version}"
+    )
 
 
 def read_config(args: argparse.Namespace) -> TrainConfig:
@@ -145,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
 
+    mismatch = version_mismatch(os.environ.get("INSTRUCTUNE_OPERATOR_VERSION"), own_version())
+    if mismatch:
+        log.error("%s", mismatch)
+        return EXIT_VERSION_MISMATCH
     try:
         cfg = read_config(args)
     except (ValidationError, ValueError, OSError) as err:

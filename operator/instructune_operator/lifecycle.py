@@ -21,7 +21,12 @@ JOB_RUNNING = ("PENDING", "RUNNING")
 # Exit codes with which the job says a retry would fail the same way (jobs/instructune_jobs/__main__.py):
 # a config the job refuses, checkpoints under the root written by another configuration, or data
 # the job refused (rows that do not fit under policy "fail", too many skipped).
-PERMANENT_EXIT_CODES = {2: "InvalidTrainingConfig", 3: "CheckpointConfigMismatch", 4: "InvalidData"}
+PERMANENT_EXIT_CODES = {
+    2: "InvalidTrainingConfig",
+    3: "CheckpointConfigMismatch",
+    4: "InvalidData",
+    5: "JobVersionMismatch",
+}
 
 
 @dataclass(frozen=True)

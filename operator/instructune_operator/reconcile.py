@@ -7,6 +7,7 @@ status keys that changed. Running a pass twice, or after an operator restart, ch
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import shlex
@@ -34,6 +35,10 @@ from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
 
 log = logging.getLogger(__name__)
+try:
+    VERSION = importlib.metadata.version("instructune")  # the job checks it against its own
+except importlib.metadata.PackageNotFoundError:
+    VERSION = ""
 TOKEN_SECONDS = 48 * 3600
 # The small children of a tune are independent of each other: applied together, a pass waits one
 # round trip for them instead of four. Shared by all passes, so the API server sees a bounded number.
@@ -194,7 +199,7 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_childr
 def _job_env(clients: Clients, namespace: str, name: str) -> dict[str, str]:
     """Non-secret environment of the job. In a cluster the pods carry credentials (secretKeyRef) and
     the tune's ServiceAccount token; a job on the local stack's Ray head gets a token file instead."""
-    env: dict[str, str] = {"INSTRUCTUNE_TUNE": f"{namespace}/{name}"}
+    env: dict[str, str] = {"INSTRUCTUNE_TUNE": f"{namespace}/{name}", "INSTRUCTUNE_OPERATOR_VERSION": VERSION}
     settings = clients.settings
     if settings.s3_endpoint:
         env.update(INSTRUCTUNE_S3_ENDPOINT=settings.s3_endpoint, AWS_ENDPOINT_URL=settings.s3_endpoint)

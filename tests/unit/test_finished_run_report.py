@@ -71,3 +71,22 @@ def test_the_reported_data_fields_are_the_crds() -> None:
     assert set(finished_run_status(manifest())["lineage"]) <= set(lineage)
     progress = schema["properties"]["status"]["properties"]["progress"]["properties"]
     assert set(finished_run_status(manifest())["progress"]) <= set(progress)
+
+
+def test_a_job_of_another_version_than_its_operator_says_which_image_to_use() -> None:
+    from instructune_jobs.__main__ import version_mismatch
+
+    assert version_mismatch("0.1.0", "0.1.0") is None
+    assert version_mismatch(None, "0.1.0") is None  # submitted by hand, without an operator
+    why = version_mismatch("0.2.0", "0.1.0")
+    assert why is not None and "runs instructune 0.1.0" in why and "version 0.2.0" in why
+
+
+def test_the_job_refuses_a_config_from_another_operator_version_before_reading_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from instructune_jobs import __main__ as job
+
+    monkeypatch.setenv("INSTRUCTUNE_OPERATOR_VERSION", "99.0.0")
+    # A config this job version could not even parse: the version is checked first.
+    assert job.main(["--config-json", '{"fromTheFuture": true}']) == job.EXIT_VERSION_MISMATCH

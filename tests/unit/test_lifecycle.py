@@ -267,7 +267,12 @@ def test_a_job_that_crashed_is_retried_from_its_checkpoint() -> None:
 def test_the_permanent_exit_codes_are_the_ones_the_job_uses() -> None:
     from instructune_jobs import __main__ as job
 
-    assert set(PERMANENT_EXIT_CODES) == {job.EXIT_BAD_CONFIG, job.EXIT_CONFIG_MISMATCH, job.EXIT_INVALID_DATA}
+    assert set(PERMANENT_EXIT_CODES) == {
+        job.EXIT_BAD_CONFIG,
+        job.EXIT_CONFIG_MISMATCH,
+        job.EXIT_INVALID_DATA,
+        job.EXIT_VERSION_MISMATCH,
+    }
     assert job.EXIT_FAILED not in PERMANENT_EXIT_CODES
 
 
