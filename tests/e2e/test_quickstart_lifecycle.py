@@ -18,6 +18,8 @@ from demo import service_url  # hack/ is on sys.path through tests/conftest.py
 from instructune_jobs.quickstart import held_out_question, seed_quickstart
 from tests.e2e.conftest import OperatorPod
 from tests.integration.conftest import get_tune, wait_for
+from tests.integration.test_real_node import finished as real_node_finished
+from tests.integration.test_real_node import pod as real_node_pod
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +81,11 @@ def seeded(crd_installed: Any) -> dict[str, str]:
 
 
 def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
-    crd_installed: Any, operator: OperatorPod, namespace: str, seeded: dict[str, str]
+    crd_installed: Any,
+    operator: OperatorPod,
+    namespace: str,
+    seeded: dict[str, str],
+    real_node: dict[str, Any],
 ) -> None:
     stack, ns = crd_installed, namespace
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
@@ -149,6 +155,15 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     pods = json.loads(stack.kubectl("get", "pods", "-n", ns, "-l", "ray.io/cluster", "-o", "json").stdout)
     assert {p["spec"]["nodeName"] for p in pods["items"]} == {"local-0"}
     assert {p["spec"]["containers"][0]["image"] for p in pods["items"]} == {operator.refs["job"]}
+    assert final["lineage"]["image"] == operator.refs["job"] and final["lineage"]["version"]
+
+    # Ray's dashboard is not open: a pod of the tenant's own namespace without the token is refused
+    # by the Jobs API (the operator and this test hold the token; the whole run above used it).
+    stack.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(
+        real_node_pod("no-token", real_node["probe_image"], ["get", "http://quickstart-ray-head-svc:8265/api/jobs/", "30"])
+    ))  # fmt: skip
+    phase, logs = real_node_finished(stack, ns, "no-token")
+    assert phase == "Failed" and logs.startswith("401"), logs
 
     # Served with the template it was trained on, answering in the trained format.
     serving = final["serving"]
