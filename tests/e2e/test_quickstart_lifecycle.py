@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,23 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     time.sleep(2)
     operator.start()
 
+    # 5. A Ray worker pod dies once the resumed attempt has written a checkpoint of its own: the
+    # attempt fails, and the next resumes from that checkpoint (no more steps lost than an interval).
+    latest = wait_for(
+        lambda: (
+            max((c["step"] for c in _status(stack, ns, "quickstart").get("checkpoints") or []), default=0)
+            > resumed_at
+            and max(c["step"] for c in _status(stack, ns, "quickstart")["checkpoints"])
+        ),
+        600,
+        "a checkpoint of the resumed attempt",
+    )
+    worker = stack.kubectl(
+        "get", "pods", "-n", ns, "-l", "ray.io/node-type=worker", "-o", "jsonpath={.items[0].metadata.name}"
+    ).stdout  # fmt: skip
+    stack.kubectl("delete", "pod", worker, "-n", ns, "--grace-period=0", "--force")
+    wait_for(lambda: (_status(stack, ns, "quickstart").get("attempts") or 0) >= 3, 300, "the third attempt")
+
     final = wait_for(
         lambda: (s := _status(stack, ns, "quickstart")).get("phase") in ("Succeeded", "Failed") and s,
         1200,
@@ -122,12 +140,17 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     )
     assert final["phase"] == "Succeeded", json.dumps(final, indent=1)[-3000:]
 
-    # No duplicate submission: the resumed attempt's cluster (the first went with the suspension)
-    # ran exactly one training job, the one in status, although the operator was killed during it.
+    # No duplicate submission: the second cluster (the first went with the suspension) ran one job
+    # per attempt (2, then 3 after the worker's death), although the operator was killed during 2.
     jobs = _ray_jobs(stack, ns, "quickstart")
     train_jobs = [j for j in jobs if "serving" not in (j.get("metadata") or {})]
-    assert final["attempts"] == 2
-    assert [j["submission_id"] for j in train_jobs] == [final["jobId"]]
+    assert final["attempts"] == 3
+    assert [j["submission_id"] for j in train_jobs][-1] == final["jobId"]
+    assert len(train_jobs) == len({j["submission_id"] for j in train_jobs}) == 2  # attempts 2 and 3
+    address, headers = _ray_head(stack, ns, "quickstart")
+    logs = httpx.get(f"{address}/api/jobs/{final['jobId']}/logs", headers=headers, timeout=10).json()["logs"]
+    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", logs)]
+    assert resumed and resumed[0] >= latest, (latest, logs[-2000:])
 
     # The resumed attempt started from the checkpoint: its first reported step is past it.
     assert final["progress"]["step"] == final["progress"]["totalSteps"] == STEPS
