@@ -19,14 +19,13 @@ images:
 stack-build:
 	@hack/build-stack.sh
 
-# The stack, then the product's images (built once, cached) imported into its real node.
+# The stack, then the product's images (built once, cached) imported into its real node, and the
+# operator installed from charts/ with helm, running in a pod there.
 stack-up: stack-build venv
 	@$(PY) hack/localstack.py up --dir $(STACK_DIR)
-	@$(PY) hack/localstack.py images --dir $(STACK_DIR)
+	@$(PY) hack/operator_release.py --dir $(STACK_DIR)
 
 stack-down:
-	@# The demo's operator first (its process group), then every process of the stack.
-	@if [ -f $(STACK_DIR)/operator.pid ]; then kill -TERM -- -$$(cat $(STACK_DIR)/operator.pid) 2>/dev/null || true; rm -f $(STACK_DIR)/operator.pid; fi
 	@python3 hack/localstack.py down --dir $(STACK_DIR)
 
 # Every transitive Python dependency pinned with hashes, from pyproject.toml's pins (hack/lock.sh).
