@@ -1234,6 +1234,12 @@ def running(state_dir: Path) -> Iterator[dict[str, Any]]:
 
 
 def import_product_images(state_dir: Path, names: Sequence[str] = ("operator", "job")) -> list[str]:
+    return [ref for ref, _ in import_product_archives(state_dir, names)]
+
+
+def import_product_archives(
+    state_dir: Path, names: Sequence[str] = ("operator", "job")
+) -> list[tuple[str, Path]]:
     """Builds the product's images (hack/build-images.sh: cached, rebuilt only when their inputs
     change) and imports them into the running stack's real node; returns their references."""
     state = _load(state_dir)
@@ -1251,7 +1257,7 @@ def import_product_images(state_dir: Path, names: Sequence[str] = ("operator", "
         started = time.monotonic()
         imported = node.import_archive(Path(record["dir"]) / "containerd.sock", ref, Path(archive))
         log(f"{ref}: {'imported in %.0fs' % (time.monotonic() - started) if imported else 'already there'}")
-        refs.append(ref)
+        refs.append((ref, Path(archive)))
     return refs
 
 

@@ -35,13 +35,15 @@ NODE_SELECTOR = {localstack.POOL_LABEL: "local"}
 
 
 def stack_values(
-    settings: dict[str, Any], operator_ref: str, job_ref: str, s3_endpoint: str
+    settings: dict[str, Any], operator_ref: str, job_ref: str, s3_endpoint: str, build: str = ""
 ) -> dict[str, Any]:
-    """Helm values for the local stack. Pure: the chart's defaults apart from what the stack decides."""
+    """Helm values for the local stack. Pure: the chart's defaults apart from what the stack decides.
+    `build` names the operator image's build: a rebuilt image under the same tag rolls the pod."""
     repository, tag = operator_ref.rsplit(":", 1)
     return {
         # Imported into the node's containerd, never pulled: no registry is reachable.
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "podAnnotations": {"instructune.io/image-build": build} if build else {},
         "settings": {**settings, "rayImage": job_ref, "s3Endpoint": s3_endpoint},
         "nodeSelector": dict(NODE_SELECTOR),
     }
@@ -65,10 +67,14 @@ def helm(state_dir: Path, *args: str, timeout: float = 600) -> subprocess.Comple
 def install(state_dir: Path) -> dict[str, str]:
     """Builds (cached) and imports the images, installs or upgrades the chart, waits for the operator
     pod to run. Returns {"operator": ref, "job": ref}."""
-    operator_ref, job_ref = localstack.import_product_images(state_dir, ("operator", "job"))
+    (operator_ref, operator_archive), (job_ref, _) = localstack.import_product_archives(
+        state_dir, ("operator", "job")
+    )
     env = localstack.read_env(state_dir)
     settings = yaml.safe_load(SETTINGS_FILE.read_text())
-    values = stack_values(settings, operator_ref, job_ref, env["AWS_ENDPOINT_URL"])
+    # The archive's name carries the image's build key (hack/build-images.sh).
+    build = operator_archive.name.removesuffix(".oci.tar").rsplit("-", 1)[-1]
+    values = stack_values(settings, operator_ref, job_ref, env["AWS_ENDPOINT_URL"], build)
     values_file = state_dir / "operator-values.json"
     values_file.write_text(json.dumps(values, indent=2))
     started = time.monotonic()
