@@ -7,6 +7,7 @@ rules (RBAC refuses to let anyone create a Role granting more than it holds).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterable
@@ -381,3 +382,38 @@ def test_ray_auth_key_is_generated_once_and_reaches_the_operator_by_secret_key_r
     off = render(helm, "--set", "rayAuth.enabled=false")
     assert not [d for d in off if d["kind"] == "Secret"]
     assert not any(grants(one(off, "ClusterRole")["rules"], "", "secrets", v) for v in ("create", "patch"))
+
+
+def test_the_local_stack_values_run_the_operator_on_the_real_node_with_the_job_image(
+    helm: Path, tmp_path: Path
+) -> None:
+    import operator_release  # hack/ is on sys.path through tests/conftest.py
+
+    settings = yaml.safe_load((ROOT / "hack" / "local-settings.yaml").read_text())
+    values = operator_release.stack_values(
+        settings, "ghcr.io/instructune/instructune-operator:0.1.0", "ghcr.io/instructune/instructune-job:0.1.0",
+        "http://198.18.0.1:9000", build="abc123",
+    )  # fmt: skip
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps(values))
+    docs = render(helm, "--values", str(path))
+    pod = one(docs, "Deployment")["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"instructune.io/pool": "local"}
+    assert pod["spec"]["containers"][0]["imagePullPolicy"] == "Never"
+    assert pod["metadata"]["annotations"]["instructune.io/image-build"] == "abc123"
+    parsed = settings_of(docs)
+    assert parsed.ray_image == "ghcr.io/instructune/instructune-job:0.1.0"
+    assert parsed.s3_endpoint == "http://198.18.0.1:9000"
+    assert parsed.pools["local"].cpu_overcommit == 2 and parsed.ray_address_override is None
+
+
+def test_a_process_run_operator_gets_the_charts_rbac_and_no_pod(helm: Path, tmp_path: Path) -> None:
+    import operator_release
+
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps(operator_release.process_values("/tmp/identity")))
+    docs = render(helm, "--values", str(path))
+    assert one(docs, "Deployment")["spec"]["replicas"] == 0
+    rules = one(docs, "ClusterRole")["rules"]
+    assert grants(rules, "", "serviceaccounts/token", "create")  # token files for its jobs
+    assert not any(grants(rules, "", "secrets", v) for v in ("create", "patch", "get"))
