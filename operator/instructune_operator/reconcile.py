@@ -21,6 +21,7 @@ from instructune_operator.api import API_VERSION, KIND, InstructionTuneSpec
 from instructune_operator.builders.children import (
     build_config_map,
     build_job_identity,
+    build_network_policy,
     build_ray_auth_secret,
     build_ray_cluster,
 )
@@ -35,6 +36,8 @@ from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
 
 log = logging.getLogger(__name__)
+# The chart's selector label of the operator pod (charts/instructune/templates/_helpers.tpl).
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "instructune"}
 try:
     VERSION = importlib.metadata.version("instructune")  # the job checks it against its own
 except importlib.metadata.PackageNotFoundError:
@@ -65,6 +68,9 @@ class Clients:
         self.ray_auth_key = (
             ray_auth_key if ray_auth_key is not None else os.environ.get("INSTRUCTUNE_RAY_AUTH_KEY")
         )
+        # In a pod (the chart sets it from the downward API): the namespace the Ray clusters'
+        # NetworkPolicies admit the operator from.
+        self.operator_namespace = os.environ.get("INSTRUCTUNE_OPERATOR_NAMESPACE", "")
         self._ray: dict[tuple[str, str | None], RayJobs] = {}
 
     @property
@@ -170,6 +176,12 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_childr
         token = clients.ray_token(meta["uid"]) if clients.cluster_auth else None
         if token:
             small.append(build_ray_auth_secret(meta, token))
+        if clients.operator_namespace and not settings.ray_address_override:
+            small.append(
+                build_network_policy(
+                    meta, clients.operator_namespace, OPERATOR_POD_LABELS, settings.ray_serve_http_port
+                )
+            )
         # The Ray pods name the ServiceAccount and the token's Secret: they must exist first.
         list(_APPLY_POOL.map(kube.apply, small))
         kube.apply(build_ray_cluster(meta, spec, settings, ray_auth=token is not None))

@@ -21,6 +21,7 @@ from instructune_operator.api import InstructionTuneSpec
 from instructune_operator.builders.children import (
     build_config_map,
     build_job_identity,
+    build_network_policy,
     build_ray_auth_secret,
     build_ray_cluster,
 )
@@ -177,6 +178,8 @@ def test_rules_are_exactly_what_the_operator_calls(default_docs: list[dict[str, 
         ("apps", "deployments", "patch"),
         ("", "pods", "list"),  # diagnosing unschedulable / crashing Ray pods
         ("", "pods", "watch"),
+        ("networking.k8s.io", "networkpolicies", "create"),  # each Ray cluster's NetworkPolicy
+        ("networking.k8s.io", "networkpolicies", "patch"),
         # rayAuth: each tune's Ray token Secret is applied, never read.
         ("", "secrets", "create"),
         ("", "secrets", "patch"),
@@ -195,12 +198,13 @@ def _example_children(settings: Any) -> list[dict[str, Any]]:
         build_config_map(meta, config),
         build_ray_auth_secret(meta, derive_token("key", meta["uid"])),
         build_ray_cluster(meta, spec, settings, ray_auth=True),
+        build_network_policy(meta, "instructune-system", {"app.kubernetes.io/name": "instructune"}, 8000),
         *build_serving(meta, spec, settings, "0" * 64),
     ]
 
 
 def _plural(kind: str) -> str:
-    return {"RayCluster": "rayclusters"}.get(kind, kind.lower() + "s")
+    return {"RayCluster": "rayclusters", "NetworkPolicy": "networkpolicies"}.get(kind, kind.lower() + "s")
 
 
 def test_every_built_child_can_be_server_side_applied(default_docs: list[dict[str, Any]]) -> None:
@@ -208,6 +212,7 @@ def test_every_built_child_can_be_server_side_applied(default_docs: list[dict[st
     children = _example_children(settings_of(default_docs))
     assert {c["kind"] for c in children} == {
         "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Secret", "RayCluster", "Deployment", "Service",
+        "NetworkPolicy",
     }  # fmt: skip
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]

@@ -83,3 +83,21 @@ def test_an_overcommitted_pool_requests_a_share_of_the_cpu_limit() -> None:
     guaranteed = build_ray_cluster(META, _spec(), _settings(cpuOvercommit=1))
     for container in _containers(guaranteed):
         assert container["resources"]["requests"] == container["resources"]["limits"]
+
+
+def test_only_the_clusters_pods_and_the_operator_reach_rays_control_ports() -> None:
+    from instructune_operator.builders.children import build_network_policy
+
+    policy = build_network_policy(META, "instructune-system", {"app.kubernetes.io/name": "instructune"}, 8000)
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"ray.io/cluster": "quickstart-ray"}}
+    own, operator, serve = spec["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "quickstart-ray"}}}]}
+    # The operator's pods in the operator's namespace (one peer: both selectors at once), dashboard only.
+    (peer,) = operator["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "instructune-system"}
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "instructune"}
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+    # Anyone may reach Ray Serve's port; nothing else is open to other pods (no GCS, no client port).
+    assert serve == {"ports": [{"protocol": "TCP", "port": 8000}]}
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == META["uid"]

@@ -71,6 +71,10 @@ and, after its TTL, the tune.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, create, patch]
+# Each Ray cluster's NetworkPolicy (server-side apply).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create, patch]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]

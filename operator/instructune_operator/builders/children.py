@@ -217,3 +217,40 @@ def build_ray_auth_secret(meta: dict[str, Any], token: str) -> dict[str, Any]:
         "type": "Opaque",
         "data": {RAY_AUTH_KEY: base64.b64encode(token.encode()).decode()},
     }
+
+
+RAY_DASHBOARD_PORT, RAY_GCS_PORT, RAY_CLIENT_PORT = 8265, 6379, 10001
+
+
+def build_network_policy(
+    meta: dict[str, Any], operator_namespace: str, operator_labels: dict[str, str], serve_port: int
+) -> dict[str, Any]:
+    """Who may reach the tune's Ray pods: each other (Ray's own traffic, every port), the operator
+    (the Jobs API), and anyone Ray Serve's port (the serving endpoint of runtime ray-serve). Ray's
+    dashboard, GCS and client ports are closed to every other pod, tenant's or not. Kubelet probes
+    come from the node and are not subject to it."""
+    cluster = {"ray.io/cluster": ray_cluster_name(meta["name"])}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(meta, ray_cluster_name(meta["name"]), "ray-network-policy"),
+        "spec": {
+            "podSelector": {"matchLabels": cluster},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": cluster}}]},
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": operator_namespace}
+                            },
+                            "podSelector": {"matchLabels": dict(operator_labels)},
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": RAY_DASHBOARD_PORT}],
+                },
+                {"ports": [{"protocol": "TCP", "port": serve_port}]},
+            ],
+        },
+    }

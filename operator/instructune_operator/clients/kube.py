@@ -33,6 +33,10 @@ _PATHS = {
         "RoleBinding",
     ): "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
+    (
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+    ): "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
     ("ray.io/v1", "RayCluster"): "/apis/ray.io/v1/namespaces/{ns}/rayclusters",
     (
         "instructune.io/v1alpha1",
