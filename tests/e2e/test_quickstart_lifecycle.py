@@ -331,6 +331,7 @@ GRANTED_UNUSED = {
             ("rbac.authorization.k8s.io", "rolebindings"),
             ("ray.io", "rayclusters"),
             ("apps", "deployments"),
+            ("networking.k8s.io", "networkpolicies"),
         )
     },
     (
