@@ -934,14 +934,20 @@ def start_node_runtime(
                lambda: node.ctr(n.containerd_socket, "version", check=False, timeout=5).returncode == 0, 60,
                "its socket")  # fmt: skip
     mark("containerd")
-    have = node.image_refs(n.containerd_socket)
+    ensure_node_images(record)
+    mark("node images")
+
+
+def ensure_node_images(record: dict[str, Any]) -> None:
+    """The node's own images (pause, probe), imported when containerd does not hold them."""
+    socket_path = Path(record["dir"]) / "containerd.sock"
+    have = node.image_refs(socket_path)
     images = CACHE / "node" / "images"
     for name, ref in (("pause", record["pause_image"]), ("probe", record["probe_image"])):
         if ref not in have:
             archive = images / f"{name}-{ref.rsplit(':', 1)[1]}.oci.tar"
             node.write_program_image(archive, ref, program(name), name)
-            node.import_image(n.containerd_socket, archive)
-    mark("node images")
+            node.import_image(socket_path, archive)
 
 
 def start_node_agents(state_dir: Path, n: comp.NodeLayout, launch: Callable[..., Proc]) -> None:
@@ -1251,6 +1257,7 @@ def import_product_archives(
     )
     if built.returncode != 0:
         raise StackError("hack/build-images.sh failed (its log is above)")
+    ensure_node_images(record)
     refs = []
     for line in built.stdout.splitlines():
         ref, archive = line.split()[:2]

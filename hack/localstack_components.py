@@ -472,14 +472,11 @@ def kubelet_config(n: NodeLayout) -> str:
         "makeIPTablesUtilChains": False,
         "maxPods": 110,
         # The job image is large and imported once: never garbage-collect images, never evict on disk.
+        # No disk signal at all: an image build beside the stack fills the disk for minutes, and the
+        # eviction manager then deletes every image no pod uses at that moment, the pause image too.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        "evictionHard": {
-            "memory.available": "100Mi",
-            "nodefs.available": "1%",
-            "imagefs.available": "1%",
-            "nodefs.inodesFree": "1%",
-        },
+        "evictionHard": {"memory.available": "100Mi"},
         "serializeImagePulls": False,
         "nodeStatusUpdateFrequency": "5s",
         "syncFrequency": "10s",
