@@ -55,8 +55,24 @@ def service_url(state_dir: Path, endpoint: str) -> str:
     parts = name.split(".")
     if len(parts) < 3 or parts[2] != "svc":
         return endpoint
-    ip = kubectl(state_dir, "get", "service", parts[0], "-n", parts[1], "-o", "jsonpath={.spec.clusterIP}")
-    return f"{scheme}://{ip}:{port or 80}/{path}"
+    return f"{scheme}://{service_ip(state_dir, parts[1], parts[0])}:{port or 80}/{path}"
+
+
+def service_ip(state_dir: Path, namespace: str, service: str) -> str:
+    """Where this machine reaches a Service: its cluster IP (kube-proxy routes it from the host too),
+    or for a headless one (KubeRay's head Service) the address of its first ready endpoint."""
+    ip = kubectl(state_dir, "get", "service", service, "-n", namespace, "-o", "jsonpath={.spec.clusterIP}")
+    if ip and ip != "None":
+        return ip
+    slices = json.loads(
+        kubectl(state_dir, "get", "endpointslices", "-n", namespace, "-l",
+                f"kubernetes.io/service-name={service}", "-o", "json")
+    )  # fmt: skip
+    for item in slices["items"]:
+        for endpoint in item.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready", True):
+                return str(endpoint["addresses"][0])
+    raise SystemExit(f"service {namespace}/{service} has no ready endpoint")
 
 
 def follow(state_dir: Path, timeout_s: float, applied: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import boto3
 import httpx
 import pytest
 import yaml
-from demo import service_url  # hack/ is on sys.path through tests/conftest.py
+from demo import service_ip, service_url  # hack/ is on sys.path through tests/conftest.py
 
 from instructune_jobs.quickstart import held_out_question, seed_quickstart
 from tests.e2e.conftest import OperatorPod
@@ -32,11 +32,9 @@ def _status(stack: Any, ns: str, name: str) -> dict[str, Any]:
 
 
 def _ray_head(stack: Any, ns: str, tune: str) -> tuple[str, dict[str, str]]:
-    """The Jobs API of the tune's Ray head, through its Service (kube-proxy routes the cluster IP
-    from this machine too), and the header its token authentication wants."""
-    ip = stack.kubectl(
-        "get", "service", f"{tune}-ray-head-svc", "-n", ns, "-o", "jsonpath={.spec.clusterIP}"
-    ).stdout  # fmt: skip
+    """The Jobs API of the tune's Ray head, through its Service (headless: the head pod's address),
+    and the header its token authentication wants."""
+    ip = service_ip(stack.dir, ns, f"{tune}-ray-head-svc")
     token = stack.kubectl(
         "get", "secret", f"{tune}-ray-auth", "-n", ns, "-o", "jsonpath={.data.RAY_AUTH_TOKEN}", check=False
     ).stdout  # fmt: skip
