@@ -172,7 +172,8 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_childr
         clients.ray(meta).stop(decision.stop_job)
     if decision.ensure_children and apply_children:
         config = build_train_config(spec, ns, name, meta["uid"], max(decision.attempt, 1))
-        small = [*build_job_identity(meta), build_config_map(meta, config)]
+        *identity, binding = build_job_identity(meta)
+        small = [*identity, build_config_map(meta, config)]
         token = clients.ray_token(meta["uid"]) if clients.cluster_auth else None
         if token:
             small.append(build_ray_auth_secret(meta, token))
@@ -184,6 +185,9 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_childr
             )
         # The Ray pods name the ServiceAccount and the token's Secret: they must exist first.
         list(_APPLY_POOL.map(kube.apply, small))
+        # The binding after its Role: RBAC checks the Role's rules against the operator's own before
+        # it lets the operator bind it, and answers NotFound while the Role does not exist yet.
+        kube.apply(binding)
         kube.apply(build_ray_cluster(meta, spec, settings, ray_auth=token is not None))
         decision.status["rayCluster"] = {"name": ray_cluster_name(name), "dashboardUrl": address}
     if decision.submit:

@@ -92,7 +92,8 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     stack.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
 
     # 1. SIGKILL the operator right after the job was submitted; a new one must not submit again.
-    wait_for(lambda: _status(stack, ns, "quickstart").get("jobId"), 180, "the first submission")
+    # Ray pods start in a minute or two on 2 cores (three at once, each a ~6 GB image's Ray).
+    wait_for(lambda: _status(stack, ns, "quickstart").get("jobId"), 420, "the first submission")
     operator.kill()
     operator.start()
 
@@ -109,7 +110,7 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
         "patch", "itune", "quickstart", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
     )
     resumed_at = max(c["step"] for c in first)
-    wait_for(lambda: (_status(stack, ns, "quickstart").get("attempts") or 0) >= 2, 120, "the second attempt")
+    wait_for(lambda: (_status(stack, ns, "quickstart").get("attempts") or 0) >= 2, 420, "the second attempt")
     operator.kill()  # 4. and once more while the resumed attempt trains
     time.sleep(2)
     operator.start()
@@ -129,7 +130,7 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
         "get", "pods", "-n", ns, "-l", "ray.io/node-type=worker", "-o", "jsonpath={.items[0].metadata.name}"
     ).stdout  # fmt: skip
     stack.kubectl("delete", "pod", worker, "-n", ns, "--grace-period=0", "--force")
-    wait_for(lambda: (_status(stack, ns, "quickstart").get("attempts") or 0) >= 3, 300, "the third attempt")
+    wait_for(lambda: (_status(stack, ns, "quickstart").get("attempts") or 0) >= 3, 420, "the third attempt")
 
     final = wait_for(
         lambda: (s := _status(stack, ns, "quickstart")).get("phase") in ("Succeeded", "Failed") and s,
