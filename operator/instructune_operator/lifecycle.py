@@ -196,6 +196,16 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     if attempts == 0 or job_id is None:
         return _submit(obs, st, decision, attempts + 1)
 
+    # STOPPED by a suspension, or gone with the Ray cluster the suspension deleted (Training=False/
+    # Suspended until the next submission): resuming is not a failure, so it does not use up the
+    # backoff limit. A cluster that is gone has no job to ask about: wait until the new one is ready.
+    suspended = (get_condition(status, "Training") or {}).get("reason") == "Suspended"
+    if suspended and (obs.job_status == "STOPPED" or (obs.job_status is None and cluster_ready(obs.cluster))):
+        st.s["resumes"] = int(status.get("resumes") or 0) + 1
+        _submit(obs, st, decision, attempts + 1)
+        st.cond("Training", "True", "Resumed", f"attempt {attempts + 1} resumes from the latest checkpoint")
+        return decision
+
     if obs.job_status is None or obs.job_status in JOB_RUNNING:
         if obs.job_status is None:
             # Unknown to Ray (lost head, or the submission never landed): the same id again.
@@ -213,14 +223,6 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
 
     if obs.job_status == "SUCCEEDED":
         return _after_success(obs, st, decision, spec, cleanup_cluster)
-
-    # STOPPED by a suspension (Training=False/Suspended until the next submission): resuming
-    # is not a failure, so it does not use up the backoff limit.
-    if obs.job_status == "STOPPED" and (get_condition(status, "Training") or {}).get("reason") == "Suspended":
-        st.s["resumes"] = int(status.get("resumes") or 0) + 1
-        _submit(obs, st, decision, attempts + 1)
-        st.cond("Training", "True", "Resumed", f"attempt {attempts + 1} resumes from the latest checkpoint")
-        return decision
 
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
     # the job said a retry would end the same way.

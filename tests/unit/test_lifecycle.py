@@ -284,3 +284,15 @@ def test_the_diagnosis_does_not_depend_on_the_order_pods_are_listed_in() -> None
     head = unschedulable("tune-head-x", "0/6 nodes are available: 6 node(s) didn't match selector.")
     worker = unschedulable("tune-worker-y", "0/6 nodes are available: 2 Insufficient nvidia.com/gpu.")
     assert diagnose_pods([head, worker]) == diagnose_pods([worker, head])
+
+
+def test_a_job_gone_with_the_cluster_its_suspension_deleted_resumes_as_the_next_attempt() -> None:
+    running = decide(_obs(cluster=READY)).status
+    suspended = decide(_obs(status=running, spec=_spec(suspend=True), job_status="RUNNING")).status
+    # Resumed: the new cluster is not ready yet, and Ray knows nothing of the old job.
+    waiting = decide(_obs(status=suspended, cluster=None, job_status=None))
+    assert waiting.submit is None and waiting.ensure_children
+    d = decide(_obs(status=suspended, cluster=READY, job_status=None))
+    assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
+    assert d.status["attempts"] == 2 and d.status["resumes"] == 1
+    assert _cond(d.status, "Training") == ("True", "Resumed")
