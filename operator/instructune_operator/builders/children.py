@@ -219,7 +219,7 @@ def build_ray_auth_secret(meta: dict[str, Any], token: str) -> dict[str, Any]:
     }
 
 
-RAY_DASHBOARD_PORT, RAY_GCS_PORT, RAY_CLIENT_PORT = 8265, 6379, 10001
+RAY_DASHBOARD_PORT = 8265  # the Jobs API, which the operator calls
 
 
 def build_network_policy(
