@@ -79,6 +79,9 @@ def seeded(crd_installed: Any) -> dict[str, str]:
     return seed_quickstart(client)
 
 
+# Three Ray clusters' worth of pods and ~500 training steps on 2 cores: 640 s on a good run, over
+# pytest's default 900 s on a slow one (the machine ran at half speed then; its own waits have bounds).
+@pytest.mark.timeout(2400)
 def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     crd_installed: Any,
     operator: OperatorPod,
@@ -217,6 +220,7 @@ def _ask(stack: Any, serving: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+@pytest.mark.timeout(1800)
 def test_the_quickstart_applied_again_skips_training_and_is_served(
     crd_installed: Any, operator: OperatorPod, namespace: str, seeded: dict[str, str]
 ) -> None:
