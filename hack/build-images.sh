@@ -165,7 +165,7 @@ image_inputs() {
   case $1 in
     operator) echo operator/Dockerfile operator/requirements.lock jobs/requirements.lock \
       hack/split_lock.py pyproject.toml README.md .dockerignore operator/instructune_operator \
-      jobs/instructune_jobs/__init__.py jobs/instructune_jobs/config.py ;;
+      jobs/instructune_jobs/__init__.py jobs/instructune_jobs/config.py jobs/instructune_jobs/contract.py ;;
     job) echo jobs/Dockerfile jobs/requirements.lock hack/split_lock.py pyproject.toml \
       .dockerignore jobs/instructune_jobs ;;
   esac

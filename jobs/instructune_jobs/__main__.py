@@ -31,11 +31,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from instructune_jobs.config import TrainConfig
+from instructune_jobs.contract import ExitCode
 
 log = logging.getLogger("instructune")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_CONFIG_MISMATCH, EXIT_INVALID_DATA = 0, 1, 2, 3, 4
-EXIT_VERSION_MISMATCH = 5
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = ExitCode.OK, ExitCode.FAILED, ExitCode.BAD_CONFIG
+EXIT_CONFIG_MISMATCH, EXIT_INVALID_DATA = ExitCode.CONFIG_MISMATCH, ExitCode.INVALID_DATA
+EXIT_VERSION_MISMATCH = ExitCode.VERSION_MISMATCH
 RESULT_PREFIX = "INSTRUCTUNE_RESULT "
 # The fields of the tune's status.data a finished run's manifest can fill (a test holds it to the CRD).
 DATA_STATUS_KEYS = (

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from instructune_jobs.contract import permanent_reason
 from instructune_operator.api import InstructionTuneSpec
 from instructune_operator.gate import evaluate_gate
 from instructune_operator.naming import submission_id
@@ -18,15 +19,6 @@ from instructune_operator.status import compute_validation_status, get_condition
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 JOB_RUNNING = ("PENDING", "RUNNING")
-# Exit codes with which the job says a retry would fail the same way (jobs/instructune_jobs/__main__.py):
-# a config the job refuses, checkpoints under the root written by another configuration, or data
-# the job refused (rows that do not fit under policy "fail", too many skipped).
-PERMANENT_EXIT_CODES = {
-    2: "InvalidTrainingConfig",
-    3: "CheckpointConfigMismatch",
-    4: "InvalidData",
-    5: "JobVersionMismatch",
-}
 
 
 @dataclass(frozen=True)
@@ -227,7 +219,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
     # the job said a retry would end the same way.
     why = _failure_message(obs)
-    permanent = PERMANENT_EXIT_CODES.get(obs.job_exit_code or 0) if obs.job_status == "FAILED" else None
+    permanent = permanent_reason(obs.job_exit_code) if obs.job_status == "FAILED" else None
     if permanent:
         st.cond("Training", "False", permanent, why)
         st.finish("Failed", permanent, f"attempt {attempts} failed and would fail again: {why}")

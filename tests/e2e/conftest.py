@@ -3,10 +3,13 @@ stack's real node, under the chart's ServiceAccount), on top of the integration 
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.integration.conftest import crd_installed, namespace, real_node, wait_for  # noqa: F401
@@ -75,3 +78,103 @@ def operator(crd_installed: Any, real_node: dict[str, Any]) -> Iterator[Operator
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and pod._pods():
         time.sleep(1)
+
+
+def diagnostics(stack: Any, ns: str) -> str:
+    """What a failed end-to-end test needs to be understood from CI's log alone: the tunes' status,
+    the namespace's pods and events, the Ray jobs of each tune's cluster, and the operator's log."""
+    import operator_release
+
+    parts: list[str] = []
+
+    def section(title: str, get: Any) -> None:
+        try:
+            text = str(get())
+        except Exception as e:  # a diagnostic that fails must not hide the others
+            text = f"({type(e).__name__}: {e})"
+        parts.append(f"--- {title}\n{text.strip()}")
+
+    def tunes() -> str:
+        items = json.loads(stack.kubectl("get", "itune", "-n", ns, "-o", "json").stdout)["items"]
+        lines = []
+        for t in items:
+            s = t.get("status") or {}
+            lines.append(
+                f"{t['metadata']['name']}: phase={s.get('phase')} attempts={s.get('attempts')} "
+                f"resumes={s.get('resumes')} jobId={s.get('jobId')} progress={s.get('progress')}"
+            )
+            lines += [
+                f"  {c['type']}={c['status']} {c.get('reason')}: {c.get('message', '')[:300]}"
+                for c in s.get("conditions") or []
+            ]
+        return "\n".join(lines)
+
+    def ray_jobs() -> str:
+        lines = []
+        for name in stack.kubectl("get", "itune", "-n", ns, "-o", "name").stdout.split():
+            tune = name.split("/")[-1]
+            ip = stack.kubectl(
+                "get",
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                f"ray.io/cluster={tune}-ray,ray.io/node-type=head",
+                "-o",
+                "jsonpath={.items[0].status.podIP}",
+                check=False,
+            ).stdout
+            token = stack.kubectl(
+                "get",
+                "secret",
+                f"{tune}-ray-auth",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.data.RAY_AUTH_TOKEN}",
+                check=False,
+            ).stdout
+            if not ip:
+                lines.append(f"{tune}: no head pod")
+                continue
+            headers = {"Authorization": f"Bearer {base64.b64decode(token).decode()}"} if token else {}
+            jobs = httpx.get(f"http://{ip}:8265/api/jobs/", headers=headers, timeout=10).json()
+            for j in jobs:
+                lines.append(
+                    f"{tune}: {j.get('submission_id')} {j.get('status')} {(j.get('message') or '')[:300]}"
+                )
+                if j.get("status") not in ("SUCCEEDED",):
+                    logs = (
+                        httpx.get(
+                            f"http://{ip}:8265/api/jobs/{j['submission_id']}/logs",
+                            headers=headers,
+                            timeout=10,
+                        )
+                        .json()
+                        .get("logs", "")
+                    )
+                    lines += ["    " + line for line in logs.splitlines()[-25:]]
+        return "\n".join(lines)
+
+    section("tunes", tunes)
+    section("pods", lambda: stack.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout)
+    section(
+        "events",
+        lambda: "\n".join(
+            stack.kubectl(
+                "get", "events", "-n", ns, "--sort-by=.lastTimestamp", check=False
+            ).stdout.splitlines()[-30:]
+        ),
+    )
+    section("ray jobs", ray_jobs)
+    section("operator log", lambda: operator_release.operator_logs(stack.dir, tail=60))
+    return "\n".join(parts)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    funcargs = getattr(item, "funcargs", {})
+    if report.when == "call" and report.failed and "crd_installed" in funcargs and "namespace" in funcargs:
+        report.sections.append(("diagnostics", diagnostics(funcargs["crd_installed"], funcargs["namespace"])))

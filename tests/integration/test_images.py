@@ -236,13 +236,13 @@ def test_operator_image_configuration(built: dict[str, Image]) -> None:
     packages = image.site_packages()
     assert {"instructune_operator", "kopf", "pydantic", "httpx", "boto3"} <= packages
     assert not {"torch", "ray", "transformers", "peft", "deepspeed", "pip", "setuptools"} & packages, packages
-    # Of the job package, the contract the operator builds (instructune_jobs.config), not the training code.
+    # Of the job package, the contract (the config the operator builds, the exit codes), not the training code.
     jobs = sorted(
         os.path.basename(p)
         for p in image.files
         if p.startswith(SITE + "instructune_jobs/") and p.endswith(".py")
     )
-    assert jobs == ["__init__.py", "config.py"]
+    assert jobs == ["__init__.py", "config.py", "contract.py"]
 
 
 def run_runc(bundle: Path, rootfs: Path, cfg: dict[str, Any], args: list[str]) -> tuple[int, str]:

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import yaml
 
+from instructune_jobs.contract import PERMANENT_EXIT_REASONS, ExitCode, permanent_reason
 from instructune_operator.api import InstructionTuneSpec
-from instructune_operator.lifecycle import PERMANENT_EXIT_CODES, Observation, decide, diagnose_pods
+from instructune_operator.lifecycle import Observation, decide, diagnose_pods
 from instructune_operator.naming import submission_id
 
 pytestmark = pytest.mark.unit
@@ -264,16 +265,11 @@ def test_a_job_that_crashed_is_retried_from_its_checkpoint() -> None:
     assert d.status["attempts"] == 2 and d.status["phase"] == "Training"
 
 
-def test_the_permanent_exit_codes_are_the_ones_the_job_uses() -> None:
-    from instructune_jobs import __main__ as job
-
-    assert set(PERMANENT_EXIT_CODES) == {
-        job.EXIT_BAD_CONFIG,
-        job.EXIT_CONFIG_MISMATCH,
-        job.EXIT_INVALID_DATA,
-        job.EXIT_VERSION_MISMATCH,
-    }
-    assert job.EXIT_FAILED not in PERMANENT_EXIT_CODES
+def test_a_job_failing_with_a_permanent_exit_code_fails_the_tune_without_a_retry() -> None:
+    for code, reason in PERMANENT_EXIT_REASONS.items():
+        assert permanent_reason(int(code)) == reason
+    assert permanent_reason(int(ExitCode.FAILED)) is None and permanent_reason(None) is None
+    assert permanent_reason(137) is None  # killed: worth a retry
 
 
 def test_the_diagnosis_does_not_depend_on_the_order_pods_are_listed_in() -> None:

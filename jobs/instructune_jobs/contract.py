@@ -1,0 +1,44 @@
+"""What the job and the operator share, in one place: the exit codes by which a job says how it
+ended, and which of them mean a retry would end the same way.
+
+The operator image ships this module with `config.py` (pure Python, no training stack), so both
+sides read the same numbers instead of two copies held together by a test.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # anything else: worth a retry from the latest checkpoint
+    BAD_CONFIG = 2
+    CONFIG_MISMATCH = 3
+    INVALID_DATA = 4
+    VERSION_MISMATCH = 5
+
+
+# The condition reason the operator records for each permanent exit: retrying would fail again
+# (a config the job refuses, checkpoints of another configuration under the root, refused data,
+# a job image of another version than the operator).
+PERMANENT_EXIT_REASONS: dict[ExitCode, str] = {
+    ExitCode.BAD_CONFIG: "InvalidTrainingConfig",
+    ExitCode.CONFIG_MISMATCH: "CheckpointConfigMismatch",
+    ExitCode.INVALID_DATA: "InvalidData",
+    ExitCode.VERSION_MISMATCH: "JobVersionMismatch",
+}
+
+
+class PermanentJobError(Exception):
+    """An error a retry cannot cure; `exit_code` is what the job exits with when it ends the run."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+def permanent_reason(exit_code: int | None) -> str | None:
+    """The reason for a permanent exit code, None for one worth a retry (or unknown)."""
+    try:
+        return PERMANENT_EXIT_REASONS.get(ExitCode(exit_code or 0))
+    except ValueError:
+        return None
