@@ -10,7 +10,7 @@ export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 THIS_CLONE = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/jobs
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test test-unit test-integration test-e2e lint fmt crds images stack-build stack-up \
+.PHONY: help demo test test-unit test-integration test-e2e lint fmt crds api-docs images stack-build stack-up \
 	stack-down venv bench lock
 
 ## List the targets with what each does (`make demo` and `make test` first).
@@ -45,14 +45,15 @@ test-integration: stack-build venv
 test-e2e: stack-build venv
 	@$(THIS_CLONE) $(PY) -m pytest -m e2e -p no:cacheprovider --durations=25
 
-## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD drift.
+## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD and API-docs drift.
 lint: venv
 	@py=$(PY); bin=$$(dirname $$py); \
 	$$bin/ruff check operator jobs tests hack bench && \
 	$$bin/ruff format --check operator jobs tests hack bench && \
 	$$bin/mypy && \
 	$$bin/lint-imports && \
-	$$py hack/gen_crd.py --check
+	$$py hack/gen_crd.py --check && \
+	$$py hack/gen_api_docs.py --check
 
 ## Format the code and apply ruff's fixes (ruff format, then ruff check --fix).
 fmt: venv
@@ -63,6 +64,10 @@ fmt: venv
 ## Regenerate the CRD (crds/ and the chart's copy) from operator/instructune_operator/api.py.
 crds: venv
 	@$(PY) hack/gen_crd.py
+
+## Regenerate docs/api.md: the guide (hack/api_docs_guide.md) and the field reference from api.py.
+api-docs: venv
+	@$(PY) hack/gen_api_docs.py
 
 ## Create (once per lock) the locked virtual environment outside the clone; install this clone in it.
 venv:
