@@ -114,7 +114,7 @@ def run_hf_trainer(
         TrainingArguments,
     )
 
-    from instructune_jobs.data import IGNORE_INDEX
+    from instructune_jobs.data.types import IGNORE_INDEX
 
     model = AutoModelForCausalLM.from_pretrained(
         cfg.base_model.uri, dtype=torch.float32, attn_implementation="sdpa"
@@ -193,8 +193,8 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from instructune_jobs.data import load_examples
-    from instructune_jobs.finetune import load_tokenizer
+    from instructune_jobs.data.pipeline import load_examples
+    from instructune_jobs.models import load_tokenizer
     from instructune_jobs.synthetic import build_tiny_llama
 
     torch.set_num_threads(args.threads)

@@ -86,7 +86,7 @@ def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
 
 def make_examples(count: int, seq: int, vocab: int, seed: int) -> list[Any]:
     """TokenizedExamples with the alpaca/dolly length mix; labels only on the response part."""
-    from instructune_jobs.data import IGNORE_INDEX, TokenizedExample
+    from instructune_jobs.data.types import IGNORE_INDEX, TokenizedExample
     from instructune_jobs.synthetic import length_mix_rows
 
     rng = random.Random(seed)
@@ -167,7 +167,8 @@ def self_check_packing(
     """Loss of the same examples packed vs padded, without training: packing must not leak."""
     import torch
 
-    from instructune_jobs.data import PackedCollator, PaddingCollator, pack_examples
+    from instructune_jobs.data.collate import PackedCollator, PaddingCollator
+    from instructune_jobs.data.packing import pack_examples
 
     sample = examples[:8]
     packs = pack_examples(sample, seq)
@@ -207,7 +208,8 @@ def bench_instructune(
 ) -> dict[str, Any]:
     import torch
 
-    from instructune_jobs.data import PackedCollator, pack_examples
+    from instructune_jobs.data.collate import PackedCollator
+    from instructune_jobs.data.packing import pack_examples
     from instructune_jobs.finetune import DDPEngine, StepPlan, apply_method, attention_implementation
 
     cfg = build_config(args)
@@ -276,7 +278,7 @@ def bench_hf_trainer(
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from instructune_jobs.data import PaddingCollator
+    from instructune_jobs.data.collate import PaddingCollator
     from instructune_jobs.finetune import attention_implementation
 
     attn = attention_implementation(device)

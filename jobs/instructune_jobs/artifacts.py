@@ -1,4 +1,4 @@
-"""Where a tune's files live, how they are read and written, and the lineage manifest.
+"""Where a tune's files live (the layout), the checkpoints under it, the base model and the lineage manifest.
 
 Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared with evaluate.py:
 
@@ -26,7 +26,6 @@ directories (tests, the offline demo).
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import LazyS3Client, split_s3_uri
+from instructune_jobs.storage import ObjectRef, Storage, join_uri
 
 STATE_FILE = "instructune_state.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
@@ -63,14 +62,6 @@ LINEAGE_PACKAGES = (
     "bitsandbytes",
     "accelerate",
 )
-
-
-def join_uri(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *(part.strip("/") for part in parts if part)])
-
-
-def _local(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,161 +138,6 @@ class ArtifactLayout:
 def checkpoint_dir_name(step: int) -> str:
     # Zero-padded so that lexical order (S3 listings) is step order.
     return f"{CHECKPOINT_PREFIX}{step:09d}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Object I/O: s3:// or local
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    uri: str
-    etag: str
-    size: int
-
-
-class Storage(LazyS3Client):
-    """Small object I/O for s3:// and local roots; one S3 client, created on first use."""
-
-    def write_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-            return
-        path = _local(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # readers never see half a file
-
-    def read_bytes(self, uri: str) -> bytes | None:
-        """The object's bytes, or None when there is no such object."""
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            try:
-                body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            except self.client.exceptions.NoSuchKey:
-                return None
-            return body
-        path = _local(uri)
-        return path.read_bytes() if path.is_file() else None
-
-    def exists(self, uri: str) -> bool:
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            try:
-                self.client.head_object(Bucket=bucket, Key=key)
-            except self.client.exceptions.ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise
-            return True
-        return _local(uri).is_file()
-
-    def delete(self, uri: str) -> None:
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            self.client.delete_object(Bucket=bucket, Key=key)
-        else:
-            _local(uri).unlink(missing_ok=True)
-
-    def list(self, prefix_uri: str) -> list[StoredObject]:
-        """Every object under a prefix (recursively), sorted by uri."""
-        if prefix_uri.startswith("s3://"):
-            bucket, key = split_s3_uri(prefix_uri)
-            key = key.rstrip("/") + "/" if key else ""
-            found = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-                for item in page.get("Contents", []):
-                    found.append(
-                        StoredObject(f"s3://{bucket}/{item['Key']}", item["ETag"].strip('"'), item["Size"])
-                    )
-            return sorted(found, key=lambda o: o.uri)
-        root = _local(prefix_uri)
-        if not root.is_dir():
-            return []
-        return [
-            StoredObject(str(p), _file_md5(p), p.stat().st_size)
-            for p in sorted(root.rglob("*"))
-            if p.is_file()
-        ]
-
-    def upload_directory(self, local_dir: Path, uri: str) -> builtins.list[str]:
-        written = []
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            target = join_uri(uri, path.relative_to(local_dir).as_posix())
-            if target.startswith("s3://"):
-                bucket, key = split_s3_uri(target)
-                self.client.upload_file(str(path), bucket, key)
-            else:
-                _local(target).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, _local(target))
-            written.append(target)
-        return written
-
-    def delete_prefix(self, uri: str, first: str | None = None) -> None:
-        """Delete every object under a prefix; `first` (a name directly under it) goes before
-        the rest, so a reader never sees the prefix without it but with other parts missing."""
-        objects = self.list(uri)
-        if first is not None:
-            head = join_uri(uri, first)
-            objects.sort(key=lambda o: o.uri.replace(os.sep, "/") != head.replace(os.sep, "/"))
-        for obj in objects:
-            self.delete(obj.uri)
-        if not uri.startswith("s3://"):
-            shutil.rmtree(_local(uri), ignore_errors=True)
-
-    def download_prefix(
-        self, uri: str, dest: Path, wanted: Callable[[str], bool] | None = None
-    ) -> builtins.list[StoredObject]:
-        """Every object under the prefix (or those whose path under it `wanted` accepts)."""
-        objects = self.list(uri)
-        if not objects:
-            raise FileNotFoundError(f"no objects under {uri}")
-        base = uri.rstrip("/") + "/"
-        if wanted is not None:
-            objects = [o for o in objects if wanted(o.uri.replace(os.sep, "/").removeprefix(base))]
-        for obj in objects:
-            target = (
-                dest / obj.uri[len(base) :]
-                if uri.startswith("s3://")
-                else dest / Path(obj.uri).relative_to(_local(uri))
-            )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if uri.startswith("s3://"):
-                bucket, key = split_s3_uri(obj.uri)
-                self.client.download_file(bucket, key, str(target))
-            else:
-                shutil.copyfile(obj.uri, target)
-        return objects
-
-
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def ray_storage(root: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig. For S3: a pyarrow
-    S3FileSystem on the configured endpoint; pyarrow reads the credentials from the environment
-    itself, so they never pass through the config or Ray's job info."""
-    if not root.startswith("s3://"):
-        return str(_local(root)), None
-    from pyarrow import fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("INSTRUCTUNE_S3_ENDPOINT")
-    kwargs: dict[str, Any] = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    }
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
-    bucket, key = split_s3_uri(root)
-    return f"{bucket}/{key}".rstrip("/"), fs.S3FileSystem(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +278,7 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def content_revision(objects: list[StoredObject], base_uri: str) -> str:
+def content_revision(objects: list[ObjectRef], base_uri: str) -> str:
     base = base_uri.rstrip("/") + "/"
     listing = "\n".join(f"{o.uri.removeprefix(base)} {o.etag}" for o in sorted(objects, key=lambda o: o.uri))
     return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
@@ -470,7 +306,7 @@ def fetch_base_model(
         raise FileNotFoundError(f"no model files under {uri}")
     revision = content_revision(objects, prefix)
     if not uri.startswith("s3://"):
-        return LocalModel(_local(uri), uri, revision)
+        return LocalModel(Path(uri.removeprefix("file://")), uri, revision)
     target = cache_dir / revision.removeprefix("sha256:")[:32]
     with _file_lock(target.with_suffix(".lock")):
         if not (target / ".complete").is_file():

@@ -41,23 +41,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from instructune_jobs import scoring
-from instructune_jobs.artifacts import ArtifactLayout, Storage, fetch_base_model
+from instructune_jobs.artifacts import ArtifactLayout, fetch_base_model
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import (
-    IGNORE_INDEX,
-    DataValidationError,
-    ObjectReader,
-    PaddingCollator,
-    SchemeReader,
-    SourcedConversation,
-    TokenizedExample,
-    read_any_format,
+from instructune_jobs.data.collate import PaddingCollator
+from instructune_jobs.data.pipeline import DataValidationError, read_any_format
+from instructune_jobs.data.template import (
     render_chat,
     resolve_chat_template,
     split_for_generation,
     template_hash,
-    tokenize_conversations,
 )
+from instructune_jobs.data.tokenize import tokenize_conversations
+from instructune_jobs.data.types import IGNORE_INDEX, SourcedConversation, TokenizedExample
+from instructune_jobs.models import load_tokenizer
+from instructune_jobs.storage import ObjectReader, SchemeReader, Storage
 
 if TYPE_CHECKING:
     import torch
@@ -155,16 +152,6 @@ def load_tuned_model(artifacts: TrainedArtifacts, base_ref: Path | None, cfg: Tr
 
     base = load_causal_lm(base_ref, cfg)
     return PeftModel.from_pretrained(base, str(artifacts.weights_dir), is_trainable=False).eval()
-
-
-def load_tokenizer(tokenizer_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out everywhere; any id works, eos is the conventional choice.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def check_template(template: str, tokenizer: Any, artifacts: TrainedArtifacts | None) -> str:

@@ -49,18 +49,17 @@ from instructune_jobs.artifacts import (
     ArtifactLayout,
     CheckpointState,
     ConfigMismatchError,
-    Storage,
     build_lineage_status,
     build_manifest,
     fetch_base_model,
-    join_uri,
     latest_checkpoint,
     part_of_rank,
     prune_checkpoints,
-    ray_storage,
 )
 from instructune_jobs.config import TrainConfig
+from instructune_jobs.models import load_tokenizer
 from instructune_jobs.prepare import prepare_on_cluster, read_prepared
+from instructune_jobs.storage import Storage, join_uri, ray_storage
 
 log = logging.getLogger("instructune.finetune")
 
@@ -350,15 +349,6 @@ def resolve_compute_dtype(cfg: TrainConfig, device: Any) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
 
 
-def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; any id works
-    return tokenizer
-
-
 @dataclass(frozen=True)
 class StepPlan:
     """Which items each optimizer step sees. Every epoch is a seeded permutation of the items,
@@ -539,7 +529,7 @@ def attention_implementation(device: Any) -> str:
 
 
 def make_collator(cfg: TrainConfig, tokenizer: Any, device: Any, compute_dtype: Any) -> Any:
-    from instructune_jobs.data import PackedCollator, PaddingCollator
+    from instructune_jobs.data.collate import PackedCollator, PaddingCollator
 
     pad_id = tokenizer.pad_token_id
     # Multiples of 8 let tensor cores run on GPUs; on CPU they only add padding.

@@ -49,17 +49,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from instructune_jobs.artifacts import Storage, fetch_base_model
+from instructune_jobs.artifacts import fetch_base_model
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import Conversation, render_chat, resolve_chat_template, template_hash
+from instructune_jobs.data.template import render_chat, resolve_chat_template, template_hash
+from instructune_jobs.data.types import Conversation
 from instructune_jobs.evaluate import (
     TemplateMismatchError,
     TrainedArtifacts,
     _stop_token_ids,
     generate,
-    load_tokenizer,
     load_tuned_model,
 )
+from instructune_jobs.models import load_tokenizer
+from instructune_jobs.storage import Storage
 
 log = logging.getLogger("instructune.serve")
 

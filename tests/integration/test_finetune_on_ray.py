@@ -44,9 +44,11 @@ pytest.importorskip("ray")
 pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 
-from instructune_jobs.artifacts import STATE_FILE, ArtifactLayout, Storage, list_checkpoints  # noqa: E402
+from instructune_jobs.artifacts import STATE_FILE, ArtifactLayout, list_checkpoints  # noqa: E402
 from instructune_jobs.config import TrainConfig  # noqa: E402
-from instructune_jobs.data import PaddingCollator, load_examples  # noqa: E402
+from instructune_jobs.data.collate import PaddingCollator  # noqa: E402
+from instructune_jobs.data.pipeline import load_examples  # noqa: E402
+from instructune_jobs.storage import Storage  # noqa: E402
 from instructune_jobs.synthetic import (  # noqa: E402
     EXTRACTION_SCHEMA,
     build_tiny_llama,

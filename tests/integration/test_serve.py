@@ -29,13 +29,10 @@ pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from instructune_jobs.config import TrainConfig  # noqa: E402
-from instructune_jobs.data import render_chat, s3_client_from_env, split_s3_uri, template_hash  # noqa: E402
-from instructune_jobs.evaluate import (  # noqa: E402
-    TrainedArtifacts,
-    generate,
-    load_tokenizer,
-    load_tuned_model,
-)
+from instructune_jobs.data.template import render_chat, template_hash  # noqa: E402
+from instructune_jobs.evaluate import TrainedArtifacts, generate, load_tuned_model  # noqa: E402
+from instructune_jobs.models import load_tokenizer  # noqa: E402
+from instructune_jobs.storage import s3_client_from_env, split_s3_uri  # noqa: E402
 from instructune_jobs.synthetic import CHATML_TEMPLATE, build_tiny_llama, upload_directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,6 @@ from instructune_jobs.artifacts import (
     STATE_FILE,
     ArtifactLayout,
     CheckpointState,
-    Storage,
     checkpoint_dir_name,
     checkpoints_to_prune,
     latest_checkpoint,
@@ -18,6 +17,7 @@ from instructune_jobs.artifacts import (
     part_of_rank,
     prune_checkpoints,
 )
+from instructune_jobs.storage import Storage
 
 pytestmark = pytest.mark.unit
 

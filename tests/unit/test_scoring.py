@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from instructune_jobs.config import EvaluationConfig
-from instructune_jobs.data import template_hash
+from instructune_jobs.data.template import template_hash
 from instructune_jobs.evaluate import (
     TemplateMismatchError,
     TrainedArtifacts,
