@@ -78,7 +78,8 @@ def make_config(model_dir: Path, data: list[str], args: argparse.Namespace, pack
 def run_recipe(cfg: Any, tokenizer: Any, data: Any, round_index: int, warmup: int) -> list[float]:
     import torch
 
-    from instructune_jobs.finetune import DDPEngine, StepPlan, build_model, make_collator
+    from instructune_jobs.finetune import DDPEngine, StepPlan, make_collator
+    from instructune_jobs.models import build_model
 
     device = torch.device("cpu")
     items = data.training_items

@@ -210,7 +210,8 @@ def bench_instructune(
 
     from instructune_jobs.data.collate import PackedCollator
     from instructune_jobs.data.packing import pack_examples
-    from instructune_jobs.finetune import DDPEngine, StepPlan, apply_method, attention_implementation
+    from instructune_jobs.finetune import DDPEngine, StepPlan
+    from instructune_jobs.models import apply_method, attention_implementation
 
     cfg = build_config(args)
     attn = attention_implementation(device)
@@ -279,7 +280,7 @@ def bench_hf_trainer(
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from instructune_jobs.data.collate import PaddingCollator
-    from instructune_jobs.finetune import attention_implementation
+    from instructune_jobs.models import attention_implementation
 
     attn = attention_implementation(device)
     model = random_llama(shape, device, dtype, attn, args.seq)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructune_jobs.config import TrainConfig
+from instructune_jobs.config import ModelSource, TrainConfig
 from instructune_jobs.storage import ObjectRef, Storage, join_uri
 
 STATE_FILE = "instructune_state.json"
@@ -285,17 +285,17 @@ def content_revision(objects: list[ObjectRef], base_uri: str) -> str:
 
 
 def fetch_base_model(
-    cfg: TrainConfig, storage: Storage | None = None, cache_dir: Path = MODEL_CACHE
+    source: ModelSource, storage: Storage | None = None, cache_dir: Path = MODEL_CACHE
 ) -> LocalModel:
     """A local copy of the base model and its revision. s3:// prefixes are downloaded once per
     node (keyed by content), hf:// through the hub client at the pinned revision, local paths used
     as they are."""
     storage = storage or Storage()
-    uri = cfg.base_model.uri
-    if cfg.base_model.scheme == "hf":
+    uri = source.uri
+    if source.scheme == "hf":
         from huggingface_hub import HfApi, snapshot_download
 
-        repo, revision = cfg.base_model.hf_repo, cfg.base_model.hf_revision or "main"
+        repo, revision = source.hf_repo, source.hf_revision or "main"
         assert repo is not None
         commit = HfApi().model_info(repo, revision=revision).sha or revision
         path = snapshot_download(repo, revision=commit)

@@ -4,7 +4,7 @@ Read top to bottom, `run_evaluation` does:
 
 1. locate the trained artifacts (`<checkpointing.uri>/final/adapter|model/` and `final/tokenizer/`)
    and the base model, downloading S3 prefixes to a temporary directory;
-2. resolve the chat template exactly as training did (data.render_chat) and refuse to evaluate
+2. resolve the chat template exactly as training did (data.template.render_chat) and refuse to evaluate
    when its hash differs from the one the trained tokenizer (or the training manifest) carries:
    scores under another template say nothing about the model that will be served;
 3. for each evaluation dataset: held-out loss and perplexity on assistant tokens only (the same
@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from instructune_jobs import scoring
 from instructune_jobs.artifacts import ArtifactLayout, fetch_base_model
@@ -53,17 +53,17 @@ from instructune_jobs.data.template import (
 )
 from instructune_jobs.data.tokenize import tokenize_conversations
 from instructune_jobs.data.types import IGNORE_INDEX, SourcedConversation, TokenizedExample
-from instructune_jobs.models import load_tokenizer
+from instructune_jobs.models import (
+    TrainedArtifacts,
+    load_causal_lm,
+    load_tokenizer,
+    load_tuned_model,
+    locate_trained_artifacts,
+)
 from instructune_jobs.storage import ObjectReader, SchemeReader, Storage
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger("instructune.evaluate")
 
-# The training recipe's manifest in final/ (artifacts.py): its templateHash is checked against the
-# template evaluation renders with.
-MANIFEST_NAME = "manifest.json"
 DEFAULT_BATCH_SIZE = 16
 
 
@@ -72,17 +72,8 @@ class TemplateMismatchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Locating and loading models
+# Locating the trained weights and checking their template
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainedArtifacts:
-    kind: str  # "adapter" (PEFT save_pretrained) or "full" (a complete model)
-    weights_dir: Path
-    tokenizer_dir: Path | None
-    manifest: dict[str, Any]
-    source: str  # the uri or directory it came from
 
 
 def materialize(uri: str, scratch: Path, storage: Storage) -> Path:
@@ -95,63 +86,6 @@ def materialize(uri: str, scratch: Path, storage: Storage) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"no such directory: {uri}")
     return path
-
-
-def locate_trained_artifacts(root: Path, source: str) -> TrainedArtifacts:
-    """Find the weights in the layouts the training recipe writes: final/{adapter,model,tokenizer}/,
-    or a directory that is itself an adapter or a model."""
-    manifest = json.loads((root / MANIFEST_NAME).read_text()) if (root / MANIFEST_NAME).is_file() else {}
-    tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else None
-    # The adapter wins over a merged model/ (output.merge writes both): same weights, and the
-    # base is then had by disabling the adapter instead of loading a second model.
-    for kind, sub in (("adapter", "adapter"), ("full", "model")):
-        candidate = root / sub
-        marker = "adapter_config.json" if kind == "adapter" else "config.json"
-        if (candidate / marker).is_file():
-            return TrainedArtifacts(kind, candidate, tokenizer_dir, manifest, source)
-    if (root / "adapter_config.json").is_file():
-        return TrainedArtifacts("adapter", root, tokenizer_dir or _tokenizer_here(root), manifest, source)
-    if (root / "config.json").is_file():
-        return TrainedArtifacts("full", root, tokenizer_dir or _tokenizer_here(root), manifest, source)
-    raise FileNotFoundError(f"no adapter or model under {source} (expected adapter/ or model/ with weights)")
-
-
-def _tokenizer_here(path: Path) -> Path | None:
-    return path if (path / "tokenizer_config.json").is_file() else None
-
-
-def _device() -> torch.device:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _dtype(cfg: TrainConfig) -> torch.dtype:
-    import torch
-
-    # CPU: fp32 (bf16 matmuls are slow there and would shift the loss we compare with training's).
-    if not torch.cuda.is_available():
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
-
-
-def load_causal_lm(model_dir: Path, cfg: TrainConfig) -> Any:
-    """A causal LM from a local directory, through transformers' real loading code."""
-    from transformers import AutoModelForCausalLM
-
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(cfg))
-    return model.to(_device()).eval()
-
-
-def load_tuned_model(artifacts: TrainedArtifacts, base_ref: Path | None, cfg: TrainConfig) -> Any:
-    if artifacts.kind == "full":
-        return load_causal_lm(artifacts.weights_dir, cfg)
-    if base_ref is None:
-        raise ValueError("an adapter needs its base model")
-    from peft import PeftModel
-
-    base = load_causal_lm(base_ref, cfg)
-    return PeftModel.from_pretrained(base, str(artifacts.weights_dir), is_trainable=False).eval()
 
 
 def check_template(template: str, tokenizer: Any, artifacts: TrainedArtifacts | None) -> str:
@@ -513,7 +447,7 @@ def run_evaluation(
             base_ref = Path(base_model_dir)
         elif needs_base:
             # Shared with training: cached per content on the node, hf:// at its pinned revision.
-            fetched = fetch_base_model(cfg, storage)
+            fetched = fetch_base_model(cfg.base_model, storage)
             base_ref, base_revision = fetched.path, fetched.revision
         log.info("evaluating %s model from %s (base %s)", artifacts.kind, source, base_ref)
 
@@ -538,7 +472,7 @@ def run_evaluation(
         )
 
         validation = validation_split(layout, storage)
-        model = load_tuned_model(artifacts, base_ref, cfg)
+        model = load_tuned_model(artifacts, base_ref, cfg.training.precision)
         tuned = score_model(
             model,
             tokenizer,
@@ -614,7 +548,7 @@ def base_model_context(
         with tuned_model.disable_adapter():
             yield tuned_model
         return
-    base = load_causal_lm(base_ref, cfg)
+    base = load_causal_lm(base_ref, cfg.training.precision)
     try:
         yield base
     finally:

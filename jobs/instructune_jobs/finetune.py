@@ -57,7 +57,13 @@ from instructune_jobs.artifacts import (
     prune_checkpoints,
 )
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.models import load_tokenizer
+from instructune_jobs.models import (
+    attention_implementation,
+    build_model,
+    load_tokenizer,
+    merge_adapter,
+    resolve_compute_dtype,
+)
 from instructune_jobs.prepare import prepare_on_cluster, read_prepared
 from instructune_jobs.storage import Storage, join_uri, ray_storage
 
@@ -216,10 +222,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Both workers of a 2-core machine would otherwise each start one thread per core.
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     check_supported(cfg, cuda_available=device.type == "cuda")
-    compute_dtype = resolve_compute_dtype(cfg, device)
+    compute_dtype = resolve_compute_dtype(cfg.training.precision, device)
     seed_everything(cfg.training.seed)
 
-    base = fetch_base_model(cfg, storage)
+    base = fetch_base_model(cfg.base_model, storage)
     tokenizer = load_tokenizer(base.path)
     data = read_prepared(loop_config["prepared_uri"], storage)
     items = data.training_items
@@ -340,15 +346,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_compute_dtype(cfg: TrainConfig, device: Any) -> Any:
-    """bf16/fp16 on GPUs as configured; fp32 on CPU, where half precision is slow and lossy."""
-    import torch
-
-    if device.type != "cuda":
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
-
-
 @dataclass(frozen=True)
 class StepPlan:
     """Which items each optimizer step sees. Every epoch is a seeded permutation of the items,
@@ -432,100 +429,6 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, compute_dtype: Any
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def build_model(
-    cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: Any, ds_config: dict[str, Any] | None
-) -> Any:
-    """The base model through transformers' loading code, wrapped with PEFT for (Q)LoRA."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    # Frozen weights load in the compute dtype. Full fine-tuning under DDP keeps fp32 master weights
-    # and autocasts (DeepSpeed keeps its own fp32 master copy of 16-bit weights).
-    load_dtype = torch.float32 if cfg.method.type == "full" and ds_config is None else compute_dtype
-    kwargs: dict[str, Any] = {"dtype": load_dtype, "attn_implementation": attention_implementation(device)}
-    zero3_context: Any = None
-    if cfg.method.type == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        kwargs["device_map"] = {"": device.index or 0}
-    elif ds_config is not None and cfg.distributed.zero_stage == 3:
-        # ZeRO-3: from_pretrained partitions the weights as it loads them (zero.Init), so no rank
-        # ever holds the whole model: 8 ranks of a node would otherwise each load all of it into
-        # host memory. PEFT then builds LoRA (and modules_to_save copies, gathered) around them.
-        from transformers.integrations import HfDeepSpeedConfig
-
-        zero3_context = HfDeepSpeedConfig(ds_config)  # must stay referenced while loading
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
-    if zero3_context is not None:
-        weights = list(model.parameters())
-        held = sum(p.ds_tensor.numel() for p in weights if hasattr(p, "ds_tensor"))
-        log.info(
-            "ZeRO-3: base weights partitioned as loaded, %d of %d elements on this rank",
-            held,
-            sum(getattr(p, "ds_numel", p.numel()) for p in weights),
-        )
-    del zero3_context
-    return apply_method(cfg, model, device, keep_on_cpu=ds_config is not None)
-
-
-def apply_method(cfg: TrainConfig, model: Any, device: Any, keep_on_cpu: bool) -> Any:
-    """Gradient checkpointing and, for (Q)LoRA, the PEFT adapter; trainable weights in fp32.
-    keep_on_cpu: DeepSpeed places the model itself."""
-    import torch
-
-    model.config.use_cache = False  # the KV cache only costs memory in training
-    if cfg.training.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) without input grads hacks.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method.type == "full":
-        return model if keep_on_cpu else model.to(device)
-
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method.type == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    lora = cfg.method.lora
-    # Adapter initialisation draws random numbers: seed right before, so it is the same every run.
-    torch.manual_seed(cfg.training.seed)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r: floats work
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            modules_to_save=lora.modules_to_save or None,
-            task_type="CAUSAL_LM",
-        ),
-    )
-    # Trainable weights in fp32 (AdamW updates are lost in bf16); the frozen base stays in 16 bit.
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
-    return model if keep_on_cpu or cfg.method.type == "qlora" else model.to(device)
-
-
-def attention_implementation(device: Any) -> str:
-    """flash-attention 2 on GPUs when installed (packed sequences by position_ids, no mask);
-    sdpa otherwise, which takes the block-diagonal mask the packed collator builds."""
-    if device.type == "cuda":
-        with contextlib.suppress(ImportError):
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-    return "sdpa"
 
 
 def make_collator(cfg: TrainConfig, tokenizer: Any, device: Any, compute_dtype: Any) -> Any:
@@ -749,7 +652,9 @@ def wrap_for_distributed(
 ) -> DeepSpeedEngine | DDPEngine:
     if ds_config is not None:
         return DeepSpeedEngine(cfg, model, optimizer, plan, ds_config)
-    return DDPEngine(cfg, model, optimizer, plan, device, resolve_compute_dtype(cfg, device))
+    return DDPEngine(
+        cfg, model, optimizer, plan, device, resolve_compute_dtype(cfg.training.precision, device)
+    )
 
 
 def all_reduce_step_stats(mean_loss: float, tokens: int, device: Any, world_size: int) -> tuple[float, int]:
@@ -932,17 +837,6 @@ def export_final_artifacts(
                     outputs[name] = uri
         dist.barrier()
     return outputs
-
-
-def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path, dtype: Any) -> None:
-    """Base + adapter folded into plain weights (for runtimes that cannot load adapters)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    del base, merged
 
 
 def training_already_done(cfg: TrainConfig, storage: Storage | None = None) -> dict[str, Any] | None:

@@ -226,7 +226,7 @@ def prepare_data(
     """Read, validate, tokenize and pack the data into `<root>/data/`, unless data prepared from
     the same inputs is already there. Raises InvalidDataError when the data is refused."""
     storage, reader = storage or Storage(), reader or SchemeReader()
-    base = fetch_base_model(cfg, storage)
+    base = fetch_base_model(cfg.base_model, storage)
     versions = code_versions()
     existing = prepared_uri(layout, prepared_key(cfg, base.revision, _listed_etags(cfg, reader), versions))
     if storage.exists(existing):

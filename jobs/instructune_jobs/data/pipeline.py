@@ -61,7 +61,7 @@ class DataStats:
     etags: dict[str, str] = field(default_factory=dict)  # object uri -> ETag, for lineage
     formats: dict[str, str] = field(default_factory=dict)  # object uri -> format read as
     invalid_samples: list[InvalidRow] = field(default_factory=list)
-    duplicates: int = 0  # rows dropped as duplicates (audit.py)
+    duplicates: int = 0  # rows dropped as duplicates (data/audit.py)
     contaminated: int = 0  # rows dropped as prompts of an evaluation set
     pii_rows: int = 0  # rows with personal data (redacted, dropped or only reported)
     # evaluation sets, probe and validation source read for decontamination: uri -> ETag
