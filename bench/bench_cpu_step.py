@@ -3,7 +3,7 @@
 Same process, same tiny random Llama (built offline), same LoRA settings, same rows (alpaca- and
 dolly-shaped, with those sets' length mix), same batch size and threads:
 
-- instructune_packed: the recipe's step as a Ray Train worker runs it (finetune.build_model,
+- instructune_packed: the recipe's step as a Ray Train worker runs it (models.build_model,
   the DDP engine on a one-process gloo group, the step plan and collator: best-fit packing with
   a block-diagonal mask). Ray only starts that process, so it is left out here;
 - instructune_padded: the same with packing off (dynamic padding per batch);
@@ -78,7 +78,8 @@ def make_config(model_dir: Path, data: list[str], args: argparse.Namespace, pack
 def run_recipe(cfg: Any, tokenizer: Any, data: Any, round_index: int, warmup: int) -> list[float]:
     import torch
 
-    from instructune_jobs.finetune import DDPEngine, StepPlan, make_collator
+    from instructune_jobs.engines import DDPEngine
+    from instructune_jobs.finetune import StepPlan, make_collator
     from instructune_jobs.models import build_model
 
     device = torch.device("cpu")

@@ -3,7 +3,7 @@
 An 8B-shaped Llama (Llama-3-8B dimensions, random bf16 weights: no hub needed) is tuned with
 LoRA r=16 on all linear layers, gradient checkpointing on, bf16 autocast, in one process:
 
-- instructune: the recipe's own pieces (finetune.apply_method, the DDP engine, AdamW, cosine
+- instructune: the recipe's own pieces (models.apply_method, the DDP engine, AdamW, cosine
   schedule) on best-fit packed sequences of --seq tokens (flash-attention 2 with position_ids
   when flash_attn is installed, else sdpa with the block-diagonal mask);
 - hf_trainer: transformers.Trainer + PEFT with dynamic padding per batch (as
@@ -210,7 +210,8 @@ def bench_instructune(
 
     from instructune_jobs.data.collate import PackedCollator
     from instructune_jobs.data.packing import pack_examples
-    from instructune_jobs.finetune import DDPEngine, StepPlan
+    from instructune_jobs.engines import DDPEngine
+    from instructune_jobs.finetune import StepPlan
     from instructune_jobs.models import apply_method, attention_implementation
 
     cfg = build_config(args)

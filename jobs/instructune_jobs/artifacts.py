@@ -33,10 +33,9 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,6 @@ from typing import Any
 from instructune_jobs.config import ModelSource, TrainConfig
 from instructune_jobs.storage import ObjectRef, Storage, join_uri
 
-STATE_FILE = "instructune_state.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
 RUN_NAME = "checkpoints"  # Ray Train's run name: the checkpoints' folder under the root
 MODEL_CACHE = Path(
@@ -138,120 +136,6 @@ class ArtifactLayout:
 def checkpoint_dir_name(step: int) -> str:
     # Zero-padded so that lexical order (S3 listings) is step order.
     return f"{CHECKPOINT_PREFIX}{step:09d}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: finding the one to resume from
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointState:
-    """What instructune_state.json in a checkpoint says."""
-
-    step: int
-    epoch: float
-    config_hash: str
-    loss: float | None
-    time: str
-    uri: str
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "step": self.step,
-                "epoch": self.epoch,
-                "config_hash": self.config_hash,
-                "loss": self.loss,
-                "time": self.time,
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes, uri: str) -> CheckpointState:
-        raw = json.loads(text)
-        return cls(
-            int(raw["step"]),
-            float(raw["epoch"]),
-            str(raw["config_hash"]),
-            raw.get("loss"),
-            str(raw.get("time", "")),
-            uri,
-        )
-
-
-class ConfigMismatchError(RuntimeError):
-    """The checkpoints under the root belong to a different training configuration."""
-
-
-_STATE_KEY = re.compile(rf"/{CHECKPOINT_PREFIX}(\d+)/{re.escape(STATE_FILE)}$")
-_CHECKPOINT_DIR = re.compile(rf"/({CHECKPOINT_PREFIX}\d+)/")
-
-
-def list_checkpoints(layout: ArtifactLayout, storage: Storage) -> list[CheckpointState]:
-    """Complete checkpoints under the root, oldest first. A checkpoint counts once its state file
-    exists: rank 0 writes that file only after every rank's part is uploaded."""
-    found = []
-    for obj in storage.list(layout.checkpoints):
-        match = _STATE_KEY.search(obj.uri.replace(os.sep, "/"))
-        if match:
-            body = storage.read_bytes(obj.uri)
-            if body is not None:
-                found.append(CheckpointState.from_json(body, obj.uri.rsplit("/", 1)[0]))
-    return sorted(found, key=lambda c: c.step)
-
-
-def checkpoints_to_prune(complete_steps: list[int], stored_dirs: list[str], keep_last: int) -> list[str]:
-    """Checkpoint folders to delete: complete ones beyond the newest `keep_last`, and folders
-    without a state file older than the newest complete one (an attempt that died mid-upload).
-    A folder newer than every complete checkpoint may be an upload in progress: kept."""
-    kept = sorted(complete_steps)[-keep_last:] if keep_last > 0 else []
-    if not kept:
-        return []
-    names = {checkpoint_dir_name(step) for step in kept}
-    newest = checkpoint_dir_name(kept[-1])
-    return sorted(name for name in set(stored_dirs) if name not in names and name < newest)
-
-
-def prune_checkpoints(layout: ArtifactLayout, storage: Storage, keep_last: int) -> list[str]:
-    """Apply checkpoints_to_prune to the stored folders; returns the names deleted."""
-    objects = storage.list(layout.checkpoints)
-    dirs = [m.group(1) for o in objects if (m := _CHECKPOINT_DIR.search(o.uri.replace(os.sep, "/")))]
-    complete = [c.step for c in list_checkpoints(layout, storage)]
-    doomed = checkpoints_to_prune(complete, dirs, keep_last)
-    for name in doomed:
-        storage.delete_prefix(join_uri(layout.checkpoints, name), first=STATE_FILE)
-    return doomed
-
-
-_RANK_SHARD = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
-
-
-def part_of_rank(rank: int) -> Callable[[str], bool]:
-    """Which files of a checkpoint a rank restores from: everything but the other ranks' ZeRO
-    shards (`zero_pp_rank_<r>_*`). DeepSpeed reads only its own rank's shard (no elastic
-    checkpoints), so 8 ranks need not each download all 8 optimizer shards of a full fine-tune."""
-
-    def wanted(path: str) -> bool:
-        match = _RANK_SHARD.search(path)
-        return match is None or int(match.group(1)) == rank
-
-    return wanted
-
-
-def latest_checkpoint(layout: ArtifactLayout, storage: Storage, config_hash: str) -> CheckpointState | None:
-    """The newest complete checkpoint, after checking it was written by this configuration."""
-    checkpoints = list_checkpoints(layout, storage)
-    if not checkpoints:
-        return None
-    latest = checkpoints[-1]
-    if latest.config_hash != config_hash:
-        raise ConfigMismatchError(
-            f"the checkpoint at {latest.uri} was written by config {latest.config_hash[:12]}, this job's "
-            f"config is {config_hash[:12]}: refusing to resume another run (use a new checkpointing.uri)"
-        )
-    return latest
 
 
 # ---------------------------------------------------------------------------------------------

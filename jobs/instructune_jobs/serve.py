@@ -26,7 +26,7 @@ Read top to bottom, `deploy` does:
 
 `--delete --name N` removes the application (the operator's teardown; tests use it to clean up).
 
-temperature 0 is greedy decoding through `evaluate.generate`, the very function the evaluation
+temperature 0 is greedy decoding through `generation.generate`, the very function the evaluation
 gate scored the model with, so a served greedy answer is the one evaluation saw. The system
 prompt (--system-prompt, the tune's template.systemPrompt) is prepended when a request has none,
 as training did for rows without one.
@@ -51,9 +51,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from instructune_jobs.artifacts import fetch_base_model
 from instructune_jobs.config import ModelSource
-from instructune_jobs.data.template import render_chat, resolve_chat_template, template_hash
+from instructune_jobs.data.template import (
+    TemplateMismatchError,
+    render_chat,
+    resolve_chat_template,
+    template_hash,
+)
 from instructune_jobs.data.types import Conversation
-from instructune_jobs.evaluate import TemplateMismatchError, _stop_token_ids, generate
+from instructune_jobs.generation import generate, stop_token_ids
 from instructune_jobs.models import Precision, TrainedArtifacts, load_tokenizer, load_tuned_model
 from instructune_jobs.storage import Storage
 
@@ -352,7 +357,7 @@ class ChatModel:
         import torch
         from transformers import GenerationConfig
 
-        stop_ids = _stop_token_ids(self.model, self.tokenizer)
+        stop_ids = stop_token_ids(self.model, self.tokenizer)
         config = GenerationConfig(
             do_sample=True,
             temperature=request.temperature,

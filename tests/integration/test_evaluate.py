@@ -30,10 +30,13 @@ pytest.importorskip("peft")
 from instructune_jobs.config import TemplateConfig, TrainConfig  # noqa: E402
 from instructune_jobs.data.collate import PaddingCollator  # noqa: E402
 from instructune_jobs.data.formats import rows_to_conversations  # noqa: E402
-from instructune_jobs.data.template import template_hash  # noqa: E402
+from instructune_jobs.data.template import (  # noqa: E402
+    TemplateMismatchError,
+    template_hash,
+)
 from instructune_jobs.data.tokenize import tokenize_conversations  # noqa: E402
 from instructune_jobs.data.types import LocatedRow  # noqa: E402
-from instructune_jobs.evaluate import TemplateMismatchError, run_evaluation  # noqa: E402
+from instructune_jobs.evaluate import run_evaluation  # noqa: E402
 from instructune_jobs.storage import s3_client_from_env, split_s3_uri  # noqa: E402
 from instructune_jobs.synthetic import (  # noqa: E402
     CHATML_TEMPLATE,

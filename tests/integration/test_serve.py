@@ -30,7 +30,7 @@ httpx = pytest.importorskip("httpx")
 
 from instructune_jobs.config import TrainConfig  # noqa: E402
 from instructune_jobs.data.template import render_chat, template_hash  # noqa: E402
-from instructune_jobs.evaluate import generate  # noqa: E402
+from instructune_jobs.generation import generate  # noqa: E402
 from instructune_jobs.models import (  # noqa: E402
     TrainedArtifacts,
     load_tokenizer,

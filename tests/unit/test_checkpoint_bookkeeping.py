@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from instructune_jobs.artifacts import (
+from instructune_jobs.artifacts import ArtifactLayout, checkpoint_dir_name
+from instructune_jobs.checkpointing import (
     STATE_FILE,
-    ArtifactLayout,
     CheckpointState,
-    checkpoint_dir_name,
     checkpoints_to_prune,
     latest_checkpoint,
     list_checkpoints,

@@ -10,6 +10,10 @@ from typing import Any
 from instructune_jobs.data.types import Conversation, TemplateError
 
 
+class TemplateMismatchError(RuntimeError):
+    """Evaluation or serving would render prompts with another chat template than training did."""
+
+
 def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str:
     """The template text in force: the spec's own, else the tokenizer's."""
     if chat_template:
