@@ -1,8 +1,8 @@
-"""Where a tune's files live (the layout), the checkpoints under it, the base model and the lineage manifest.
+"""Where a tune's files live (the layout), the base model's local copy and the lineage manifest.
 
 Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared with evaluate.py:
 
-    <root>/checkpoints/checkpoint_step_<N>/   checkpoints uploaded through Ray Train's storage;
+    <root>/checkpoints/checkpoint_step_<N>/   checkpoints (checkpointing.py), uploaded by every rank;
                                             the last `keep_last` complete ones are kept
         instructune_state.json              step, epoch, config hash, loss: written last, once
                                             every rank's part is uploaded, so its presence is
@@ -20,8 +20,8 @@ Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared wit
     <root>/data/invalid-rows.jsonl          every row the data step refused: object, line, reason
     <root>/data/audit.jsonl                 every row an audit dropped, redacted or flagged
 
-Roots are s3:// prefixes (credentials and endpoint from the process environment only) or local
-directories (tests, the offline demo).
+Roots are s3:// prefixes or local directories (tests, the offline demo), read and written
+through storage.py.
 """
 
 from __future__ import annotations
