@@ -3,7 +3,7 @@
 Same process, same tiny random Llama (built offline), same LoRA settings, same rows (alpaca- and
 dolly-shaped, with those sets' length mix), same batch size and threads:
 
-- instructune_packed: the recipe's step as a Ray Train worker runs it (finetune.build_model,
+- instructune_packed: the recipe's step as a Ray Train worker runs it (models.build_model,
   the DDP engine on a one-process gloo group, the step plan and collator: best-fit packing with
   a block-diagonal mask). Ray only starts that process, so it is left out here;
 - instructune_padded: the same with packing off (dynamic padding per batch);
@@ -78,7 +78,9 @@ def make_config(model_dir: Path, data: list[str], args: argparse.Namespace, pack
 def run_recipe(cfg: Any, tokenizer: Any, data: Any, round_index: int, warmup: int) -> list[float]:
     import torch
 
-    from instructune_jobs.finetune import DDPEngine, StepPlan, build_model, make_collator
+    from instructune_jobs.engines import DDPEngine
+    from instructune_jobs.finetune import StepPlan, make_collator
+    from instructune_jobs.models import build_model
 
     device = torch.device("cpu")
     items = data.training_items
@@ -114,7 +116,7 @@ def run_hf_trainer(
         TrainingArguments,
     )
 
-    from instructune_jobs.data import IGNORE_INDEX
+    from instructune_jobs.data.types import IGNORE_INDEX
 
     model = AutoModelForCausalLM.from_pretrained(
         cfg.base_model.uri, dtype=torch.float32, attn_implementation="sdpa"
@@ -193,8 +195,8 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from instructune_jobs.data import load_examples
-    from instructune_jobs.finetune import load_tokenizer
+    from instructune_jobs.data.pipeline import load_examples
+    from instructune_jobs.models import load_tokenizer
     from instructune_jobs.synthetic import build_tiny_llama
 
     torch.set_num_threads(args.threads)

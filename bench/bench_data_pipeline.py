@@ -38,18 +38,12 @@ from typing import Any
 
 from machine_facts import machine
 
-from instructune_jobs.audit import audit_conversations
-from instructune_jobs.data import (
-    IGNORE_INDEX,
-    InvalidRow,
-    PackedCollator,
-    PackedSequence,
-    TokenizedExample,
-    pack_examples,
-    parse_object_bytes,
-    rows_to_conversations,
-    tokenize_conversations,
-)
+from instructune_jobs.data.audit import audit_conversations
+from instructune_jobs.data.collate import PackedCollator
+from instructune_jobs.data.formats import parse_object_bytes, rows_to_conversations
+from instructune_jobs.data.packing import pack_examples
+from instructune_jobs.data.tokenize import tokenize_conversations
+from instructune_jobs.data.types import IGNORE_INDEX, InvalidRow, PackedSequence, TokenizedExample
 from instructune_jobs.synthetic import build_tokenizer, length_mix_rows, rows_to_bytes, tokenizer_corpus
 
 

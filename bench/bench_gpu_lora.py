@@ -3,7 +3,7 @@
 An 8B-shaped Llama (Llama-3-8B dimensions, random bf16 weights: no hub needed) is tuned with
 LoRA r=16 on all linear layers, gradient checkpointing on, bf16 autocast, in one process:
 
-- instructune: the recipe's own pieces (finetune.apply_method, the DDP engine, AdamW, cosine
+- instructune: the recipe's own pieces (models.apply_method, the DDP engine, AdamW, cosine
   schedule) on best-fit packed sequences of --seq tokens (flash-attention 2 with position_ids
   when flash_attn is installed, else sdpa with the block-diagonal mask);
 - hf_trainer: transformers.Trainer + PEFT with dynamic padding per batch (as
@@ -86,7 +86,7 @@ def peak_flops(device_name: str, override_tflops: float | None) -> float | None:
 
 def make_examples(count: int, seq: int, vocab: int, seed: int) -> list[Any]:
     """TokenizedExamples with the alpaca/dolly length mix; labels only on the response part."""
-    from instructune_jobs.data import IGNORE_INDEX, TokenizedExample
+    from instructune_jobs.data.types import IGNORE_INDEX, TokenizedExample
     from instructune_jobs.synthetic import length_mix_rows
 
     rng = random.Random(seed)
@@ -167,7 +167,8 @@ def self_check_packing(
     """Loss of the same examples packed vs padded, without training: packing must not leak."""
     import torch
 
-    from instructune_jobs.data import PackedCollator, PaddingCollator, pack_examples
+    from instructune_jobs.data.collate import PackedCollator, PaddingCollator
+    from instructune_jobs.data.packing import pack_examples
 
     sample = examples[:8]
     packs = pack_examples(sample, seq)
@@ -207,8 +208,11 @@ def bench_instructune(
 ) -> dict[str, Any]:
     import torch
 
-    from instructune_jobs.data import PackedCollator, pack_examples
-    from instructune_jobs.finetune import DDPEngine, StepPlan, apply_method, attention_implementation
+    from instructune_jobs.data.collate import PackedCollator
+    from instructune_jobs.data.packing import pack_examples
+    from instructune_jobs.engines import DDPEngine
+    from instructune_jobs.finetune import StepPlan
+    from instructune_jobs.models import apply_method, attention_implementation
 
     cfg = build_config(args)
     attn = attention_implementation(device)
@@ -276,8 +280,8 @@ def bench_hf_trainer(
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from instructune_jobs.data import PaddingCollator
-    from instructune_jobs.finetune import attention_implementation
+    from instructune_jobs.data.collate import PaddingCollator
+    from instructune_jobs.models import attention_implementation
 
     attn = attention_implementation(device)
     model = random_llama(shape, device, dtype, attn, args.seq)

@@ -19,16 +19,15 @@ from typing import Any
 
 from machine_facts import machine
 
-from instructune_jobs.data import (
-    LocatedRow,
-    TokenizedExample,
+from instructune_jobs.data.formats import rows_to_conversations
+from instructune_jobs.data.packing import (
     dynamic_padding_fraction,
     fixed_padding_fraction,
     pack_examples,
     packing_padding_fraction,
-    rows_to_conversations,
-    tokenize_conversations,
 )
+from instructune_jobs.data.tokenize import tokenize_conversations
+from instructune_jobs.data.types import LocatedRow, TokenizedExample
 from instructune_jobs.synthetic import build_tokenizer, length_mix_rows, tokenizer_corpus
 
 

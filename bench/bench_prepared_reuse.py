@@ -25,10 +25,10 @@ from typing import Any
 from bench_data_pipeline import mix_objects
 from machine_facts import machine
 
-from instructune_jobs.artifacts import ArtifactLayout, Storage
+from instructune_jobs.artifacts import ArtifactLayout
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import MemoryObjectReader
 from instructune_jobs.prepare import prepare_data, read_prepared
+from instructune_jobs.storage import MemoryObjectReader, Storage
 from instructune_jobs.synthetic import build_tokenizer, tokenizer_corpus
 
 

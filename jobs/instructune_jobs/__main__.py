@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("invalid training config: %s", err)
         return EXIT_BAD_CONFIG
 
-    from instructune_jobs.artifacts import ConfigMismatchError
+    from instructune_jobs.checkpointing import ConfigMismatchError
     from instructune_jobs.finetune import UnsupportedSetupError, run_training, training_already_done
     from instructune_jobs.prepare import InvalidDataError
 
@@ -204,9 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             import ray
 
             if not ray.is_initialized():
-                from instructune_jobs.finetune import _ray_address_from_env
+                from instructune_jobs.finetune import ray_address_from_env
 
-                ray.init(address=args.ray_address or _ray_address_from_env())
+                ray.init(address=args.ray_address or ray_address_from_env())
             result["evaluation"] = evaluate_on_worker(cfg)
             report_evaluation(cfg, result["evaluation"])
     except UnsupportedSetupError as err:

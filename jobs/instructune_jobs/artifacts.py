@@ -1,8 +1,8 @@
-"""Where a tune's files live, how they are read and written, and the lineage manifest.
+"""Where a tune's files live (the layout), the base model's local copy and the lineage manifest.
 
 Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared with evaluate.py:
 
-    <root>/checkpoints/checkpoint_step_<N>/   checkpoints uploaded through Ray Train's storage;
+    <root>/checkpoints/checkpoint_step_<N>/   checkpoints (checkpointing.py), uploaded by every rank;
                                             the last `keep_last` complete ones are kept
         instructune_state.json              step, epoch, config hash, loss: written last, once
                                             every rank's part is uploaded, so its presence is
@@ -20,13 +20,12 @@ Layout under the run's root (`checkpointing.uri`, else `output.uri`), shared wit
     <root>/data/invalid-rows.jsonl          every row the data step refused: object, line, reason
     <root>/data/audit.jsonl                 every row an audit dropped, redacted or flagged
 
-Roots are s3:// prefixes (credentials and endpoint from the process environment only) or local
-directories (tests, the offline demo).
+Roots are s3:// prefixes or local directories (tests, the offline demo), read and written
+through storage.py.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -34,18 +33,16 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import LazyS3Client, split_s3_uri
+from instructune_jobs.config import ModelSource, TrainConfig
+from instructune_jobs.storage import ObjectRef, Storage, join_uri
 
-STATE_FILE = "instructune_state.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
 RUN_NAME = "checkpoints"  # Ray Train's run name: the checkpoints' folder under the root
 MODEL_CACHE = Path(
@@ -63,14 +60,6 @@ LINEAGE_PACKAGES = (
     "bitsandbytes",
     "accelerate",
 )
-
-
-def join_uri(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *(part.strip("/") for part in parts if part)])
-
-
-def _local(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,275 +139,6 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Object I/O: s3:// or local
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    uri: str
-    etag: str
-    size: int
-
-
-class Storage(LazyS3Client):
-    """Small object I/O for s3:// and local roots; one S3 client, created on first use."""
-
-    def write_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-            return
-        path = _local(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # readers never see half a file
-
-    def read_bytes(self, uri: str) -> bytes | None:
-        """The object's bytes, or None when there is no such object."""
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            try:
-                body: bytes = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            except self.client.exceptions.NoSuchKey:
-                return None
-            return body
-        path = _local(uri)
-        return path.read_bytes() if path.is_file() else None
-
-    def exists(self, uri: str) -> bool:
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            try:
-                self.client.head_object(Bucket=bucket, Key=key)
-            except self.client.exceptions.ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise
-            return True
-        return _local(uri).is_file()
-
-    def delete(self, uri: str) -> None:
-        if uri.startswith("s3://"):
-            bucket, key = split_s3_uri(uri)
-            self.client.delete_object(Bucket=bucket, Key=key)
-        else:
-            _local(uri).unlink(missing_ok=True)
-
-    def list(self, prefix_uri: str) -> list[StoredObject]:
-        """Every object under a prefix (recursively), sorted by uri."""
-        if prefix_uri.startswith("s3://"):
-            bucket, key = split_s3_uri(prefix_uri)
-            key = key.rstrip("/") + "/" if key else ""
-            found = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-                for item in page.get("Contents", []):
-                    found.append(
-                        StoredObject(f"s3://{bucket}/{item['Key']}", item["ETag"].strip('"'), item["Size"])
-                    )
-            return sorted(found, key=lambda o: o.uri)
-        root = _local(prefix_uri)
-        if not root.is_dir():
-            return []
-        return [
-            StoredObject(str(p), _file_md5(p), p.stat().st_size)
-            for p in sorted(root.rglob("*"))
-            if p.is_file()
-        ]
-
-    def upload_directory(self, local_dir: Path, uri: str) -> builtins.list[str]:
-        written = []
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            target = join_uri(uri, path.relative_to(local_dir).as_posix())
-            if target.startswith("s3://"):
-                bucket, key = split_s3_uri(target)
-                self.client.upload_file(str(path), bucket, key)
-            else:
-                _local(target).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, _local(target))
-            written.append(target)
-        return written
-
-    def delete_prefix(self, uri: str, first: str | None = None) -> None:
-        """Delete every object under a prefix; `first` (a name directly under it) goes before
-        the rest, so a reader never sees the prefix without it but with other parts missing."""
-        objects = self.list(uri)
-        if first is not None:
-            head = join_uri(uri, first)
-            objects.sort(key=lambda o: o.uri.replace(os.sep, "/") != head.replace(os.sep, "/"))
-        for obj in objects:
-            self.delete(obj.uri)
-        if not uri.startswith("s3://"):
-            shutil.rmtree(_local(uri), ignore_errors=True)
-
-    def download_prefix(
-        self, uri: str, dest: Path, wanted: Callable[[str], bool] | None = None
-    ) -> builtins.list[StoredObject]:
-        """Every object under the prefix (or those whose path under it `wanted` accepts)."""
-        objects = self.list(uri)
-        if not objects:
-            raise FileNotFoundError(f"no objects under {uri}")
-        base = uri.rstrip("/") + "/"
-        if wanted is not None:
-            objects = [o for o in objects if wanted(o.uri.replace(os.sep, "/").removeprefix(base))]
-        for obj in objects:
-            target = (
-                dest / obj.uri[len(base) :]
-                if uri.startswith("s3://")
-                else dest / Path(obj.uri).relative_to(_local(uri))
-            )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if uri.startswith("s3://"):
-                bucket, key = split_s3_uri(obj.uri)
-                self.client.download_file(bucket, key, str(target))
-            else:
-                shutil.copyfile(obj.uri, target)
-        return objects
-
-
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def ray_storage(root: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig. For S3: a pyarrow
-    S3FileSystem on the configured endpoint; pyarrow reads the credentials from the environment
-    itself, so they never pass through the config or Ray's job info."""
-    if not root.startswith("s3://"):
-        return str(_local(root)), None
-    from pyarrow import fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("INSTRUCTUNE_S3_ENDPOINT")
-    kwargs: dict[str, Any] = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    }
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
-    bucket, key = split_s3_uri(root)
-    return f"{bucket}/{key}".rstrip("/"), fs.S3FileSystem(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: finding the one to resume from
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointState:
-    """What instructune_state.json in a checkpoint says."""
-
-    step: int
-    epoch: float
-    config_hash: str
-    loss: float | None
-    time: str
-    uri: str
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "step": self.step,
-                "epoch": self.epoch,
-                "config_hash": self.config_hash,
-                "loss": self.loss,
-                "time": self.time,
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes, uri: str) -> CheckpointState:
-        raw = json.loads(text)
-        return cls(
-            int(raw["step"]),
-            float(raw["epoch"]),
-            str(raw["config_hash"]),
-            raw.get("loss"),
-            str(raw.get("time", "")),
-            uri,
-        )
-
-
-class ConfigMismatchError(RuntimeError):
-    """The checkpoints under the root belong to a different training configuration."""
-
-
-_STATE_KEY = re.compile(rf"/{CHECKPOINT_PREFIX}(\d+)/{re.escape(STATE_FILE)}$")
-_CHECKPOINT_DIR = re.compile(rf"/({CHECKPOINT_PREFIX}\d+)/")
-
-
-def list_checkpoints(layout: ArtifactLayout, storage: Storage) -> list[CheckpointState]:
-    """Complete checkpoints under the root, oldest first. A checkpoint counts once its state file
-    exists: rank 0 writes that file only after every rank's part is uploaded."""
-    found = []
-    for obj in storage.list(layout.checkpoints):
-        match = _STATE_KEY.search(obj.uri.replace(os.sep, "/"))
-        if match:
-            body = storage.read_bytes(obj.uri)
-            if body is not None:
-                found.append(CheckpointState.from_json(body, obj.uri.rsplit("/", 1)[0]))
-    return sorted(found, key=lambda c: c.step)
-
-
-def checkpoints_to_prune(complete_steps: list[int], stored_dirs: list[str], keep_last: int) -> list[str]:
-    """Checkpoint folders to delete: complete ones beyond the newest `keep_last`, and folders
-    without a state file older than the newest complete one (an attempt that died mid-upload).
-    A folder newer than every complete checkpoint may be an upload in progress: kept."""
-    kept = sorted(complete_steps)[-keep_last:] if keep_last > 0 else []
-    if not kept:
-        return []
-    names = {checkpoint_dir_name(step) for step in kept}
-    newest = checkpoint_dir_name(kept[-1])
-    return sorted(name for name in set(stored_dirs) if name not in names and name < newest)
-
-
-def prune_checkpoints(layout: ArtifactLayout, storage: Storage, keep_last: int) -> list[str]:
-    """Apply checkpoints_to_prune to the stored folders; returns the names deleted."""
-    objects = storage.list(layout.checkpoints)
-    dirs = [m.group(1) for o in objects if (m := _CHECKPOINT_DIR.search(o.uri.replace(os.sep, "/")))]
-    complete = [c.step for c in list_checkpoints(layout, storage)]
-    doomed = checkpoints_to_prune(complete, dirs, keep_last)
-    for name in doomed:
-        storage.delete_prefix(join_uri(layout.checkpoints, name), first=STATE_FILE)
-    return doomed
-
-
-_RANK_SHARD = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
-
-
-def part_of_rank(rank: int) -> Callable[[str], bool]:
-    """Which files of a checkpoint a rank restores from: everything but the other ranks' ZeRO
-    shards (`zero_pp_rank_<r>_*`). DeepSpeed reads only its own rank's shard (no elastic
-    checkpoints), so 8 ranks need not each download all 8 optimizer shards of a full fine-tune."""
-
-    def wanted(path: str) -> bool:
-        match = _RANK_SHARD.search(path)
-        return match is None or int(match.group(1)) == rank
-
-    return wanted
-
-
-def latest_checkpoint(layout: ArtifactLayout, storage: Storage, config_hash: str) -> CheckpointState | None:
-    """The newest complete checkpoint, after checking it was written by this configuration."""
-    checkpoints = list_checkpoints(layout, storage)
-    if not checkpoints:
-        return None
-    latest = checkpoints[-1]
-    if latest.config_hash != config_hash:
-        raise ConfigMismatchError(
-            f"the checkpoint at {latest.uri} was written by config {latest.config_hash[:12]}, this job's "
-            f"config is {config_hash[:12]}: refusing to resume another run (use a new checkpointing.uri)"
-        )
-    return latest
-
-
-# ---------------------------------------------------------------------------------------------
 # Base model
 # ---------------------------------------------------------------------------------------------
 
@@ -442,24 +162,24 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def content_revision(objects: list[StoredObject], base_uri: str) -> str:
+def content_revision(objects: list[ObjectRef], base_uri: str) -> str:
     base = base_uri.rstrip("/") + "/"
     listing = "\n".join(f"{o.uri.removeprefix(base)} {o.etag}" for o in sorted(objects, key=lambda o: o.uri))
     return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
 
 
 def fetch_base_model(
-    cfg: TrainConfig, storage: Storage | None = None, cache_dir: Path = MODEL_CACHE
+    source: ModelSource, storage: Storage | None = None, cache_dir: Path = MODEL_CACHE
 ) -> LocalModel:
     """A local copy of the base model and its revision. s3:// prefixes are downloaded once per
     node (keyed by content), hf:// through the hub client at the pinned revision, local paths used
     as they are."""
     storage = storage or Storage()
-    uri = cfg.base_model.uri
-    if cfg.base_model.scheme == "hf":
+    uri = source.uri
+    if source.scheme == "hf":
         from huggingface_hub import HfApi, snapshot_download
 
-        repo, revision = cfg.base_model.hf_repo, cfg.base_model.hf_revision or "main"
+        repo, revision = source.hf_repo, source.hf_revision or "main"
         assert repo is not None
         commit = HfApi().model_info(repo, revision=revision).sha or revision
         path = snapshot_download(repo, revision=commit)
@@ -470,7 +190,7 @@ def fetch_base_model(
         raise FileNotFoundError(f"no model files under {uri}")
     revision = content_revision(objects, prefix)
     if not uri.startswith("s3://"):
-        return LocalModel(_local(uri), uri, revision)
+        return LocalModel(Path(uri.removeprefix("file://")), uri, revision)
     target = cache_dir / revision.removeprefix("sha256:")[:32]
     with _file_lock(target.with_suffix(".lock")):
         if not (target / ".complete").is_file():

@@ -115,7 +115,7 @@ CANONICAL_FIELDS = frozenset(
 
 
 class AuditConfig(_Model):
-    """Audits of the training rows before tokenizing (audit.py)."""
+    """Audits of the training rows before tokenizing (data/audit.py)."""
 
     # Drop a conversation equal (case and whitespace aside) to one already kept.
     deduplicate: bool = True

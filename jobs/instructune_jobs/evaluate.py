@@ -4,7 +4,7 @@ Read top to bottom, `run_evaluation` does:
 
 1. locate the trained artifacts (`<checkpointing.uri>/final/adapter|model/` and `final/tokenizer/`)
    and the base model, downloading S3 prefixes to a temporary directory;
-2. resolve the chat template exactly as training did (data.render_chat) and refuse to evaluate
+2. resolve the chat template exactly as training did (data.template.render_chat) and refuse to evaluate
    when its hash differs from the one the trained tokenizer (or the training manifest) carries:
    scores under another template say nothing about the model that will be served;
 3. for each evaluation dataset: held-out loss and perplexity on assistant tokens only (the same
@@ -38,54 +38,38 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from instructune_jobs import scoring
-from instructune_jobs.artifacts import ArtifactLayout, Storage, fetch_base_model
+from instructune_jobs.artifacts import ArtifactLayout, fetch_base_model
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import (
-    IGNORE_INDEX,
-    DataValidationError,
-    ObjectReader,
-    PaddingCollator,
-    SchemeReader,
-    SourcedConversation,
-    TokenizedExample,
-    read_any_format,
+from instructune_jobs.data.collate import PaddingCollator
+from instructune_jobs.data.pipeline import DataValidationError, read_any_format
+from instructune_jobs.data.template import (
+    TemplateMismatchError,
     render_chat,
     resolve_chat_template,
     split_for_generation,
     template_hash,
-    tokenize_conversations,
 )
-
-if TYPE_CHECKING:
-    import torch
+from instructune_jobs.data.tokenize import tokenize_conversations
+from instructune_jobs.data.types import IGNORE_INDEX, SourcedConversation, TokenizedExample
+from instructune_jobs.generation import DEFAULT_BATCH_SIZE, Generation, batches, generate
+from instructune_jobs.models import (
+    TrainedArtifacts,
+    load_causal_lm,
+    load_tokenizer,
+    load_tuned_model,
+    locate_trained_artifacts,
+)
+from instructune_jobs.storage import ObjectReader, SchemeReader, Storage
 
 log = logging.getLogger("instructune.evaluate")
 
-# The training recipe's manifest in final/ (artifacts.py): its templateHash is checked against the
-# template evaluation renders with.
-MANIFEST_NAME = "manifest.json"
-DEFAULT_BATCH_SIZE = 16
-
-
-class TemplateMismatchError(RuntimeError):
-    """Evaluation would render prompts with another chat template than training did."""
-
 
 # ---------------------------------------------------------------------------------------------
-# Locating and loading models
+# Locating the trained weights and checking their template
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainedArtifacts:
-    kind: str  # "adapter" (PEFT save_pretrained) or "full" (a complete model)
-    weights_dir: Path
-    tokenizer_dir: Path | None
-    manifest: dict[str, Any]
-    source: str  # the uri or directory it came from
 
 
 def materialize(uri: str, scratch: Path, storage: Storage) -> Path:
@@ -98,73 +82,6 @@ def materialize(uri: str, scratch: Path, storage: Storage) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"no such directory: {uri}")
     return path
-
-
-def locate_trained_artifacts(root: Path, source: str) -> TrainedArtifacts:
-    """Find the weights in the layouts the training recipe writes: final/{adapter,model,tokenizer}/,
-    or a directory that is itself an adapter or a model."""
-    manifest = json.loads((root / MANIFEST_NAME).read_text()) if (root / MANIFEST_NAME).is_file() else {}
-    tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else None
-    # The adapter wins over a merged model/ (output.merge writes both): same weights, and the
-    # base is then had by disabling the adapter instead of loading a second model.
-    for kind, sub in (("adapter", "adapter"), ("full", "model")):
-        candidate = root / sub
-        marker = "adapter_config.json" if kind == "adapter" else "config.json"
-        if (candidate / marker).is_file():
-            return TrainedArtifacts(kind, candidate, tokenizer_dir, manifest, source)
-    if (root / "adapter_config.json").is_file():
-        return TrainedArtifacts("adapter", root, tokenizer_dir or _tokenizer_here(root), manifest, source)
-    if (root / "config.json").is_file():
-        return TrainedArtifacts("full", root, tokenizer_dir or _tokenizer_here(root), manifest, source)
-    raise FileNotFoundError(f"no adapter or model under {source} (expected adapter/ or model/ with weights)")
-
-
-def _tokenizer_here(path: Path) -> Path | None:
-    return path if (path / "tokenizer_config.json").is_file() else None
-
-
-def _device() -> torch.device:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _dtype(cfg: TrainConfig) -> torch.dtype:
-    import torch
-
-    # CPU: fp32 (bf16 matmuls are slow there and would shift the loss we compare with training's).
-    if not torch.cuda.is_available():
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
-
-
-def load_causal_lm(model_dir: Path, cfg: TrainConfig) -> Any:
-    """A causal LM from a local directory, through transformers' real loading code."""
-    from transformers import AutoModelForCausalLM
-
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(cfg))
-    return model.to(_device()).eval()
-
-
-def load_tuned_model(artifacts: TrainedArtifacts, base_ref: Path | None, cfg: TrainConfig) -> Any:
-    if artifacts.kind == "full":
-        return load_causal_lm(artifacts.weights_dir, cfg)
-    if base_ref is None:
-        raise ValueError("an adapter needs its base model")
-    from peft import PeftModel
-
-    base = load_causal_lm(base_ref, cfg)
-    return PeftModel.from_pretrained(base, str(artifacts.weights_dir), is_trainable=False).eval()
-
-
-def load_tokenizer(tokenizer_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out everywhere; any id works, eos is the conventional choice.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def check_template(template: str, tokenizer: Any, artifacts: TrainedArtifacts | None) -> str:
@@ -193,13 +110,8 @@ def check_template(template: str, tokenizer: Any, artifacts: TrainedArtifacts | 
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss and generation
+# Loss
 # ---------------------------------------------------------------------------------------------
-
-
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def mean_assistant_loss(
@@ -217,7 +129,7 @@ def mean_assistant_loss(
     ordered = sorted(examples, key=len)
     total, tokens = 0.0, 0
     with torch.inference_mode():
-        for chunk in _batches(ordered, batch_size):
+        for chunk in batches(ordered, batch_size):
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # Token t predicts token t+1, exactly as the model's own loss shifts it.
@@ -231,77 +143,6 @@ def mean_assistant_loss(
             ).item()
             tokens += int((shift_labels != IGNORE_INDEX).sum().item())
     return (total / tokens if tokens else math.nan), tokens
-
-
-def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """eos of the tokenizer plus whatever the model's generation config stops on (e.g. Llama 3's
-    <|eot_id|>), so that generation ends where the template's assistant turn ends."""
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in ([configured] if isinstance(configured, int) else list(configured or [])) + [
-        tokenizer.eos_token_id
-    ]:
-        if isinstance(value, int) and value not in ids:
-            ids.append(value)
-    return ids
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    tokens: int  # new tokens before the stop token
-    stopped: bool  # ended with a stop token; False: cut off at max_new_tokens
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> list[Generation]:
-    """Greedy continuations of the rendered prompts, in input order.
-
-    Left padding keeps every prompt's last token at the end of the row, where generation
-    continues; prompts are grouped by length so that little padding is needed."""
-    import torch
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    stop_ids = _stop_token_ids(model, tokenizer)
-    config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[Generation] = [Generation("", 0, False)] * len(prompts)
-    with torch.inference_mode():
-        for chunk in _batches(order, batch_size):
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, index in enumerate(chunk):
-                ids = encoded[index]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-            )
-            for row, index in enumerate(chunk):
-                new_tokens = generated[row, width:].tolist()
-                # Cut at the first stop token: rows that stopped early are padded after it.
-                stop = next((pos for pos, token in enumerate(new_tokens) if token in stop_ids), None)
-                kept = new_tokens if stop is None else new_tokens[:stop]
-                outputs[index] = Generation(
-                    tokenizer.decode(kept, skip_special_tokens=True), len(kept), stop is not None
-                )
-    return outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +367,7 @@ def run_evaluation(
             base_ref = Path(base_model_dir)
         elif needs_base:
             # Shared with training: cached per content on the node, hf:// at its pinned revision.
-            fetched = fetch_base_model(cfg, storage)
+            fetched = fetch_base_model(cfg.base_model, storage)
             base_ref, base_revision = fetched.path, fetched.revision
         log.info("evaluating %s model from %s (base %s)", artifacts.kind, source, base_ref)
 
@@ -551,7 +392,7 @@ def run_evaluation(
         )
 
         validation = validation_split(layout, storage)
-        model = load_tuned_model(artifacts, base_ref, cfg)
+        model = load_tuned_model(artifacts, base_ref, cfg.training.precision)
         tuned = score_model(
             model,
             tokenizer,
@@ -627,7 +468,7 @@ def base_model_context(
         with tuned_model.disable_adapter():
             yield tuned_model
         return
-    base = load_causal_lm(base_ref, cfg)
+    base = load_causal_lm(base_ref, cfg.training.precision)
     try:
         yield base
     finally:

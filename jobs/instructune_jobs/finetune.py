@@ -13,22 +13,21 @@ Read it top to bottom; there is no trainer class hierarchy, only a plain torch l
         3. checkpoint  every `every_steps` steps into Ray Train's storage (S3), last K kept
         4. finish      adapter (or model), tokenizer and manifest into <root>/final/; cleanup
 
-Distributed: Ray Train starts one process per device and sets up torch.distributed (gloo on
-CPU, nccl on GPU). strategy "deepspeed" wraps the model in a DeepSpeed engine (ZeRO 2 or 3,
+Distributed: Ray Train starts one process per device and sets up torch.distributed (gloo on CPU,
+nccl on GPU). engines.py: strategy "deepspeed" wraps the model in a DeepSpeed engine (ZeRO 2 or 3,
 optional CPU offload), "ddp" in torch DistributedDataParallel. The optimizer is always a torch
 AdamW object handed to DeepSpeed: DeepSpeed's own "AdamW" config JIT-compiles FusedAdam (~1 min).
 
-Resuming: checkpoints go to `<root>/checkpoints/checkpoint_step_<N>/`. Each rank uploads its
-part; after a barrier rank 0 writes instructune_state.json (step, config hash) and prunes to the
-last `keep_last`. The driver picks the newest checkpoint with a state file and hands its URI to
-every worker, which restores it. The state files are the one record of what exists: Ray Train's
-checkpoint snapshot is written after the upload, so a stopped job could leave it behind. The
-driver and the worker both refuse a checkpoint written by another configuration.
+Resuming (checkpointing.py): checkpoints go to `<root>/checkpoints/checkpoint_step_<N>/`. Each rank
+uploads its part; after a barrier rank 0 writes instructune_state.json (step, config hash) and
+prunes to the last `keep_last`. The driver picks the newest checkpoint with a state file and hands
+its URI to every worker, which restores it. The state files are the one record of what exists: Ray
+Train's checkpoint snapshot is written after the upload, so a stopped job could leave it behind.
+The driver and the worker both refuse a checkpoint written by another configuration.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -38,34 +37,36 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from instructune_jobs.artifacts import (
     RUN_NAME,
-    STATE_FILE,
     ArtifactLayout,
-    CheckpointState,
-    ConfigMismatchError,
-    Storage,
     build_lineage_status,
     build_manifest,
     fetch_base_model,
-    join_uri,
+)
+from instructune_jobs.checkpointing import (
     latest_checkpoint,
-    part_of_rank,
-    prune_checkpoints,
-    ray_storage,
+    restore_checkpoint,
+    save_checkpoint,
 )
 from instructune_jobs.config import TrainConfig
+from instructune_jobs.engines import Engine, build_deepspeed_config, init_deepspeed, wrap_for_distributed
+from instructune_jobs.models import (
+    attention_implementation,
+    build_model,
+    load_tokenizer,
+    merge_adapter,
+    resolve_compute_dtype,
+)
 from instructune_jobs.prepare import prepare_on_cluster, read_prepared
+from instructune_jobs.storage import Storage, ray_storage
 
 log = logging.getLogger("instructune.finetune")
-
-TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "instructune" / "torch_extensions"
-DS_TAG = "state"  # DeepSpeed's checkpoint tag: one fixed name, since each checkpoint has its own dir
 
 
 class UnsupportedSetupError(ValueError):
@@ -129,7 +130,7 @@ def run_training(
         log.info("resuming from step %d (%s)", resume.step, resume.uri)
 
     if not ray.is_initialized():
-        ray.init(address=ray_address or _ray_address_from_env(), log_to_driver=True)
+        ray.init(address=ray_address or ray_address_from_env(), log_to_driver=True)
     # Tokenized once per attempt (and reused by the next one), before the workers take their
     # devices: refused data fails here, with its row report, not N times over on the workers.
     prepared = prepare_on_cluster(cfg, layout)
@@ -177,7 +178,7 @@ def run_training(
     )
 
 
-def _ray_address_from_env() -> str | None:
+def ray_address_from_env() -> str | None:
     """Inside a Ray job RAY_ADDRESS is the cluster's GCS; the local stack's env gives the
     dashboard URL there (for the Jobs API) and the GCS in INSTRUCTUNE_RAY_GCS_ADDRESS."""
     address = os.environ.get("RAY_ADDRESS")
@@ -217,10 +218,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Both workers of a 2-core machine would otherwise each start one thread per core.
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     check_supported(cfg, cuda_available=device.type == "cuda")
-    compute_dtype = resolve_compute_dtype(cfg, device)
+    compute_dtype = resolve_compute_dtype(cfg.training.precision, device)
     seed_everything(cfg.training.seed)
 
-    base = fetch_base_model(cfg, storage)
+    base = fetch_base_model(cfg.base_model, storage)
     tokenizer = load_tokenizer(base.path)
     data = read_prepared(loop_config["prepared_uri"], storage)
     items = data.training_items
@@ -328,7 +329,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # =============================================================================================
-# 1. Setup
+# Setup helpers and the step plan
 # =============================================================================================
 
 
@@ -339,24 +340,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def resolve_compute_dtype(cfg: TrainConfig, device: Any) -> Any:
-    """bf16/fp16 on GPUs as configured; fp32 on CPU, where half precision is slow and lossy."""
-    import torch
-
-    if device.type != "cuda":
-        return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
-
-
-def load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; any id works
-    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -411,135 +394,8 @@ def epoch_order(items: int, seed: int, epoch: int) -> list[int]:
     return _ORDER_CACHE[key]
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, compute_dtype: Any) -> dict[str, Any]:
-    import torch
-
-    training, distributed = cfg.training, cfg.distributed
-    on_gpu = cfg.resources.gpus_per_worker > 0
-    zero: dict[str, Any] = {
-        "stage": distributed.zero_stage,
-        "contiguous_gradients": True,
-        "overlap_comm": on_gpu,
-        # ZeRO-3: consolidate 16-bit weights when the model is saved (final export).
-        "stage3_gather_16bit_weights_on_model_save": True,
-    }
-    if distributed.offload in ("optimizer", "all"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if distributed.offload == "all":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    return {
-        "train_micro_batch_size_per_gpu": training.batch_size_per_device,
-        "gradient_accumulation_steps": training.gradient_accumulation,
-        "train_batch_size": training.batch_size_per_device * training.gradient_accumulation * world_size,
-        "gradient_clipping": training.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": compute_dtype == torch.bfloat16},
-        "fp16": {"enabled": compute_dtype == torch.float16, "initial_scale_power": 16},
-        # We pass a torch AdamW object: allow it under ZeRO and with CPU offload (DeepSpeed would
-        # otherwise insist on its own CPU Adam, a JIT-compiled extension).
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def build_model(
-    cfg: TrainConfig, base_path: Path, device: Any, compute_dtype: Any, ds_config: dict[str, Any] | None
-) -> Any:
-    """The base model through transformers' loading code, wrapped with PEFT for (Q)LoRA."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    # Frozen weights load in the compute dtype. Full fine-tuning under DDP keeps fp32 master weights
-    # and autocasts (DeepSpeed keeps its own fp32 master copy of 16-bit weights).
-    load_dtype = torch.float32 if cfg.method.type == "full" and ds_config is None else compute_dtype
-    kwargs: dict[str, Any] = {"dtype": load_dtype, "attn_implementation": attention_implementation(device)}
-    zero3_context: Any = None
-    if cfg.method.type == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        kwargs["device_map"] = {"": device.index or 0}
-    elif ds_config is not None and cfg.distributed.zero_stage == 3:
-        # ZeRO-3: from_pretrained partitions the weights as it loads them (zero.Init), so no rank
-        # ever holds the whole model: 8 ranks of a node would otherwise each load all of it into
-        # host memory. PEFT then builds LoRA (and modules_to_save copies, gathered) around them.
-        from transformers.integrations import HfDeepSpeedConfig
-
-        zero3_context = HfDeepSpeedConfig(ds_config)  # must stay referenced while loading
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
-    if zero3_context is not None:
-        weights = list(model.parameters())
-        held = sum(p.ds_tensor.numel() for p in weights if hasattr(p, "ds_tensor"))
-        log.info(
-            "ZeRO-3: base weights partitioned as loaded, %d of %d elements on this rank",
-            held,
-            sum(getattr(p, "ds_numel", p.numel()) for p in weights),
-        )
-    del zero3_context
-    return apply_method(cfg, model, device, keep_on_cpu=ds_config is not None)
-
-
-def apply_method(cfg: TrainConfig, model: Any, device: Any, keep_on_cpu: bool) -> Any:
-    """Gradient checkpointing and, for (Q)LoRA, the PEFT adapter; trainable weights in fp32.
-    keep_on_cpu: DeepSpeed places the model itself."""
-    import torch
-
-    model.config.use_cache = False  # the KV cache only costs memory in training
-    if cfg.training.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) without input grads hacks.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method.type == "full":
-        return model if keep_on_cpu else model.to(device)
-
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method.type == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.training.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    lora = cfg.method.lora
-    # Adapter initialisation draws random numbers: seed right before, so it is the same every run.
-    torch.manual_seed(cfg.training.seed)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT scales by alpha / r: floats work
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            modules_to_save=lora.modules_to_save or None,
-            task_type="CAUSAL_LM",
-        ),
-    )
-    # Trainable weights in fp32 (AdamW updates are lost in bf16); the frozen base stays in 16 bit.
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
-    return model if keep_on_cpu or cfg.method.type == "qlora" else model.to(device)
-
-
-def attention_implementation(device: Any) -> str:
-    """flash-attention 2 on GPUs when installed (packed sequences by position_ids, no mask);
-    sdpa otherwise, which takes the block-diagonal mask the packed collator builds."""
-    if device.type == "cuda":
-        with contextlib.suppress(ImportError):
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-    return "sdpa"
-
-
 def make_collator(cfg: TrainConfig, tokenizer: Any, device: Any, compute_dtype: Any) -> Any:
-    from instructune_jobs.data import PackedCollator, PaddingCollator
+    from instructune_jobs.data.collate import PackedCollator, PaddingCollator
 
     pad_id = tokenizer.pad_token_id
     # Multiples of 8 let tensor cores run on GPUs; on CPU they only add padding.
@@ -556,210 +412,6 @@ def make_collator(cfg: TrainConfig, tokenizer: Any, device: Any, compute_dtype: 
         return {name: tensor.to(device, non_blocking=True) for name, tensor in collator(items).items()}
 
     return collate
-
-
-# ----------------------------------------------------------------------- the two engines
-#
-# Both expose the same four operations so that the loop above reads the same for either:
-# forward_backward(batch) -> loss, optimizer_step(), learning_rate(), and the checkpoint hooks.
-
-
-class DeepSpeedEngine:
-    def __init__(
-        self, cfg: TrainConfig, model: Any, optimizer: Any, plan: StepPlan, ds_config: dict[str, Any]
-    ):
-        import deepspeed
-
-        self.cfg = cfg
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            # A callable: DeepSpeed builds the schedule on its own wrapped optimizer, steps it with
-            # engine.step() and saves/restores it with the checkpoint.
-            lr_scheduler=lambda wrapped: build_lr_scheduler(cfg, wrapped, plan.total_steps),
-            config=ds_config,
-            dist_init_required=False,  # Ray Train already set up torch.distributed
-        )
-
-    @property
-    def module(self) -> Any:
-        return self.engine.module
-
-    def forward_backward(self, batch: dict[str, Any], is_last_micro: bool) -> float:
-        loss = self.engine(**batch).loss
-        self.engine.backward(loss)  # scales by 1/accumulation itself
-        # DeepSpeed's contract is step() after every micro-batch: it counts them and only clips,
-        # updates and advances the schedule at the accumulation boundary.
-        self.engine.step()
-        return float(loss.detach())
-
-    def optimizer_step(self) -> None:
-        """Done by the engine at the accumulation boundary (see forward_backward)."""
-
-    def learning_rate(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def save(self, directory: Path, client_state: dict[str, Any]) -> None:
-        # LoRA: the frozen base is in the base model already; checkpoints hold only what trains.
-        self.engine.save_checkpoint(
-            str(directory),
-            tag=DS_TAG,
-            client_state=client_state,
-            exclude_frozen_parameters=self.cfg.method.type != "full",
-        )
-
-    def load(self, directory: Path) -> dict[str, Any]:
-        _, client_state = self.engine.load_checkpoint(
-            str(directory),
-            tag=DS_TAG,
-            load_module_strict=self.cfg.method.type == "full",
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        return client_state or {}
-
-    @contextlib.contextmanager
-    def gathered(self, trainable_only: bool) -> Iterator[None]:
-        """Under ZeRO-3 every rank holds a shard of each weight: gather them for saving."""
-        if self.cfg.distributed.zero_stage != 3:
-            yield
-            return
-        import deepspeed
-
-        parameters = [p for p in self.module.parameters() if p.requires_grad or not trainable_only]
-        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
-            yield
-
-    def close(self) -> None:
-        self.engine.destroy()
-
-
-class DDPEngine:
-    def __init__(
-        self, cfg: TrainConfig, model: Any, optimizer: Any, plan: StepPlan, device: Any, compute_dtype: Any
-    ):
-        import torch
-        from torch.nn.parallel import DistributedDataParallel
-
-        self.cfg = cfg
-        self.device = device
-        self.compute_dtype = compute_dtype
-        self.model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        self.optimizer = optimizer
-        self.scheduler = build_lr_scheduler(cfg, optimizer, plan.total_steps)
-        # fp16 needs loss scaling; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-
-    @property
-    def module(self) -> Any:
-        return self.model.module
-
-    def forward_backward(self, batch: dict[str, Any], is_last_micro: bool) -> float:
-        import torch
-
-        accumulation = self.cfg.training.gradient_accumulation
-        # Gradients are all-reduced only on the last micro-batch of a step.
-        sync = contextlib.nullcontext() if is_last_micro else self.model.no_sync()
-        autocast = torch.autocast(
-            self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32
-        )
-        with sync, autocast:
-            loss = self.model(**batch).loss
-        with sync:
-            self.scaler.scale(loss / accumulation).backward()
-        return float(loss.detach())
-
-    def optimizer_step(self) -> None:
-        import torch
-
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.training.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def learning_rate(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def trainable_state_dict(self) -> dict[str, Any]:
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        return {names[id(p)]: p.detach().cpu() for p in self.trainable}
-
-    def save(self, directory: Path, client_state: dict[str, Any]) -> None:
-        import torch
-        import torch.distributed as dist
-
-        # DDP ranks hold identical replicas: rank 0 writes the one copy.
-        if dist.get_rank() == 0:
-            torch.save(
-                {
-                    "trainable": self.trainable_state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "client_state": client_state,
-                },
-                directory / "ddp_state.pt",
-            )
-
-    def load(self, directory: Path) -> dict[str, Any]:
-        import torch
-
-        state = torch.load(directory / "ddp_state.pt", map_location=self.device, weights_only=False)
-        missing = set(self.trainable_state_dict()) - set(state["trainable"])
-        if missing:
-            raise RuntimeError(f"checkpoint lacks trainable weights: {sorted(missing)[:5]}")
-        self.module.load_state_dict(state["trainable"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        return dict(state["client_state"])
-
-    @contextlib.contextmanager
-    def gathered(self, trainable_only: bool) -> Iterator[None]:
-        yield
-
-    def close(self) -> None:
-        pass
-
-
-def build_lr_scheduler(cfg: TrainConfig, optimizer: Any, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
-        cfg.training.lr_scheduler
-    ]
-    warmup = math.ceil(cfg.training.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def init_deepspeed(device: Any) -> None:
-    """Before DeepSpeed is first imported: it JIT-compiles a shared-memory collective for CPU
-    (and CPU Adam when offloading), so cache the build once per machine, not once per run. Then
-    let it adopt the process group Ray Train created (ZeRO-3 loading needs its world size)."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-
-
-def wrap_for_distributed(
-    cfg: TrainConfig,
-    model: Any,
-    optimizer: Any,
-    plan: StepPlan,
-    ds_config: dict[str, Any] | None,
-    device: Any,
-) -> DeepSpeedEngine | DDPEngine:
-    if ds_config is not None:
-        return DeepSpeedEngine(cfg, model, optimizer, plan, ds_config)
-    return DDPEngine(cfg, model, optimizer, plan, device, resolve_compute_dtype(cfg, device))
 
 
 def all_reduce_step_stats(mean_loss: float, tokens: int, device: Any, world_size: int) -> tuple[float, int]:
@@ -810,98 +462,13 @@ def make_reporter(
 
 
 # =============================================================================================
-# 3. Checkpoint
-# =============================================================================================
-
-
-def save_checkpoint(
-    cfg: TrainConfig,
-    engine: DeepSpeedEngine | DDPEngine,
-    layout: ArtifactLayout,
-    storage: Storage,
-    step: int,
-    epoch: float,
-    loss: float,
-    reporter: Any,
-) -> None:
-    """Every rank writes its part (DeepSpeed: its optimizer shard) and uploads it into the step's
-    folder; after a barrier rank 0 writes the state file that makes the checkpoint count, then
-    prunes. The storage is the only record: Ray's checkpoint bookkeeping is not used, since its
-    snapshot lags the uploads (a stopped job left it one checkpoint behind) and it refuses to
-    start once a checkpoint it lists is gone."""
-    import ray.train
-    import torch.distributed as dist
-
-    state = CheckpointState(
-        step,
-        epoch,
-        cfg.config_hash(),
-        loss if math.isfinite(loss) else None,
-        _utc_now(),
-        layout.checkpoint(step),
-    )
-    with tempfile.TemporaryDirectory(prefix="instructune-ckpt-") as tmp:
-        engine.save(Path(tmp), {"step": step, "config_hash": state.config_hash})
-        storage.upload_directory(Path(tmp), state.uri)
-    ray.train.report({"step": step, "loss": state.loss})
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    if dist.get_rank() == 0:
-        storage.write_bytes(join_uri(state.uri, STATE_FILE), state.to_json().encode(), "application/json")
-        pruned = prune_checkpoints(layout, storage, cfg.checkpointing.keep_last)
-        if pruned:
-            log.info("pruned checkpoints %s (keeping the last %d)", pruned, cfg.checkpointing.keep_last)
-    if reporter is not None:
-        reporter.checkpoint(step, state.uri, state.loss)
-
-
-def restore_checkpoint(
-    cfg: TrainConfig, engine: DeepSpeedEngine | DDPEngine, uri: str | None, storage: Storage
-) -> CheckpointState | None:
-    """Restore weights, optimizer, schedule (and with them the data position, a function of the
-    step) from the checkpoint the driver chose; its state file must carry this config's hash.
-    None on a fresh start."""
-    if uri is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="instructune-restore-") as tmp:
-        path = Path(tmp)
-        storage.download_prefix(uri, path, wanted=part_of_rank(_rank()))
-        state = CheckpointState.from_json((path / STATE_FILE).read_text(), uri)
-        if state.config_hash != cfg.config_hash():
-            raise ConfigMismatchError(
-                f"checkpoint {uri} was written by config {state.config_hash[:12]}, not "
-                f"{cfg.config_hash()[:12]}"
-            )
-        client_state = engine.load(path)
-    if int(client_state.get("step", state.step)) != state.step:
-        raise RuntimeError(
-            f"checkpoint {uri} is inconsistent: engine state at step "
-            f"{client_state.get('step')}, state file at {state.step}"
-        )
-    log.info("restored step %d from %s", state.step, uri)
-    return state
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _utc_now() -> str:
-    from instructune_jobs.report import utc_now
-
-    return utc_now()
-
-
-# =============================================================================================
-# 4. Finish: final artifacts
+# Finish: final artifacts
 # =============================================================================================
 
 
 def export_final_artifacts(
     cfg: TrainConfig,
-    engine: DeepSpeedEngine | DDPEngine,
+    engine: Engine,
     tokenizer: Any,
     chat_template: str,
     base_path: Path,
@@ -944,17 +511,6 @@ def export_final_artifacts(
     return outputs
 
 
-def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path, dtype: Any) -> None:
-    """Base + adapter folded into plain weights (for runtimes that cannot load adapters)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    del base, merged
-
-
 def training_already_done(cfg: TrainConfig, storage: Storage | None = None) -> dict[str, Any] | None:
     """The manifest of a finished run of this very configuration, if the root has one: a retried
     job (say, after a failed evaluation) does not train again."""
@@ -976,12 +532,9 @@ def training_already_done(cfg: TrainConfig, storage: Storage | None = None) -> d
 
 
 __all__ = [
-    "TORCH_EXTENSIONS_DIR",
-    "ConfigMismatchError",
     "StepPlan",
     "TrainingOutcome",
     "UnsupportedSetupError",
-    "build_deepspeed_config",
     "epoch_order",
     "run_training",
     "train_loop_per_worker",

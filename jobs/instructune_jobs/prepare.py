@@ -31,19 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from instructune_jobs.artifacts import ArtifactLayout, Storage, fetch_base_model, join_uri
+from instructune_jobs.artifacts import ArtifactLayout, fetch_base_model
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import (
-    DataStats,
-    DataValidationError,
-    InvalidRow,
-    ObjectReader,
-    PackedSequence,
-    PreparedData,
-    TemplateError,
-    TokenizedExample,
-    load_examples,
-)
+from instructune_jobs.data.pipeline import DataStats, DataValidationError, PreparedData, load_examples
+from instructune_jobs.data.types import InvalidRow, PackedSequence, TemplateError, TokenizedExample
+from instructune_jobs.models import load_tokenizer
+from instructune_jobs.storage import ObjectReader, SchemeReader, Storage, join_uri
 
 log = logging.getLogger("instructune.prepare")
 
@@ -232,11 +225,8 @@ def prepare_data(
 ) -> Prepared:
     """Read, validate, tokenize and pack the data into `<root>/data/`, unless data prepared from
     the same inputs is already there. Raises InvalidDataError when the data is refused."""
-    from instructune_jobs.data import SchemeReader
-    from instructune_jobs.finetune import load_tokenizer
-
     storage, reader = storage or Storage(), reader or SchemeReader()
-    base = fetch_base_model(cfg, storage)
+    base = fetch_base_model(cfg.base_model, storage)
     versions = code_versions()
     existing = prepared_uri(layout, prepared_key(cfg, base.revision, _listed_etags(cfg, reader), versions))
     if storage.exists(existing):

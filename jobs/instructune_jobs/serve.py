@@ -26,7 +26,7 @@ Read top to bottom, `deploy` does:
 
 `--delete --name N` removes the application (the operator's teardown; tests use it to clean up).
 
-temperature 0 is greedy decoding through `evaluate.generate`, the very function the evaluation
+temperature 0 is greedy decoding through `generation.generate`, the very function the evaluation
 gate scored the model with, so a served greedy answer is the one evaluation saw. The system
 prompt (--system-prompt, the tune's template.systemPrompt) is prepended when a request has none,
 as training did for rows without one.
@@ -45,21 +45,22 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from instructune_jobs.artifacts import Storage, fetch_base_model
-from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import Conversation, render_chat, resolve_chat_template, template_hash
-from instructune_jobs.evaluate import (
+from instructune_jobs.artifacts import fetch_base_model
+from instructune_jobs.config import ModelSource
+from instructune_jobs.data.template import (
     TemplateMismatchError,
-    TrainedArtifacts,
-    _stop_token_ids,
-    generate,
-    load_tokenizer,
-    load_tuned_model,
+    render_chat,
+    resolve_chat_template,
+    template_hash,
 )
+from instructune_jobs.data.types import Conversation
+from instructune_jobs.generation import generate, stop_token_ids
+from instructune_jobs.models import Precision, TrainedArtifacts, load_tokenizer, load_tuned_model
+from instructune_jobs.storage import Storage
 
 log = logging.getLogger("instructune.serve")
 
@@ -85,19 +86,7 @@ class ServeOptions:
     system_prompt: str = ""
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     max_tokens_limit: int = MAX_TOKENS_LIMIT
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # on GPU; CPU always loads fp32
-
-
-def loading_config(options: ServeOptions) -> TrainConfig:
-    """The TrainConfig that fetch_base_model and evaluate's loaders take: they read only base_model
-    and training.precision from it; the dataset is a placeholder the config's schema requires."""
-    return TrainConfig.model_validate(
-        {
-            "base_model": {"uri": options.base or "/nonexistent"},
-            "dataset": {"train": [{"uri": "/nonexistent"}]},
-            "training": {"precision": options.precision},
-        }
-    )
+    precision: Precision = "bf16"  # on GPU; CPU always loads fp32
 
 
 def check_served_template(tokenizer: Any, expected_hash: str, source: str) -> str:
@@ -268,7 +257,6 @@ class ChatModel:
 
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        cfg = loading_config(options)
         started = time.monotonic()
         storage = Storage()
         # Tokenizer and weights only live on disk while loading: they are in memory afterwards. The
@@ -282,9 +270,13 @@ class ChatModel:
             self.template = check_served_template(self.tokenizer, options.template_hash, options.tokenizer)
             self.kind = weights_kind(options.weights, storage)
             storage.download_prefix(options.weights, weights_dir)
-            base = fetch_base_model(cfg, storage).path if self.kind == "adapter" else None
+            base = (
+                fetch_base_model(ModelSource(uri=options.base), storage).path
+                if self.kind == "adapter"
+                else None
+            )
             artifacts = TrainedArtifacts(self.kind, weights_dir, tokenizer_dir, {}, options.weights)
-            self.model = load_tuned_model(artifacts, base, cfg)
+            self.model = load_tuned_model(artifacts, base, options.precision)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.created = int(time.time())
         # One generation at a time: requests share one model, and on CPU they share its threads.
@@ -365,7 +357,7 @@ class ChatModel:
         import torch
         from transformers import GenerationConfig
 
-        stop_ids = _stop_token_ids(self.model, self.tokenizer)
+        stop_ids = stop_token_ids(self.model, self.tokenizer)
         config = GenerationConfig(
             do_sample=True,
             temperature=request.temperature,

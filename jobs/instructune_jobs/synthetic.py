@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from instructune_jobs.data import split_s3_uri
+from instructune_jobs.storage import split_s3_uri
 
 PAD_TOKEN = "<|endoftext|>"
 TURN_START = "<|im_start|>"
@@ -538,7 +538,7 @@ def ensure_bucket(client: Any, bucket: str) -> None:
 
 def upload_bytes(data: bytes, uri: str, client: Any | None = None) -> str:
     """Put one object and return its ETag."""
-    from instructune_jobs.data import s3_client_from_env
+    from instructune_jobs.storage import s3_client_from_env
 
     client = client or s3_client_from_env()
     bucket, key = split_s3_uri(uri)
@@ -554,7 +554,7 @@ def upload_rows(rows: Sequence[dict[str, Any]], uri: str, client: Any | None = N
 
 def upload_directory(local_dir: str | Path, uri: str, client: Any | None = None) -> list[str]:
     """Put every file under local_dir below the prefix uri (e.g. a saved model); returns the uris."""
-    from instructune_jobs.data import s3_client_from_env
+    from instructune_jobs.storage import s3_client_from_env
 
     client = client or s3_client_from_env()
     root = Path(local_dir)

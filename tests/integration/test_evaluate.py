@@ -28,16 +28,16 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from instructune_jobs.config import TemplateConfig, TrainConfig  # noqa: E402
-from instructune_jobs.data import (  # noqa: E402
-    LocatedRow,
-    PaddingCollator,
-    rows_to_conversations,
-    s3_client_from_env,
-    split_s3_uri,
+from instructune_jobs.data.collate import PaddingCollator  # noqa: E402
+from instructune_jobs.data.formats import rows_to_conversations  # noqa: E402
+from instructune_jobs.data.template import (  # noqa: E402
+    TemplateMismatchError,
     template_hash,
-    tokenize_conversations,
 )
-from instructune_jobs.evaluate import TemplateMismatchError, run_evaluation  # noqa: E402
+from instructune_jobs.data.tokenize import tokenize_conversations  # noqa: E402
+from instructune_jobs.data.types import LocatedRow  # noqa: E402
+from instructune_jobs.evaluate import run_evaluation  # noqa: E402
+from instructune_jobs.storage import s3_client_from_env, split_s3_uri  # noqa: E402
 from instructune_jobs.synthetic import (  # noqa: E402
     CHATML_TEMPLATE,
     EXTRACTION_KEYS,
@@ -310,8 +310,9 @@ def test_evaluation_refuses_a_chat_template_other_than_the_trained_one(tuned_run
 
 
 def test_the_validation_split_is_scored_on_the_tokens_training_prepared(tuned_run: dict[str, Any]) -> None:
-    from instructune_jobs.artifacts import ArtifactLayout, Storage
+    from instructune_jobs.artifacts import ArtifactLayout
     from instructune_jobs.prepare import prepare_data, read_prepared
+    from instructune_jobs.storage import Storage
 
     uris = tuned_run["uris"]
     root = uris["root"].rstrip("/") + "-validation/"

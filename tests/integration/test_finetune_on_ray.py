@@ -44,9 +44,12 @@ pytest.importorskip("ray")
 pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 
-from instructune_jobs.artifacts import STATE_FILE, ArtifactLayout, Storage, list_checkpoints  # noqa: E402
+from instructune_jobs.artifacts import ArtifactLayout  # noqa: E402
+from instructune_jobs.checkpointing import STATE_FILE, list_checkpoints  # noqa: E402
 from instructune_jobs.config import TrainConfig  # noqa: E402
-from instructune_jobs.data import PaddingCollator, load_examples  # noqa: E402
+from instructune_jobs.data.collate import PaddingCollator  # noqa: E402
+from instructune_jobs.data.pipeline import load_examples  # noqa: E402
+from instructune_jobs.storage import Storage  # noqa: E402
 from instructune_jobs.synthetic import (  # noqa: E402
     EXTRACTION_SCHEMA,
     build_tiny_llama,
@@ -461,7 +464,8 @@ def test_checkpoints_of_another_config_are_not_resumed(
 ) -> None:
     import subprocess
 
-    from instructune_jobs.artifacts import STATE_FILE, CheckpointState, checkpoint_dir_name
+    from instructune_jobs.artifacts import checkpoint_dir_name
+    from instructune_jobs.checkpointing import STATE_FILE, CheckpointState
 
     cfg = make_config(assets, "foreign")
     layout = ArtifactLayout.for_config(cfg)

@@ -29,13 +29,14 @@ pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from instructune_jobs.config import TrainConfig  # noqa: E402
-from instructune_jobs.data import render_chat, s3_client_from_env, split_s3_uri, template_hash  # noqa: E402
-from instructune_jobs.evaluate import (  # noqa: E402
+from instructune_jobs.data.template import render_chat, template_hash  # noqa: E402
+from instructune_jobs.generation import generate  # noqa: E402
+from instructune_jobs.models import (  # noqa: E402
     TrainedArtifacts,
-    generate,
     load_tokenizer,
     load_tuned_model,
 )
+from instructune_jobs.storage import s3_client_from_env, split_s3_uri  # noqa: E402
 from instructune_jobs.synthetic import CHATML_TEMPLATE, build_tiny_llama, upload_directory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,7 +218,9 @@ def local_model(artifacts: dict[str, Any]) -> tuple[Any, Any]:
     )
     tokenizer = load_tokenizer(work / "final" / "tokenizer")
     model = load_tuned_model(
-        TrainedArtifacts("adapter", work / "final" / "adapter", None, {}, "local"), artifacts["base_dir"], cfg
+        TrainedArtifacts("adapter", work / "final" / "adapter", None, {}, "local"),
+        artifacts["base_dir"],
+        cfg.training.precision,
     )
     return tokenizer, model
 

@@ -6,18 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from instructune_jobs.artifacts import (
+from instructune_jobs.artifacts import ArtifactLayout, checkpoint_dir_name
+from instructune_jobs.checkpointing import (
     STATE_FILE,
-    ArtifactLayout,
     CheckpointState,
-    Storage,
-    checkpoint_dir_name,
     checkpoints_to_prune,
     latest_checkpoint,
     list_checkpoints,
     part_of_rank,
     prune_checkpoints,
 )
+from instructune_jobs.storage import Storage
 
 pytestmark = pytest.mark.unit
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from instructune_jobs.audit import audit_conversations, find_pii, prompt_key, redact
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import MemoryObjectReader, SourcedConversation, load_examples
+from instructune_jobs.data.audit import audit_conversations, find_pii, prompt_key, redact
+from instructune_jobs.data.pipeline import load_examples
+from instructune_jobs.data.types import SourcedConversation
+from instructune_jobs.storage import MemoryObjectReader
 
 pytestmark = pytest.mark.unit
 
@@ -196,7 +198,7 @@ def test_the_data_step_audits_every_source_and_counts_what_it_did(tokenizer: Any
 
 
 def test_a_source_the_audits_empty_is_refused_saying_so_and_keeps_the_findings(tokenizer: Any) -> None:
-    from instructune_jobs.data import DataValidationError
+    from instructune_jobs.data.pipeline import DataValidationError
 
     general = [{"instruction": f"Spell {w}.", "output": " ".join(w)} for w in ("cat", "dog", "sun")]
     body = "\n".join(json.dumps(r) for r in general).encode()

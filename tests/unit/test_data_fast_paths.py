@@ -9,22 +9,25 @@ from typing import Any
 
 import pytest
 
-from instructune_jobs.data import (
+from instructune_jobs.data.collate import PackedCollator
+from instructune_jobs.data.packing import best_fit_decreasing, pack_examples
+from instructune_jobs.data.template import (
+    assistant_char_spans,
+    assistant_char_spans_batch,
+    render_chat,
+    resolve_chat_template,
+)
+from instructune_jobs.data.tokenize import (
+    encode_with_offsets,
+    encode_with_token_starts,
+    tokenize_conversations,
+)
+from instructune_jobs.data.types import (
     IGNORE_INDEX,
-    PackedCollator,
     PackedSequence,
     SourcedConversation,
     TemplateError,
     TokenizedExample,
-    assistant_char_spans,
-    assistant_char_spans_batch,
-    best_fit_decreasing,
-    encode_with_offsets,
-    encode_with_token_starts,
-    pack_examples,
-    render_chat,
-    resolve_chat_template,
-    tokenize_conversations,
 )
 from instructune_jobs.synthetic import CHATML_TEMPLATE
 

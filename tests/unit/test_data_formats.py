@@ -13,18 +13,15 @@ from typing import Any
 import pytest
 
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import (
-    LocalObjectReader,
-    LocatedRow,
-    MemoryObjectReader,
+from instructune_jobs.data.formats import (
     detect_format,
-    load_examples,
-    mix_sources,
     parse_object_bytes,
     row_to_conversation,
     rows_to_conversations,
-    split_validation,
 )
+from instructune_jobs.data.pipeline import load_examples, mix_sources, split_validation
+from instructune_jobs.data.types import LocatedRow
+from instructune_jobs.storage import LocalObjectReader, MemoryObjectReader
 from instructune_jobs.synthetic import extraction_rows, general_rows, rows_to_bytes
 
 pytestmark = pytest.mark.unit
@@ -300,7 +297,7 @@ class FakeS3:
 
 
 def test_s3_reader_lists_an_object_or_every_data_shard_under_a_prefix() -> None:
-    from instructune_jobs.data import S3ObjectReader
+    from instructune_jobs.storage import S3ObjectReader
 
     fake = FakeS3(
         {
@@ -328,7 +325,7 @@ def test_s3_reader_lists_an_object_or_every_data_shard_under_a_prefix() -> None:
 
 def test_s3_client_takes_its_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("boto3")
-    from instructune_jobs.data import s3_client_from_env
+    from instructune_jobs.storage import s3_client_from_env
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("INSTRUCTUNE_S3_ENDPOINT", "http://127.0.0.1:9000")
@@ -340,7 +337,7 @@ def test_s3_client_takes_its_endpoint_from_the_environment(monkeypatch: pytest.M
 
 
 def test_data_stats_report_as_the_status_data_block() -> None:
-    from instructune_jobs.data import DataStats
+    from instructune_jobs.data.pipeline import DataStats
 
     stats = DataStats(
         rows=10,

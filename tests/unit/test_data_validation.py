@@ -8,18 +8,11 @@ from typing import Any
 import pytest
 
 from instructune_jobs.config import InvalidRowsPolicy, TrainConfig
-from instructune_jobs.data import (
-    DataValidationError,
-    InvalidRow,
-    LocatedRow,
-    MemoryObjectReader,
-    SourcedConversation,
-    enforce_invalid_rows_policy,
-    load_examples,
-    parse_jsonl_bytes,
-    rows_to_conversations,
-    tokenize_conversations,
-)
+from instructune_jobs.data.formats import parse_jsonl_bytes, rows_to_conversations
+from instructune_jobs.data.pipeline import DataValidationError, enforce_invalid_rows_policy, load_examples
+from instructune_jobs.data.tokenize import tokenize_conversations
+from instructune_jobs.data.types import InvalidRow, LocatedRow, SourcedConversation
+from instructune_jobs.storage import MemoryObjectReader
 
 pytestmark = pytest.mark.unit
 

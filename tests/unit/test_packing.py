@@ -9,22 +9,18 @@ from typing import Any
 
 import pytest
 
-from instructune_jobs.data import (
-    IGNORE_INDEX,
-    LocatedRow,
-    PackedCollator,
-    PaddingCollator,
-    TokenizedExample,
+from instructune_jobs.data.collate import PackedCollator, PaddingCollator, block_diagonal_causal_mask
+from instructune_jobs.data.formats import rows_to_conversations
+from instructune_jobs.data.packing import (
     best_fit_decreasing,
-    block_diagonal_causal_mask,
     dynamic_padding_fraction,
     fixed_padding_fraction,
     pack_examples,
     packing_padding_fraction,
-    render_chat,
-    rows_to_conversations,
-    tokenize_conversations,
 )
+from instructune_jobs.data.template import render_chat
+from instructune_jobs.data.tokenize import tokenize_conversations
+from instructune_jobs.data.types import IGNORE_INDEX, LocatedRow, TokenizedExample
 from instructune_jobs.synthetic import extraction_rows, general_rows, length_mix_rows
 
 pytestmark = pytest.mark.unit

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from instructune_jobs.artifacts import ArtifactLayout, Storage
+from instructune_jobs.artifacts import ArtifactLayout
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.data import MemoryObjectReader, load_examples
+from instructune_jobs.data.pipeline import load_examples
 from instructune_jobs.prepare import (
     InvalidDataError,
     code_versions,
@@ -23,6 +23,7 @@ from instructune_jobs.prepare import (
     prepared_key,
     read_prepared,
 )
+from instructune_jobs.storage import MemoryObjectReader, Storage
 
 pytestmark = pytest.mark.unit
 
@@ -208,7 +209,7 @@ def test_batches_from_read_back_data_equal_batches_from_the_data_step(
 ) -> None:
     import torch
 
-    from instructune_jobs.data import PackedCollator, PaddingCollator
+    from instructune_jobs.data.collate import PackedCollator, PaddingCollator
 
     prepared = load_examples(config(tiny_model_dir, packing=packing), tokenizer, MemoryObjectReader(OBJECTS))
     restored = decode_prepared(encode_prepared(prepared))

@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from instructune_jobs.config import EvaluationConfig
-from instructune_jobs.data import template_hash
-from instructune_jobs.evaluate import (
-    TemplateMismatchError,
-    TrainedArtifacts,
-    add_means_over_datasets,
-    check_template,
-    locate_trained_artifacts,
-)
+from instructune_jobs.data.template import TemplateMismatchError, template_hash
+from instructune_jobs.evaluate import add_means_over_datasets, check_template
+from instructune_jobs.models import TrainedArtifacts, locate_trained_artifacts
 from instructune_jobs.scoring import (
     MetricSpec,
     aggregate_scores,

@@ -7,18 +7,14 @@ from typing import Any
 
 import pytest
 
-from instructune_jobs.data import (
-    IGNORE_INDEX,
-    SourcedConversation,
-    TemplateError,
-    TokenizedExample,
-    encode_with_offsets,
+from instructune_jobs.data.template import (
     render_chat,
     resolve_chat_template,
     split_for_generation,
     template_hash,
-    tokenize_conversations,
 )
+from instructune_jobs.data.tokenize import encode_with_offsets, tokenize_conversations
+from instructune_jobs.data.types import IGNORE_INDEX, SourcedConversation, TemplateError, TokenizedExample
 from instructune_jobs.synthetic import CHATML_TEMPLATE
 
 pytestmark = pytest.mark.unit

@@ -1,6 +1,6 @@
 """Data audits before tokenizing: duplicates, evaluation contamination, personal data.
 
-Pure functions over conversations (no I/O); data.load_examples runs `audit_conversations` on
+Pure functions over conversations (no I/O); pipeline.load_examples runs `audit_conversations` on
 every training source and writes nothing itself: the findings travel with the prepared data and
 prepare.py writes them to `<root>/data/audit.jsonl`.
 
@@ -23,10 +23,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from instructune_jobs.data import Conversation, SourcedConversation
+from instructune_jobs.data.types import Conversation, SourcedConversation
 
 PiiPolicy = Literal["off", "report", "redact", "drop"]
 
