@@ -181,7 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
 
     from instructune_jobs.checkpointing import ConfigMismatchError
-    from instructune_jobs.finetune import UnsupportedSetupError, run_training, training_already_done
+    from instructune_jobs.finetune import (
+        PreemptedError,
+        UnsupportedSetupError,
+        run_training,
+        training_already_done,
+    )
     from instructune_jobs.prepare import InvalidDataError
 
     result: dict[str, Any] = {"configHash": cfg.config_hash()}
@@ -218,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidDataError as err:
         log.error("the data was refused: %s", err)
         return EXIT_INVALID_DATA
+    except PreemptedError as err:
+        log.error("a node was preempted: %s", err)
+        return ExitCode.PREEMPTED
 
     sys.stdout.write(RESULT_PREFIX + json.dumps(result, allow_nan=False, default=str) + "\n")
     sys.stdout.flush()

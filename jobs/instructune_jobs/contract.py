@@ -17,6 +17,9 @@ class ExitCode(IntEnum):
     CONFIG_MISMATCH = 3
     INVALID_DATA = 4
     VERSION_MISMATCH = 5
+    # A node of the Ray cluster was reclaimed (spot preemption, a drained or deleted node): the
+    # operator resumes from the latest checkpoint without counting it against the backoff limit.
+    PREEMPTED = 6
 
 
 # The condition reason the operator records for each permanent exit: retrying would fail again

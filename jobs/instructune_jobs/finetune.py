@@ -69,6 +69,10 @@ from instructune_jobs.storage import Storage, ray_storage
 log = logging.getLogger("instructune.finetune")
 
 
+class PreemptedError(RuntimeError):
+    """A node of the attempt was reclaimed: the run resumes from its latest checkpoint."""
+
+
 class UnsupportedSetupError(ValueError):
     """The configuration asks for something this machine or combination cannot do."""
 
@@ -118,6 +122,7 @@ def run_training(
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.exceptions import PreemptionError
 
     started = time.monotonic()
     storage = storage or Storage()
@@ -161,11 +166,18 @@ def run_training(
             storage_filesystem=storage_filesystem,
             # A failed worker fails the attempt; the operator retries it from the latest checkpoint.
             # Retries belong to the operator (backoffLimit, from the latest checkpoint): fail at once,
-            # also when the worker group cannot start (Ray's default retries that forever).
-            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),  # type: ignore[call-arg]  # Train V2
+            # also when the worker group cannot start (Ray's default retries that forever), and
+            # when a node is preempted (Ray's default restarts the group in the job, from the
+            # checkpoint this attempt started from, not the latest one, and out of the status's sight).
+            failure_config=FailureConfig(  # type: ignore[call-arg]  # Train V2
+                max_failures=0, controller_failure_limit=0, max_preemption_failures=0
+            ),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except PreemptionError as err:
+        raise PreemptedError(str(err)) from err
     manifest = json.loads(storage.read_bytes(layout.manifest) or b"{}")
     training = manifest.get("training", {})
     return TrainingOutcome(

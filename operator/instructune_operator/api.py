@@ -574,7 +574,7 @@ class InstructionTuneStatus(Model):
     attempts: int | None = Field(default=None, description="Job attempts so far.")
     resumes: int | None = Field(
         default=None,
-        description="Attempts started by resuming after a suspension; they do not count against backoffLimit.",
+        description="Attempts started by resuming after a suspension or a node preemption; they do not count against backoffLimit.",
     )
     ray_cluster: RayClusterRef | None = Field(default=None, description="The Ray cluster.")
     job_id: str | None = Field(default=None, description="Ray job submission id.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from instructune_jobs.contract import permanent_reason
+from instructune_jobs.contract import ExitCode, permanent_reason
 from instructune_operator.api import InstructionTuneSpec
 from instructune_operator.gate import evaluate_gate
 from instructune_operator.naming import submission_id
@@ -219,6 +219,15 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
     # the job said a retry would end the same way.
     why = _failure_message(obs)
+    if obs.job_status == "FAILED" and obs.job_exit_code == ExitCode.PREEMPTED:
+        # A reclaimed node is not the run's failure: resume, as after a suspension.
+        st.s["resumes"] = int(status.get("resumes") or 0) + 1
+        _submit(obs, st, decision, attempts + 1)
+        st.cond(
+            "Training", "True", "Preempted",
+            f"attempt {attempts} lost a node to preemption; attempt {attempts + 1} resumes from the latest checkpoint",
+        )  # fmt: skip
+        return decision
     permanent = permanent_reason(obs.job_exit_code) if obs.job_status == "FAILED" else None
     if permanent:
         st.cond("Training", "False", permanent, why)

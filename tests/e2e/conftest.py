@@ -153,7 +153,13 @@ def diagnostics(stack: Any, ns: str) -> str:
                         .json()
                         .get("logs", "")
                     )
-                    lines += ["    " + line for line in logs.splitlines()[-25:]]
+                    noise = ("HTTP Request:", "it/s]", "FutureWarning", "warnings.warn")
+                    kept = [
+                        line
+                        for line in logs.splitlines()
+                        if line.strip() and not any(n in line for n in noise)
+                    ]
+                    lines += ["    " + line for line in kept[-40:]]
         return "\n".join(lines)
 
     section("tunes", tunes)
@@ -167,7 +173,14 @@ def diagnostics(stack: Any, ns: str) -> str:
         ),
     )
     section("ray jobs", ray_jobs)
-    section("operator log", lambda: operator_release.operator_logs(stack.dir, tail=60))
+    section(
+        "operator log",
+        lambda: "\n".join(
+            line
+            for line in operator_release.operator_logs(stack.dir, tail=400).splitlines()
+            if "Timer 'reconcile-timer' succeeded" not in line
+        )[-6000:],
+    )
     return "\n".join(parts)
 
 

@@ -119,7 +119,8 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     operator.start()
 
     # 5. A Ray worker pod dies once the resumed attempt has written a checkpoint of its own: the
-    # attempt fails, and the next resumes from that checkpoint (no more steps lost than an interval).
+    # attempt ends (Ray sees the node preempted, or a worker crashed), and the next resumes from
+    # that checkpoint (no more steps lost than an interval).
     latest = wait_for(
         lambda: (
             max((c["step"] for c in _status(stack, ns, "quickstart").get("checkpoints") or []), default=0)

@@ -292,3 +292,18 @@ def test_a_job_gone_with_the_cluster_its_suspension_deleted_resumes_as_the_next_
     assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
     assert d.status["attempts"] == 2 and d.status["resumes"] == 1
     assert _cond(d.status, "Training") == ("True", "Resumed")
+
+
+def test_a_preempted_attempt_resumes_without_using_up_the_backoff_limit() -> None:
+    spec = _spec(backoffLimit=0)
+    status = decide(_obs(cluster=READY, spec=spec)).status
+    for attempt in (2, 3):
+        d = decide(_obs(status=status, spec=spec, cluster=READY, job_status="FAILED", job_exit_code=6))
+        assert (
+            d.submit == submission_id("ns", "tune", "0123456789ab", attempt)
+            and d.status["phase"] == "Training"
+        )
+        assert _cond(d.status, "Training") == ("True", "Preempted")
+        status = decide(_obs(status=d.status, spec=spec, cluster=READY, job_status="RUNNING")).status
+    crashed = decide(_obs(status=status, spec=spec, cluster=READY, job_status="FAILED", job_exit_code=1))
+    assert crashed.status["phase"] == "Failed", "a crash still fails a backoffLimit-0 tune"
