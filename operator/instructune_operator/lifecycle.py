@@ -12,12 +12,32 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from instructune_jobs.contract import permanent_reason
-from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.api import (
+    CONDITION_CLUSTER_READY,
+    CONDITION_EVAL_PASSED,
+    CONDITION_EVALUATED,
+    CONDITION_READY,
+    CONDITION_SERVING,
+    CONDITION_SUCCEEDED,
+    CONDITION_TRAINING,
+    PHASE_DEPLOYING,
+    PHASE_EVALUATING,
+    PHASE_FAILED,
+    PHASE_PROVISIONING,
+    PHASE_SUCCEEDED,
+    PHASE_SUSPENDED,
+    PHASE_TRAINING,
+    TERMINAL_PHASES,
+    ConditionStatus,
+    ConditionType,
+    InstructionTuneSpec,
+    Phase,
+    Reason,
+)
 from instructune_operator.gate import evaluate_gate
 from instructune_operator.naming import submission_id
 from instructune_operator.status import compute_validation_status, get_condition, set_condition
 
-TERMINAL_PHASES = ("Succeeded", "Failed")
 JOB_RUNNING = ("PENDING", "RUNNING")
 
 
@@ -66,7 +86,7 @@ class _Status:
     def __init__(self, obs: Observation, status: dict[str, Any]) -> None:
         self.obs, self.s = obs, status
 
-    def cond(self, type_: str, status: str, reason: str, message: str = "") -> None:
+    def cond(self, type_: ConditionType, status: ConditionStatus, reason: Reason, message: str = "") -> None:
         self.s["conditions"] = set_condition(
             self.s.get("conditions", []),
             type_,
@@ -77,17 +97,22 @@ class _Status:
             self.obs.generation,
         )
 
-    def phase(self, phase: str) -> None:
+    def phase(self, phase: Phase) -> None:
         self.s["phase"] = phase
 
-    def finish(self, phase: str, reason: str, message: str) -> None:
+    def finish(self, phase: Phase, reason: Reason, message: str) -> None:
         self.phase(phase)
         self.s.setdefault("finishedAt", _ts(self.obs.now))
-        self.cond("Ready", "True" if phase == "Succeeded" else "False", reason, message)
-        self.cond("Succeeded", "True" if phase == "Succeeded" else "False", reason, message)
+        succeeded: ConditionStatus = "True" if phase == PHASE_SUCCEEDED else "False"
+        self.cond(CONDITION_READY, succeeded, reason, message)
+        self.cond(CONDITION_SUCCEEDED, succeeded, reason, message)
 
 
-def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+# The kubelet's container state reasons that stop a Ray pod; our reasons repeat the kubelet's names.
+_PULL_FAILURES = ("ErrImagePull", Reason.IMAGE_PULL_BACK_OFF, "InvalidImageName")
+
+
+def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[Reason, str] | None:
     """The first reason a Ray pod cannot run, as (reason, message), e.g. unschedulable in the pool.
     Pods are taken in name order: a watch cache has none, and a message that flips between the
     head's and a worker's would rewrite the status and post an event on every pass."""
@@ -95,19 +120,19 @@ def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
         name = pod.get("metadata", {}).get("name", "?")
         for cond in pod.get("status", {}).get("conditions", []):
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                return "Unschedulable", f"pod {name}: {cond.get('message', cond.get('reason', ''))}"
+                return Reason.UNSCHEDULABLE, f"pod {name}: {cond.get('message', cond.get('reason', ''))}"
         for cs in pod.get("status", {}).get("containerStatuses", []):
             waiting = cs.get("state", {}).get("waiting") or {}
-            if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
-                return "ImagePullBackOff", f"pod {name}: {waiting.get('message', waiting['reason'])}"
-            if waiting.get("reason") == "CrashLoopBackOff":
-                return "CrashLoopBackOff", f"pod {name}: container {cs.get('name')} keeps crashing"
+            if waiting.get("reason") in _PULL_FAILURES:
+                return Reason.IMAGE_PULL_BACK_OFF, f"pod {name}: {waiting.get('message', waiting['reason'])}"
+            if waiting.get("reason") == Reason.CRASH_LOOP_BACK_OFF:
+                return Reason.CRASH_LOOP_BACK_OFF, f"pod {name}: container {cs.get('name')} keeps crashing"
             terminated = (
                 cs.get("lastState", {}).get("terminated") or cs.get("state", {}).get("terminated") or {}
             )
-            if terminated.get("reason") == "OOMKilled":
+            if terminated.get("reason") == Reason.OOM_KILLED:
                 return (
-                    "OOMKilled",
+                    Reason.OOM_KILLED,
                     f"pod {name}: container {cs.get('name')} was killed for exceeding its memory",
                 )
     return None
@@ -123,8 +148,8 @@ def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
     # Ray Serve serves from the tune's own Ray cluster: a served tune keeps it.
     if spec is not None and spec.serving.enabled and spec.serving.runtime == "ray-serve":
         decision.delete_cluster = decision.delete_cluster and decision.status.get("phase") not in (
-            "Deploying",
-            "Succeeded",
+            PHASE_DEPLOYING,
+            PHASE_SUCCEEDED,
         )
     return decision
 
@@ -150,11 +175,14 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         return decision
 
     if spec.suspend:
-        st.phase("Suspended")
+        st.phase(PHASE_SUSPENDED)
         st.cond(
-            "Training", "False", "Suspended", "suspended: the Ray cluster is removed, checkpoints are kept"
+            CONDITION_TRAINING,
+            "False",
+            Reason.SUSPENDED,
+            "suspended: the Ray cluster is removed, checkpoints are kept",
         )
-        st.cond("ClusterReady", "False", "Suspended", "suspended")
+        st.cond(CONDITION_CLUSTER_READY, "False", Reason.SUSPENDED, "suspended")
         decision.delete_cluster = obs.cluster is not None
         if job_active:
             decision.stop_job = job_id
@@ -163,26 +191,33 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     started = status.get("startedAt")
     deadline = spec.active_deadline_seconds
     if started and deadline and obs.now >= _parse_ts(started) + timedelta(seconds=deadline):
-        st.cond("Training", "False", "DeadlineExceeded", f"activeDeadlineSeconds={deadline} exceeded")
-        st.finish("Failed", "DeadlineExceeded", f"the run exceeded activeDeadlineSeconds={deadline}")
+        st.cond(
+            CONDITION_TRAINING,
+            "False",
+            Reason.DEADLINE_EXCEEDED,
+            f"activeDeadlineSeconds={deadline} exceeded",
+        )
+        st.finish(
+            PHASE_FAILED, Reason.DEADLINE_EXCEEDED, f"the run exceeded activeDeadlineSeconds={deadline}"
+        )
         decision.stop_job = job_id if job_active else None
         decision.delete_cluster = cleanup_cluster
         return decision
 
-    if status.get("phase") == "Deploying":
+    if status.get("phase") == PHASE_DEPLOYING:
         return _deploying(obs, st, decision, spec, cleanup_cluster)
 
     decision.ensure_children = True
     status.setdefault("startedAt", _ts(obs.now))
     if not cluster_ready(obs.cluster):
         problem = diagnose_pods(obs.pods)
-        reason, message = problem or ("Provisioning", "waiting for the Ray cluster to become ready")
-        st.cond("ClusterReady", "False", reason, message)
+        reason, message = problem or (Reason.PROVISIONING, "waiting for the Ray cluster to become ready")
+        st.cond(CONDITION_CLUSTER_READY, "False", reason, message)
         if not job_active:
-            st.phase("Provisioning")
+            st.phase(PHASE_PROVISIONING)
             return decision
     else:
-        st.cond("ClusterReady", "True", "RayClusterReady", "the Ray cluster is ready")
+        st.cond(CONDITION_CLUSTER_READY, "True", Reason.RAY_CLUSTER_READY, "the Ray cluster is ready")
 
     attempts = int(status.get("attempts") or 0)
     if attempts == 0 or job_id is None:
@@ -191,11 +226,16 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     # STOPPED by a suspension, or gone with the Ray cluster the suspension deleted (Training=False/
     # Suspended until the next submission): resuming is not a failure, so it does not use up the
     # backoff limit. A cluster that is gone has no job to ask about: wait until the new one is ready.
-    suspended = (get_condition(status, "Training") or {}).get("reason") == "Suspended"
+    suspended = (get_condition(status, CONDITION_TRAINING) or {}).get("reason") == Reason.SUSPENDED
     if suspended and (obs.job_status == "STOPPED" or (obs.job_status is None and cluster_ready(obs.cluster))):
         st.s["resumes"] = int(status.get("resumes") or 0) + 1
         _submit(obs, st, decision, attempts + 1)
-        st.cond("Training", "True", "Resumed", f"attempt {attempts + 1} resumes from the latest checkpoint")
+        st.cond(
+            CONDITION_TRAINING,
+            "True",
+            Reason.RESUMED,
+            f"attempt {attempts + 1} resumes from the latest checkpoint",
+        )
         return decision
 
     if obs.job_status is None or obs.job_status in JOB_RUNNING:
@@ -204,11 +244,11 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
             decision.submit, decision.attempt = job_id, attempts
         progress = status.get("progress") or {}
         evaluating = progress.get("totalSteps") and (progress.get("step") or 0) >= progress["totalSteps"]
-        st.phase("Evaluating" if evaluating else "Training")
+        st.phase(PHASE_EVALUATING if evaluating else PHASE_TRAINING)
         st.cond(
-            "Training",
+            CONDITION_TRAINING,
             "True",
-            "Running",
+            Reason.RUNNING,
             f"attempt {attempts} (backoffLimit {spec.backoff_limit}): job {job_id}",
         )
         return decision
@@ -219,20 +259,24 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
     # the job said a retry would end the same way.
     why = _failure_message(obs)
-    permanent = permanent_reason(obs.job_exit_code) if obs.job_status == "FAILED" else None
-    if permanent:
-        st.cond("Training", "False", permanent, why)
-        st.finish("Failed", permanent, f"attempt {attempts} failed and would fail again: {why}")
+    exit_reason = permanent_reason(obs.job_exit_code) if obs.job_status == "FAILED" else None
+    if exit_reason:
+        permanent = Reason(exit_reason)  # every permanent exit has its Reason (test_api)
+        st.cond(CONDITION_TRAINING, "False", permanent, why)
+        st.finish(PHASE_FAILED, permanent, f"attempt {attempts} failed and would fail again: {why}")
         decision.delete_cluster = cleanup_cluster
         return decision
     failures = attempts - int(status.get("resumes") or 0)
     if failures <= spec.backoff_limit:
         st.cond(
-            "Training", "False", "Retrying", f"attempt {attempts} failed ({why}); resuming from checkpoint"
+            CONDITION_TRAINING,
+            "False",
+            Reason.RETRYING,
+            f"attempt {attempts} failed ({why}); resuming from checkpoint",
         )
         return _submit(obs, st, decision, attempts + 1)
-    st.cond("Training", "False", "JobFailed", why)
-    st.finish("Failed", "BackoffLimitExceeded", f"{failures} attempts failed; last: {why}")
+    st.cond(CONDITION_TRAINING, "False", Reason.JOB_FAILED, why)
+    st.finish(PHASE_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, f"{failures} attempts failed; last: {why}")
     decision.delete_cluster = cleanup_cluster
     return decision
 
@@ -245,8 +289,8 @@ def _failure_message(obs: Observation) -> str:
 def _submit(obs: Observation, st: _Status, decision: Decision, attempt: int) -> Decision:
     job_id = submission_id(obs.namespace, obs.name, obs.uid, attempt)
     st.s["attempts"], st.s["jobId"] = attempt, job_id
-    st.phase("Training")
-    st.cond("Training", "True", "Submitted", f"attempt {attempt}: job {job_id} submitted")
+    st.phase(PHASE_TRAINING)
+    st.cond(CONDITION_TRAINING, "True", Reason.SUBMITTED, f"attempt {attempt}: job {job_id} submitted")
     decision.submit, decision.attempt = job_id, attempt
     return decision
 
@@ -254,38 +298,35 @@ def _submit(obs: Observation, st: _Status, decision: Decision, attempt: int) -> 
 def _after_success(
     obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool
 ) -> Decision:
-    st.cond("Training", "False", "Completed", "training finished")
+    st.cond(CONDITION_TRAINING, "False", Reason.COMPLETED, "training finished")
     evaluation = dict(st.s.get("evaluation") or {})
     metrics = evaluation.get("metrics") or {}
     if spec.evaluation.datasets or spec.evaluation.general_probe:
         if not metrics:
-            st.cond(
-                "Evaluated", "False", "NoMetrics", "the job finished without reporting evaluation metrics"
-            )
-            st.finish("Failed", "NoMetrics", "the job finished without reporting evaluation metrics")
+            why = "the job finished without reporting evaluation metrics"
+            st.cond(CONDITION_EVALUATED, "False", Reason.NO_METRICS, why)
+            st.finish(PHASE_FAILED, Reason.NO_METRICS, why)
             decision.delete_cluster = cleanup
             return decision
-        st.cond("Evaluated", "True", "Evaluated", f"{len(metrics)} metrics reported")
+        st.cond(CONDITION_EVALUATED, "True", Reason.EVALUATED, f"{len(metrics)} metrics reported")
     verdict = evaluate_gate(spec.evaluation.gate, metrics, evaluation.get("baseMetrics") or {})
     evaluation["passed"], evaluation["summary"] = verdict.passed, verdict.summary
     st.s["evaluation"] = evaluation
     if spec.evaluation.gate:
-        st.cond(
-            "EvalPassed",
-            "True" if verdict.passed else "False",
-            "GatePassed" if verdict.passed else "GateFailed",
-            verdict.message,
-        )
+        if verdict.passed:
+            st.cond(CONDITION_EVAL_PASSED, "True", Reason.GATE_PASSED, verdict.message)
+        else:
+            st.cond(CONDITION_EVAL_PASSED, "False", Reason.GATE_FAILED, verdict.message)
     decision.delete_cluster = cleanup
     if not verdict.passed:
-        st.finish("Failed", "GateFailed", verdict.message)
+        st.finish(PHASE_FAILED, Reason.GATE_FAILED, verdict.message)
         return decision
     if spec.serving.enabled:
         decision.deploy = True
-        st.phase("Deploying")
-        st.cond("Serving", "False", "RollingOut", "the serving deployment is rolling out")
+        st.phase(PHASE_DEPLOYING)
+        st.cond(CONDITION_SERVING, "False", Reason.ROLLING_OUT, "the serving deployment is rolling out")
         return decision
-    st.finish("Succeeded", "Completed", "training and evaluation finished")
+    st.finish(PHASE_SUCCEEDED, Reason.COMPLETED, "training and evaluation finished")
     return decision
 
 
@@ -300,13 +341,13 @@ def _deploying(
     serving["readyReplicas"] = ready
     st.s["serving"] = serving
     if not spec.serving.enabled:
-        st.finish("Succeeded", "Completed", "serving was disabled before it rolled out")
+        st.finish(PHASE_SUCCEEDED, Reason.COMPLETED, "serving was disabled before it rolled out")
     elif ready >= max(1, min(spec.serving.replicas, 1)):
         st.cond(
-            "Serving",
+            CONDITION_SERVING,
             "True",
-            "Available",
+            Reason.AVAILABLE,
             f"{ready} serving replica(s) ready at {serving.get('endpoint', '?')}",
         )
-        st.finish("Succeeded", "Serving", "tuned, evaluated and serving")
+        st.finish(PHASE_SUCCEEDED, Reason.SERVING, "tuned, evaluated and serving")
     return decision

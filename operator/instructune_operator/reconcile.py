@@ -17,7 +17,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from instructune_operator.api import API_VERSION, KIND, InstructionTuneSpec
+from instructune_operator.api import (
+    API_VERSION,
+    KIND,
+    PHASE_DEPLOYING,
+    PHASE_EVALUATING,
+    PHASE_SUSPENDED,
+    PHASE_TRAINING,
+    TERMINAL_PHASES,
+    InstructionTuneSpec,
+    Reason,
+)
 from instructune_operator.builders.children import (
     build_config_map,
     build_job_identity,
@@ -28,7 +38,7 @@ from instructune_operator.builders.children import (
 from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.clients.kube import Kube
 from instructune_operator.clients.ray_jobs import RayJobs
-from instructune_operator.lifecycle import TERMINAL_PHASES, Decision, Observation, decide
+from instructune_operator.lifecycle import Decision, Observation, decide
 from instructune_operator.naming import job_identity_name, ray_address, ray_cluster_name
 from instructune_operator.ray_auth import derive_token
 from instructune_operator.settings import Settings
@@ -117,7 +127,7 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
         # A finished tune's job is over and its Ray cluster usually gone; a suspended one's was
         # stopped when it was suspended: nothing to learn from Ray until it is resumed.
         settled = status.get("phase") in TERMINAL_PHASES or (
-            status.get("phase") == "Suspended" and spec.suspend
+            status.get("phase") == PHASE_SUSPENDED and spec.suspend
         )
         if job_id and not settled:
             ray = clients.ray(meta)
@@ -126,7 +136,8 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
             except Exception as err:  # the head may be starting or gone; the next pass looks again
                 log.info("Ray job %s not observable yet: %s", job_id, err)
                 info = None
-                obs["job_status"] = "RUNNING" if status.get("phase") in ("Training", "Evaluating") else None
+                running = status.get("phase") in (PHASE_TRAINING, PHASE_EVALUATING)
+                obs["job_status"] = "RUNNING" if running else None
             if info is not None:
                 obs["job_status"], obs["job_message"] = info.status, info.message
                 obs["job_exit_code"] = info.exit_code
@@ -137,7 +148,7 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
                     status = dict((fresh or {}).get("status") or status)
                 if info.status in ("FAILED", "STOPPED"):
                     obs["job_log_tail"] = ray.logs_tail(job_id)
-        if status.get("phase") == "Deploying":
+        if status.get("phase") == PHASE_DEPLOYING:
             from instructune_operator.serving import observe_serving
 
             obs["serving_ready_replicas"] = observe_serving(clients, body, spec)
@@ -251,14 +262,18 @@ def reconcile_tune(
     new = decision.status
     events = [
         (
-            "Normal" if c["status"] == "True" or c["reason"] in ("Submitted", "Completed") else "Warning",
+            "Normal"
+            if c["status"] == "True" or c["reason"] in (Reason.SUBMITTED, Reason.COMPLETED)
+            else "Warning",
             c["reason"],
             f"{c['type']}={c['status']}: {c['message']}",
         )
         for c in transitions(old, new)
     ]
     if old.get("phase") != new.get("phase"):
-        events.append(("Normal", "Phase", f"phase {old.get('phase') or 'None'} -> {new.get('phase')}"))
+        events.append(
+            ("Normal", Reason.PHASE.value, f"phase {old.get('phase') or 'None'} -> {new.get('phase')}")
+        )
     return Outcome(status_patch=status_changes(old, new), events=events)
 
 

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-CONDITION_TYPES = (
-    "Validated",
-    "ClusterReady",
-    "Training",
-    "Evaluated",
-    "EvalPassed",
-    "Serving",
-    "Ready",
-    "Succeeded",
+from instructune_operator.api import (
+    CONDITION_VALIDATED,
+    PHASE_FAILED,
+    PHASE_PENDING,
+    ConditionStatus,
+    ConditionType,
+    Reason,
 )
 
 
 def set_condition(
     conditions: list[dict[str, Any]],
-    type_: str,
-    status: str,
-    reason: str,
+    type_: ConditionType,
+    status: ConditionStatus,
+    reason: Reason | str,
     message: str,
     now: str,
     generation: int | None,
@@ -35,7 +33,7 @@ def set_condition(
     new = {
         "type": type_,
         "status": status,
-        "reason": reason,
+        "reason": str(reason),  # the plain string: the status is dumped as YAML and JSON
         "message": message,
         "lastTransitionTime": since,
         "observedGeneration": generation,
@@ -47,7 +45,7 @@ def set_condition(
     )
 
 
-def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+def get_condition(status: dict[str, Any], type_: ConditionType) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions", []) if c.get("type") == type_), None)
 
 
@@ -59,22 +57,34 @@ def compute_validation_status(
     if errors:
         message = "; ".join(errors)
         new["conditions"] = set_condition(
-            status.get("conditions", []), "Validated", "False", "InvalidSpec", message, now, generation
+            status.get("conditions", []),
+            CONDITION_VALIDATED,
+            "False",
+            Reason.INVALID_SPEC,
+            message,
+            now,
+            generation,
         )
-        new["phase"] = "Failed"
+        new["phase"] = PHASE_FAILED
     else:
         new["conditions"] = set_condition(
-            status.get("conditions", []), "Validated", "True", "SpecValid", "spec is valid", now, generation
+            status.get("conditions", []),
+            CONDITION_VALIDATED,
+            "True",
+            Reason.SPEC_VALID,
+            "spec is valid",
+            now,
+            generation,
         )
-        new.setdefault("phase", "Pending")
-        if new["phase"] == "Failed" and _failed_only_by_validation(status):
-            new["phase"] = "Pending"
+        new.setdefault("phase", PHASE_PENDING)
+        if new["phase"] == PHASE_FAILED and _failed_only_by_validation(status):
+            new["phase"] = PHASE_PENDING
     new["observedGeneration"] = generation
     return new
 
 
 def _failed_only_by_validation(status: dict[str, Any]) -> bool:
-    validated = get_condition(status, "Validated")
+    validated = get_condition(status, CONDITION_VALIDATED)
     return validated is not None and validated.get("status") == "False"
 
 
