@@ -1,15 +1,17 @@
 """Pure lifecycle decision: what the tune's status should say and what the operator must do next.
 
 `decide` looks at one observation (spec, current status, the Ray cluster and its pods, the Ray
-job) and returns the new status plus the actions to take. It never talks to anything, so every
-transition is unit-tested, and running it twice on the same observation gives the same answer.
+job, the serving rollout) and returns the whole new status plus the actions to take. It is the one
+writer of the status: `reconcile.act` carries the actions out and never edits it. It never talks to
+anything, so every transition is unit-tested, and running it twice on the same observation gives
+the same answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from instructune_jobs.contract import permanent_reason
 from instructune_operator.api import (
@@ -34,15 +36,21 @@ from instructune_operator.api import (
     Phase,
     Reason,
 )
+from instructune_operator.builders.serving import artifact_layout, endpoint
 from instructune_operator.gate import evaluate_gate
-from instructune_operator.naming import submission_id
+from instructune_operator.naming import ray_address, ray_cluster_name, serving_name, submission_id
+from instructune_operator.settings import Settings
 from instructune_operator.status import compute_validation_status, get_condition, set_condition
 
-JOB_RUNNING = ("PENDING", "RUNNING")
+# Ray's job states (ray.job_submission.JobStatus).
+JobStatus = Literal["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
+JOB_RUNNING: tuple[JobStatus, ...] = ("PENDING", "RUNNING")
 
 
 @dataclass(frozen=True)
 class Observation:
+    """What one pass saw; nothing in it is inferred (that is `decide`'s job)."""
+
     namespace: str
     name: str
     uid: str
@@ -53,11 +61,20 @@ class Observation:
     now: datetime
     cluster: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
-    job_status: str | None = None  # Ray job status of status.jobId; None: unknown to Ray
+    job_status: JobStatus | None = None  # Ray job status of status.jobId; None: unknown to Ray
+    job_unreachable: bool = False  # Ray's Jobs API did not answer: job_status is not known
     job_message: str = ""
     job_log_tail: str = ""
     job_exit_code: int | None = None  # the job driver's exit code, once it has ended
     serving_ready_replicas: int | None = None  # None: no serving Deployment observed
+    # The adapter the live serving Deployment of the target serves (any tune's): what a rollout
+    # replaces, recorded for a rollback. None: no Deployment, or not read this pass.
+    deployed_adapter: str | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The tune's metadata as the builders take it."""
+        return {"namespace": self.namespace, "name": self.name, "uid": self.uid}
 
 
 @dataclass
@@ -142,16 +159,69 @@ def cluster_ready(cluster: dict[str, Any] | None) -> bool:
     return bool(cluster) and (cluster or {}).get("status", {}).get("state") == "ready"
 
 
-def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
-    decision = _decide(obs, cleanup_cluster)
+def decide(obs: Observation, cleanup_cluster: bool = True, settings: Settings | None = None) -> Decision:
+    """The whole desired status and the actions of one pass. `settings` shapes what the status
+    records of the children (the Ray address, the serving endpoint); `cleanup_cluster` is
+    Settings.delete_cluster_after_finish."""
+    settings = settings or Settings()
+    decision = _decide(_assume_job_status(obs), cleanup_cluster)
     spec = obs.spec
-    # Ray Serve serves from the tune's own Ray cluster: a served tune keeps it.
-    if spec is not None and spec.serving.enabled and spec.serving.runtime == "ray-serve":
-        decision.delete_cluster = decision.delete_cluster and decision.status.get("phase") not in (
-            PHASE_DEPLOYING,
-            PHASE_SUCCEEDED,
-        )
+    if spec is None:
+        return decision
+    if decision.ensure_children:
+        decision.status["rayCluster"] = {
+            "name": ray_cluster_name(obs.name),
+            "dashboardUrl": ray_address(settings, obs.namespace, obs.name),
+        }
+    if decision.deploy:
+        decision.status["serving"] = {
+            **(decision.status.get("serving") or {}),
+            **rollout_status(obs.meta, spec, settings, obs.status, obs.deployed_adapter),
+        }
     return decision
+
+
+def _assume_job_status(obs: Observation) -> Observation:
+    """A Jobs API that does not answer (a head starting or gone) leaves a training tune's job
+    running, until the next pass asks again; any other tune's job is unknown."""
+    if not obs.job_unreachable:
+        return obs
+    running = obs.status.get("phase") in (PHASE_TRAINING, PHASE_EVALUATING)
+    return replace(obs, job_status="RUNNING" if running else None)
+
+
+def template_hash(status: dict[str, Any]) -> str:
+    """The chat template's hash the job trained with (status.data, written by the job)."""
+    return str((status.get("data") or {}).get("templateHash") or "")
+
+
+def rollout_status(
+    meta: dict[str, Any],
+    spec: InstructionTuneSpec,
+    settings: Settings,
+    status: dict[str, Any],
+    deployed_adapter: str | None,
+) -> dict[str, Any]:
+    """status.serving of a rollout: where it serves, what, and (vLLM) the adapter it replaces."""
+    name = serving_name(meta["name"], spec.serving.target)
+    served = spec.serving.target or meta["name"]
+    if spec.serving.runtime == "ray-serve":
+        address = ray_address(settings, meta["namespace"], meta["name"])
+        host = address.split("://", 1)[-1].split(":")[0]
+        return {
+            "endpoint": f"http://{host}:{settings.ray_serve_http_port}/{name}/v1",
+            "model": served,
+            "templateHash": template_hash(status),
+        }
+    previous = (status.get("serving") or {}).get("previousAdapterUri")
+    if deployed_adapter and deployed_adapter != artifact_layout(spec)["weights"]:
+        previous = deployed_adapter  # the adapter this rollout replaces: what a rollback goes back to
+    return {
+        "endpoint": endpoint(meta, spec),
+        "model": served,
+        "templateHash": template_hash(status),
+        "previousAdapterUri": previous,
+    }
 
 
 def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
@@ -161,12 +231,16 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     spec = obs.spec
     if spec is None:
         return decision
+    # Ray Serve serves from the tune's own Ray cluster: a tune it serves keeps it.
+    served_by_ray = spec.serving.enabled and spec.serving.runtime == "ray-serve"
+    cleanup_after_success = cleanup_cluster and not served_by_ray
     job_id = status.get("jobId")
     job_active = job_id is not None and obs.job_status in JOB_RUNNING
 
     # Finished tunes keep their status; the cluster goes, and the tune itself after its TTL.
     if status.get("phase") in TERMINAL_PHASES:
-        decision.delete_cluster = cleanup_cluster and obs.cluster is not None
+        cleanup = cleanup_after_success if status.get("phase") == PHASE_SUCCEEDED else cleanup_cluster
+        decision.delete_cluster = cleanup and obs.cluster is not None
         if job_active:
             decision.stop_job = job_id
         ttl, finished = spec.ttl_seconds_after_finished, status.get("finishedAt")
@@ -205,7 +279,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         return decision
 
     if status.get("phase") == PHASE_DEPLOYING:
-        return _deploying(obs, st, decision, spec, cleanup_cluster)
+        return _deploying(obs, st, decision, spec, cleanup_after_success)
 
     decision.ensure_children = True
     status.setdefault("startedAt", _ts(obs.now))
@@ -254,7 +328,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         return decision
 
     if obs.job_status == "SUCCEEDED":
-        return _after_success(obs, st, decision, spec, cleanup_cluster)
+        return _after_success(obs, st, decision, spec, cleanup_cluster, cleanup_after_success)
 
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
     # the job said a retry would end the same way.
@@ -296,7 +370,12 @@ def _submit(obs: Observation, st: _Status, decision: Decision, attempt: int) -> 
 
 
 def _after_success(
-    obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool
+    obs: Observation,
+    st: _Status,
+    decision: Decision,
+    spec: InstructionTuneSpec,
+    cleanup: bool,
+    cleanup_after_success: bool,
 ) -> Decision:
     st.cond(CONDITION_TRAINING, "False", Reason.COMPLETED, "training finished")
     evaluation = dict(st.s.get("evaluation") or {})
@@ -317,10 +396,11 @@ def _after_success(
             st.cond(CONDITION_EVAL_PASSED, "True", Reason.GATE_PASSED, verdict.message)
         else:
             st.cond(CONDITION_EVAL_PASSED, "False", Reason.GATE_FAILED, verdict.message)
-    decision.delete_cluster = cleanup
     if not verdict.passed:
+        decision.delete_cluster = cleanup
         st.finish(PHASE_FAILED, Reason.GATE_FAILED, verdict.message)
         return decision
+    decision.delete_cluster = cleanup_after_success
     if spec.serving.enabled:
         decision.deploy = True
         st.phase(PHASE_DEPLOYING)

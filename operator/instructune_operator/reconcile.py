@@ -21,9 +21,7 @@ from instructune_operator.api import (
     API_VERSION,
     KIND,
     PHASE_DEPLOYING,
-    PHASE_EVALUATING,
     PHASE_SUSPENDED,
-    PHASE_TRAINING,
     TERMINAL_PHASES,
     InstructionTuneSpec,
     Reason,
@@ -36,14 +34,21 @@ from instructune_operator.builders.children import (
     build_ray_cluster,
 )
 from instructune_operator.builders.train_config import build_train_config
-from instructune_operator.clients.kube import Kube
-from instructune_operator.clients.ray_jobs import RayJobs
-from instructune_operator.lifecycle import Decision, Observation, decide
-from instructune_operator.naming import job_identity_name, ray_address, ray_cluster_name
-from instructune_operator.ray_auth import derive_token
-from instructune_operator.settings import Settings
+from instructune_operator.clients.bundle import Clients
+from instructune_operator.lifecycle import Decision, Observation, decide, template_hash
+from instructune_operator.naming import job_identity_name, ray_cluster_name
+from instructune_operator.serving import (
+    delete_serving,
+    deployed_adapter,
+    deployed_serving,
+    observe_serving,
+    ready_replicas,
+    roll_out,
+)
 from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
+
+__all__ = ["Clients", "Outcome", "Seen", "reconcile_tune", "release_tune"]  # Clients: handlers, tests
 
 log = logging.getLogger(__name__)
 # The chart's selector label of the operator pod (charts/instructune/templates/_helpers.tpl).
@@ -66,41 +71,6 @@ class Outcome:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
 
 
-class Clients:
-    """The I/O a pass needs; one per operator process (Ray clients cached per address and token).
-
-    `ray_auth_key` (INSTRUCTUNE_RAY_AUTH_KEY, from a Secret the chart creates) turns on Ray's token
-    authentication for every tune's cluster: each gets its own token (ray_auth.derive_token). A Ray
-    head outside the cluster (ray_address_override) is called with RAY_AUTH_TOKEN instead."""
-
-    def __init__(self, kube: Kube, settings: Settings, ray_auth_key: str | None = None) -> None:
-        self.kube, self.settings = kube, settings
-        self.ray_auth_key = (
-            ray_auth_key if ray_auth_key is not None else os.environ.get("INSTRUCTUNE_RAY_AUTH_KEY")
-        )
-        # In a pod (the chart sets it from the downward API): the namespace the Ray clusters'
-        # NetworkPolicies admit the operator from.
-        self.operator_namespace = os.environ.get("INSTRUCTUNE_OPERATOR_NAMESPACE", "")
-        self._ray: dict[tuple[str, str | None], RayJobs] = {}
-
-    @property
-    def cluster_auth(self) -> bool:
-        """Whether tunes' Ray clusters run with token authentication."""
-        return bool(self.ray_auth_key) and not self.settings.ray_address_override
-
-    def ray_token(self, uid: str) -> str | None:
-        if self.settings.ray_address_override:
-            return os.environ.get("RAY_AUTH_TOKEN")
-        return derive_token(self.ray_auth_key, uid) if self.ray_auth_key else None
-
-    def ray(self, meta: dict[str, Any]) -> RayJobs:
-        """The Jobs API of the tune's Ray cluster (its head's Service), with the cluster's token."""
-        key = (ray_address(self.settings, meta["namespace"], meta["name"]), self.ray_token(meta["uid"]))
-        if key not in self._ray:
-            self._ray[key] = RayJobs(key[0], token=key[1])
-        return self._ray[key]
-
-
 class Seen(Protocol):
     """Where a pass reads the tune's Ray cluster and Ray pods from: the operator's watch caches."""
 
@@ -110,6 +80,7 @@ class Seen(Protocol):
 
 
 def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -> Observation:
+    """Reads what the decision needs, and nothing more; it infers nothing (lifecycle.decide does)."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     status = dict(body.get("status") or {})
@@ -136,8 +107,7 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
             except Exception as err:  # the head may be starting or gone; the next pass looks again
                 log.info("Ray job %s not observable yet: %s", job_id, err)
                 info = None
-                running = status.get("phase") in (PHASE_TRAINING, PHASE_EVALUATING)
-                obs["job_status"] = "RUNNING" if running else None
+                obs["job_unreachable"] = True
             if info is not None:
                 obs["job_status"], obs["job_message"] = info.status, info.message
                 obs["job_exit_code"] = info.exit_code
@@ -148,10 +118,18 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
                     status = dict((fresh or {}).get("status") or status)
                 if info.status in ("FAILED", "STOPPED"):
                     obs["job_log_tail"] = ray.logs_tail(job_id)
-        if status.get("phase") == PHASE_DEPLOYING:
-            from instructune_operator.serving import observe_serving
-
-            obs["serving_ready_replicas"] = observe_serving(clients, body, spec)
+        deploying = status.get("phase") == PHASE_DEPLOYING
+        # A rollout happens while Deploying, or right after a job that succeeded (if its gate
+        # passes): the live Deployment says which adapter the rollout replaces.
+        deployment = None
+        if deploying or (spec.serving.enabled and obs.get("job_status") == "SUCCEEDED"):
+            deployment = deployed_serving(clients, meta, spec)
+            obs["deployed_adapter"] = deployed_adapter(deployment)
+        if deploying:
+            if spec.serving.runtime == "ray-serve":
+                obs["serving_ready_replicas"] = observe_serving(clients, body, spec)
+            else:
+                obs["serving_ready_replicas"] = ready_replicas(meta, deployment)
     return Observation(
         namespace=ns,
         name=name,
@@ -173,12 +151,14 @@ def _train_config_errors(spec: InstructionTuneSpec, meta: dict[str, Any]) -> lis
     return []
 
 
-def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_children: bool = True) -> None:
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    spec = InstructionTuneSpec.model_validate(body["spec"])
+def act(decision: Decision, obs: Observation, clients: Clients, apply_children: bool = True) -> None:
+    """Carries the decision out: applies, submits, deletes. The status is the decision's alone."""
+    spec = obs.spec
+    if spec is None:
+        return
+    meta = obs.meta
+    ns, name = obs.namespace, obs.name
     kube, settings = clients.kube, clients.settings
-    address = ray_address(settings, ns, name)
     if decision.stop_job:
         clients.ray(meta).stop(decision.stop_job)
     if decision.ensure_children and apply_children:
@@ -200,7 +180,6 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_childr
         # it lets the operator bind it, and answers NotFound while the Role does not exist yet.
         kube.apply(binding)
         kube.apply(build_ray_cluster(meta, spec, settings, ray_auth=token is not None))
-        decision.status["rayCluster"] = {"name": ray_cluster_name(name), "dashboardUrl": address}
     if decision.submit:
         config = build_train_config(spec, ns, name, meta["uid"], decision.attempt)
         entrypoint = f"python -m instructune_jobs --config-json {shlex.quote(config.to_json())}"
@@ -211,12 +190,7 @@ def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_childr
             metadata={"tune": f"{ns}/{name}", "attempt": str(decision.attempt)},
         )
     if decision.deploy:
-        from instructune_operator.serving import apply_serving
-
-        decision.status["serving"] = {
-            **(decision.status.get("serving") or {}),
-            **apply_serving(clients, body, spec),
-        }
+        roll_out(clients, meta, spec, template_hash(obs.status))
     if decision.delete_cluster:
         kube.delete("ray.io/v1", "RayCluster", ns, ray_cluster_name(name))
     if decision.delete_tune:
@@ -255,9 +229,9 @@ def reconcile_tune(
     every few seconds would only load the API server (measured: 7 calls a pass at 500 tunes)."""
     now = now or datetime.now(UTC)
     obs = observe(body, clients, now, seen)
-    decision = decide(obs, cleanup_cluster=clients.settings.delete_cluster_after_finish)
-    if obs.spec is not None:
-        act(decision, body, clients, apply_children=not periodic or obs.cluster is None)
+    settings = clients.settings
+    decision = decide(obs, cleanup_cluster=settings.delete_cluster_after_finish, settings=settings)
+    act(decision, obs, clients, apply_children=not periodic or obs.cluster is None)
     old = obs.status
     new = decision.status
     events = [
@@ -287,8 +261,6 @@ def release_tune(body: dict[str, Any], clients: Clients) -> None:
             log.info("could not stop Ray job %s on delete: %s", job_id, err)
     spec, _ = validate_spec(dict(body.get("spec") or {}), clients.settings)
     if spec is not None:
-        from instructune_operator.serving import delete_serving
-
         try:
             delete_serving(clients, body, spec)
         except Exception as err:  # the Ray cluster may be gone, and the app with it

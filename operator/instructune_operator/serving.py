@@ -1,61 +1,93 @@
-"""Serving rollout after a passed gate: vLLM on Kubernetes, or Ray Serve on the tune's Ray."""
+"""Serving rollout I/O after a passed gate: vLLM on Kubernetes, or Ray Serve on the tune's Ray.
+
+What to roll out and what status.serving says are decided purely (builders.serving,
+lifecycle.rollout_status); this module only reads the live rollout and carries one out.
+"""
 
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from instructune_operator.api import InstructionTuneSpec
-from instructune_operator.builders.serving import ANNOTATION_ADAPTER, artifact_layout, build_serving, endpoint
-from instructune_operator.naming import ray_address, serving_name
+from instructune_operator.builders.serving import (
+    ANNOTATION_ADAPTER,
+    ANNOTATION_TUNE,
+    artifact_layout,
+    build_serving,
+)
+from instructune_operator.clients.bundle import Clients
+from instructune_operator.lifecycle import rollout_status, template_hash
+from instructune_operator.naming import serving_name
 
-if TYPE_CHECKING:
-    from instructune_operator.reconcile import Clients
+
+def deployed_serving(
+    clients: Clients, meta: dict[str, Any], spec: InstructionTuneSpec
+) -> dict[str, Any] | None:
+    """The live vLLM Deployment of the tune's serving target (any tune's rollout), if any."""
+    if spec.serving.runtime == "ray-serve":
+        return None
+    name = serving_name(meta["name"], spec.serving.target)
+    return clients.kube.get("apps/v1", "Deployment", meta["namespace"], name)
 
 
-def _template_hash(body: dict[str, Any]) -> str:
-    return str(((body.get("status") or {}).get("data") or {}).get("templateHash") or "")
+def deployed_adapter(deployment: dict[str, Any] | None) -> str | None:
+    """The adapter a live vLLM Deployment serves (its annotation)."""
+    return (deployment or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_ADAPTER)
+
+
+def ready_replicas(meta: dict[str, Any], deployment: dict[str, Any] | None) -> int | None:
+    """Ready replicas of this tune's vLLM rollout; None when nothing is deployed yet."""
+    if deployment is None:
+        return None
+    if deployment["metadata"].get("annotations", {}).get(ANNOTATION_TUNE) != meta["name"]:
+        return 0  # another tune's rollout of the same target
+    st = deployment.get("status", {})
+    if st.get("observedGeneration", 0) < deployment["metadata"].get("generation", 0):
+        return 0
+    if st.get("updatedReplicas", 0) < deployment["spec"].get("replicas", 1):
+        return 0
+    return int(st.get("availableReplicas") or 0)
+
+
+def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> int | None:
+    """Ready serving replicas of this tune's rollout, or None when nothing is deployed yet."""
+    meta = body["metadata"]
+    if spec.serving.runtime == "ray-serve":
+        return clients.ray(meta).serve_ready_replicas(serving_name(meta["name"], spec.serving.target))
+    return ready_replicas(meta, deployed_serving(clients, meta, spec))
+
+
+def roll_out(clients: Clients, meta: dict[str, Any], spec: InstructionTuneSpec, trained_hash: str) -> None:
+    """Applies the vLLM objects, or submits the Ray Serve application (idempotent by its id)."""
+    if spec.serving.runtime == "ray-serve":
+        _submit_ray_serve(clients, meta, spec, trained_hash)
+        return
+    for manifest in build_serving(meta, spec, clients.settings, trained_hash):
+        clients.kube.apply(manifest)
 
 
 def apply_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> dict[str, Any]:
-    """Applies the serving objects and returns status.serving (endpoint, model, rollback info)."""
-    meta = body["metadata"]
-    ns = meta["namespace"]
-    name = serving_name(meta["name"], spec.serving.target)
-    served = spec.serving.target or meta["name"]
-    previous = (body.get("status") or {}).get("serving", {}).get("previousAdapterUri")
-    if spec.serving.runtime == "ray-serve":
-        return _apply_ray_serve(clients, body, spec, name, served)
-    existing = clients.kube.get("apps/v1", "Deployment", ns, name)
-    current = (existing or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_ADAPTER)
-    layout = artifact_layout(spec)
-    if current and current != layout["weights"]:
-        previous = current  # the adapter this rollout replaces: what a rollback goes back to
-    for manifest in build_serving(meta, spec, clients.settings, _template_hash(body)):
-        clients.kube.apply(manifest)
-    return {
-        "endpoint": endpoint(meta, spec),
-        "model": served,
-        "templateHash": _template_hash(body),
-        "previousAdapterUri": previous,
-    }
+    """One rollout outside a reconcile pass: reads the live rollout, applies, returns status.serving."""
+    meta, status = body["metadata"], body.get("status") or {}
+    adapter = deployed_adapter(deployed_serving(clients, meta, spec))
+    roll_out(clients, meta, spec, template_hash(status))
+    return rollout_status(meta, spec, clients.settings, status, adapter)
 
 
-def _apply_ray_serve(
-    clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec, name: str, served: str
-) -> dict[str, Any]:
-
-    meta = body["metadata"]
+def _submit_ray_serve(
+    clients: Clients, meta: dict[str, Any], spec: InstructionTuneSpec, trained_hash: str
+) -> None:
     settings = clients.settings
-    address = ray_address(settings, meta["namespace"], meta["name"])
+    name = serving_name(meta["name"], spec.serving.target)
     layout = artifact_layout(spec)
     args = {
         "name": name,
-        "model": served,
+        "model": spec.serving.target or meta["name"],
         "base": spec.base_model.uri,
         "weights": layout["weights"],
         "tokenizer": layout["tokenizer"],
-        "template_hash": _template_hash(body),
+        "template_hash": trained_hash,
         "system_prompt": spec.template.system_prompt or "",
         "http_port": str(settings.ray_serve_http_port),
         # In a cluster the proxy is reached through the head's Service (KubeRay's `serve` port);
@@ -75,31 +107,6 @@ def _apply_ray_serve(
         env_vars=env,
         metadata={"tune": f"{meta['namespace']}/{meta['name']}", "serving": name},
     )
-    host = address.split("://", 1)[-1].split(":")[0]
-    return {
-        "endpoint": f"http://{host}:{settings.ray_serve_http_port}/{name}/v1",
-        "model": served,
-        "templateHash": _template_hash(body),
-    }
-
-
-def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> int | None:
-    """Ready serving replicas of this tune's rollout, or None when nothing is deployed yet."""
-    meta = body["metadata"]
-    name = serving_name(meta["name"], spec.serving.target)
-    if spec.serving.runtime == "ray-serve":
-        return clients.ray(meta).serve_ready_replicas(name)
-    deployment = clients.kube.get("apps/v1", "Deployment", meta["namespace"], name)
-    if deployment is None:
-        return None
-    if deployment["metadata"].get("annotations", {}).get("instructune.io/tune") != meta["name"]:
-        return 0  # another tune's rollout of the same target
-    st = deployment.get("status", {})
-    if st.get("observedGeneration", 0) < deployment["metadata"].get("generation", 0):
-        return 0
-    if st.get("updatedReplicas", 0) < deployment["spec"].get("replicas", 1):
-        return 0
-    return int(st.get("availableReplicas") or 0)
 
 
 def delete_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> None:

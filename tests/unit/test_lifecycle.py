@@ -292,3 +292,32 @@ def test_a_job_gone_with_the_cluster_its_suspension_deleted_resumes_as_the_next_
     assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
     assert d.status["attempts"] == 2 and d.status["resumes"] == 1
     assert _cond(d.status, "Training") == ("True", "Resumed")
+
+
+def test_a_training_tune_whose_ray_head_does_not_answer_keeps_training_and_submits_nothing() -> None:
+    running = decide(_obs(cluster=READY)).status
+    d = decide(_obs(status=running, cluster=READY, job_unreachable=True))
+    assert d.submit is None and d.status["phase"] == "Training"
+    assert _cond(d.status, "Training") == ("True", "Running")
+
+
+def test_the_decision_records_the_ray_cluster_it_creates() -> None:
+    d = decide(_obs())
+    assert d.status["rayCluster"] == {
+        "name": "tune-ray",
+        "dashboardUrl": "http://tune-ray-head-svc.ns.svc:8265",
+    }
+
+
+def test_a_vllm_rollout_records_the_adapter_it_replaces_for_a_rollback() -> None:
+    spec = _spec(serving={"enabled": True, "runtime": "vllm", "target": "shared"})
+    deploying = {"phase": "Deploying", "data": {"templateHash": "h"}}
+    earlier = "s3://artifacts/earlier/final/adapter/"
+    d = decide(_obs(status=deploying, spec=spec, deployed_adapter=earlier, serving_ready_replicas=0))
+    assert d.deploy
+    assert d.status["serving"]["previousAdapterUri"] == earlier
+    assert d.status["serving"]["templateHash"] == "h"
+    assert d.status["serving"]["endpoint"] == "http://shared-serve.ns.svc:8000/v1"
+    own = spec.checkpointing.uri.rstrip("/") + "/final/adapter/"
+    again = decide(_obs(status=d.status, spec=spec, deployed_adapter=own, serving_ready_replicas=0))
+    assert again.status["serving"]["previousAdapterUri"] == earlier, "its own adapter replaces nothing"
