@@ -37,6 +37,7 @@ from instructune_operator.api import (
     Reason,
 )
 from instructune_operator.builders.serving import artifact_layout, endpoint
+from instructune_operator.builders.submissions import RaySubmission, serve_submission, train_submission
 from instructune_operator.gate import evaluate_gate
 from instructune_operator.naming import ray_address, ray_cluster_name, serving_name, submission_id
 from instructune_operator.settings import Settings
@@ -82,8 +83,9 @@ class Decision:
     status: dict[str, Any]
     ensure_children: bool = False
     delete_cluster: bool = False
-    submit: str | None = None  # submission id to submit (idempotent)
+    submit: str | None = None  # submission id of the training attempt to submit (idempotent)
     attempt: int = 0
+    submissions: list[RaySubmission] = field(default_factory=list)  # what act sends to Ray, in order
     stop_job: str | None = None
     delete_tune: bool = False
     deploy: bool = False
@@ -173,11 +175,17 @@ def decide(obs: Observation, cleanup_cluster: bool = True, settings: Settings | 
             "name": ray_cluster_name(obs.name),
             "dashboardUrl": ray_address(settings, obs.namespace, obs.name),
         }
+    if decision.submit:
+        decision.submissions.append(
+            train_submission(obs.meta, spec, settings, decision.submit, decision.attempt)
+        )
     if decision.deploy:
         decision.status["serving"] = {
             **(decision.status.get("serving") or {}),
             **rollout_status(obs.meta, spec, settings, obs.status, obs.deployed_adapter),
         }
+        if spec.serving.runtime == "ray-serve":  # vLLM's objects are builders.desired's
+            decision.submissions.append(serve_submission(obs.meta, spec, settings, template_hash(obs.status)))
     return decision
 
 

@@ -7,10 +7,8 @@ status keys that changed. Running a pass twice, or after an operator restart, ch
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,15 +24,12 @@ from instructune_operator.api import (
     InstructionTuneSpec,
     Reason,
 )
-from instructune_operator.builders.children import (
-    build_config_map,
-    build_job_identity,
-    build_network_policy,
-    build_ray_auth_secret,
-    build_ray_cluster,
-)
+from instructune_operator.builders import Observed, Tune, desired
+from instructune_operator.builders.desired import INDEPENDENT_KINDS
+from instructune_operator.builders.submissions import RaySubmission
 from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.clients.bundle import Clients
+from instructune_operator.clients.kube import Kube
 from instructune_operator.lifecycle import Decision, Observation, decide, template_hash
 from instructune_operator.naming import job_identity_name, ray_cluster_name
 from instructune_operator.serving import (
@@ -43,7 +38,6 @@ from instructune_operator.serving import (
     deployed_serving,
     observe_serving,
     ready_replicas,
-    roll_out,
 )
 from instructune_operator.status import status_changes, transitions
 from instructune_operator.validation import validate_spec
@@ -51,12 +45,6 @@ from instructune_operator.validation import validate_spec
 __all__ = ["Clients", "Outcome", "Seen", "reconcile_tune", "release_tune"]  # Clients: handlers, tests
 
 log = logging.getLogger(__name__)
-# The chart's selector label of the operator pod (charts/instructune/templates/_helpers.tpl).
-OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "instructune"}
-try:
-    VERSION = importlib.metadata.version("instructune")  # the job checks it against its own
-except importlib.metadata.PackageNotFoundError:
-    VERSION = ""
 TOKEN_SECONDS = 48 * 3600
 # The small children of a tune are independent of each other: applied together, a pass waits one
 # round trip for them instead of four. Shared by all passes, so the API server sees a bounded number.
@@ -152,68 +140,63 @@ def _train_config_errors(spec: InstructionTuneSpec, meta: dict[str, Any]) -> lis
 
 
 def act(decision: Decision, obs: Observation, clients: Clients, apply_children: bool = True) -> None:
-    """Carries the decision out: applies, submits, deletes. The status is the decision's alone."""
+    """Carries the decision out: stops, applies, submits, deletes. The status is the decision's alone."""
     spec = obs.spec
     if spec is None:
         return
     meta = obs.meta
-    ns, name = obs.namespace, obs.name
-    kube, settings = clients.kube, clients.settings
     if decision.stop_job:
         clients.ray(meta).stop(decision.stop_job)
-    if decision.ensure_children and apply_children:
-        config = build_train_config(spec, ns, name, meta["uid"], max(decision.attempt, 1))
-        *identity, binding = build_job_identity(meta)
-        small = [*identity, build_config_map(meta, config)]
-        token = clients.ray_token(meta["uid"]) if clients.cluster_auth else None
-        if token:
-            small.append(build_ray_auth_secret(meta, token))
-        if clients.operator_namespace and not settings.ray_address_override:
-            small.append(
-                build_network_policy(
-                    meta, clients.operator_namespace, OPERATOR_POD_LABELS, settings.ray_serve_http_port
-                )
-            )
-        # The Ray pods name the ServiceAccount and the token's Secret: they must exist first.
-        list(_APPLY_POOL.map(kube.apply, small))
-        # The binding after its Role: RBAC checks the Role's rules against the operator's own before
-        # it lets the operator bind it, and answers NotFound while the Role does not exist yet.
-        kube.apply(binding)
-        kube.apply(build_ray_cluster(meta, spec, settings, ray_auth=token is not None))
-    if decision.submit:
-        config = build_train_config(spec, ns, name, meta["uid"], decision.attempt)
-        entrypoint = f"python -m instructune_jobs --config-json {shlex.quote(config.to_json())}"
-        clients.ray(meta).submit(
-            decision.submit,
-            entrypoint,
-            env_vars=_job_env(clients, ns, name),
-            metadata={"tune": f"{ns}/{name}", "attempt": str(decision.attempt)},
-        )
-    if decision.deploy:
-        roll_out(clients, meta, spec, template_hash(obs.status))
+    observed = Observed(
+        training=decision.ensure_children and apply_children,
+        serving=decision.deploy,
+        attempt=max(decision.attempt, 1),
+        ray_auth_token=clients.ray_token(meta["uid"]) if clients.cluster_auth else None,
+        operator_namespace=clients.operator_namespace,
+        template_hash=template_hash(obs.status),
+    )
+    apply_in_order(clients.kube, desired(Tune(meta, spec), clients.settings, observed))
+    for submission in decision.submissions:
+        submit(clients, meta, submission)
     if decision.delete_cluster:
-        kube.delete("ray.io/v1", "RayCluster", ns, ray_cluster_name(name))
+        clients.kube.delete("ray.io/v1", "RayCluster", obs.namespace, ray_cluster_name(obs.name))
     if decision.delete_tune:
-        kube.delete(API_VERSION, KIND, ns, name)
+        clients.kube.delete(API_VERSION, KIND, obs.namespace, obs.name)
 
 
-def _job_env(clients: Clients, namespace: str, name: str) -> dict[str, str]:
-    """Non-secret environment of the job. In a cluster the pods carry credentials (secretKeyRef) and
-    the tune's ServiceAccount token; a job on the local stack's Ray head gets a token file instead."""
-    env: dict[str, str] = {"INSTRUCTUNE_TUNE": f"{namespace}/{name}", "INSTRUCTUNE_OPERATOR_VERSION": VERSION}
+def apply_in_order(kube: Kube, manifests: list[dict[str, Any]]) -> None:
+    """Applies the manifests in order, a leading run of independent ones together: a pass waits one
+    round trip for them instead of four."""
+    lead = next((i for i, m in enumerate(manifests) if m["kind"] not in INDEPENDENT_KINDS), len(manifests))
+    list(_APPLY_POOL.map(kube.apply, manifests[:lead]))
+    for manifest in manifests[lead:]:
+        kube.apply(manifest)
+
+
+def submit(clients: Clients, meta: dict[str, Any], submission: RaySubmission) -> None:
+    env = dict(submission.env_vars)
+    if submission.job_identity:
+        env.update(_job_identity_env(clients, meta["namespace"], meta["name"]))
+    clients.ray(meta).submit(
+        submission.submission_id, submission.entrypoint, env_vars=env, metadata=submission.metadata
+    )
+
+
+def _job_identity_env(clients: Clients, namespace: str, name: str) -> dict[str, str]:
+    """In a cluster the pods carry credentials (secretKeyRef) and the tune's ServiceAccount token; a
+    job on the local stack's Ray head gets a token file instead."""
     settings = clients.settings
-    if settings.s3_endpoint:
-        env.update(INSTRUCTUNE_S3_ENDPOINT=settings.s3_endpoint, AWS_ENDPOINT_URL=settings.s3_endpoint)
-    if settings.local_job_identity_dir:
-        token = clients.kube.request_token(namespace, job_identity_name(name), TOKEN_SECONDS)
-        folder = Path(settings.local_job_identity_dir)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token_file = folder / f"{namespace}.{name}.token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(token)
-        env.update(INSTRUCTUNE_K8S_SERVER=clients.kube.server, INSTRUCTUNE_K8S_TOKEN_FILE=str(token_file))
-        if clients.kube.ca_file:
-            env["INSTRUCTUNE_K8S_CA_FILE"] = os.path.abspath(clients.kube.ca_file)
+    if not settings.local_job_identity_dir:
+        return {}
+    token = clients.kube.request_token(namespace, job_identity_name(name), TOKEN_SECONDS)
+    folder = Path(settings.local_job_identity_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token_file = folder / f"{namespace}.{name}.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
+    env = {"INSTRUCTUNE_K8S_SERVER": clients.kube.server, "INSTRUCTUNE_K8S_TOKEN_FILE": str(token_file)}
+    if clients.kube.ca_file:
+        env["INSTRUCTUNE_K8S_CA_FILE"] = os.path.abspath(clients.kube.ca_file)
     return env
 
 

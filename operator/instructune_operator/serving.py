@@ -1,21 +1,18 @@
 """Serving rollout I/O after a passed gate: vLLM on Kubernetes, or Ray Serve on the tune's Ray.
 
-What to roll out and what status.serving says are decided purely (builders.serving,
-lifecycle.rollout_status); this module only reads the live rollout and carries one out.
+What to roll out and what status.serving says are decided purely (builders.desired,
+builders.submissions, lifecycle.rollout_status); this module reads the live rollout (for observe)
+and removes a deleted tune's Ray Serve application.
 """
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from instructune_operator.api import InstructionTuneSpec
-from instructune_operator.builders.serving import (
-    ANNOTATION_ADAPTER,
-    ANNOTATION_TUNE,
-    artifact_layout,
-    build_serving,
-)
+from instructune_operator.builders import Observed, Tune, desired
+from instructune_operator.builders.serving import ANNOTATION_ADAPTER, ANNOTATION_TUNE
+from instructune_operator.builders.submissions import serve_delete_submission, serve_submission
 from instructune_operator.clients.bundle import Clients
 from instructune_operator.lifecycle import rollout_status, template_hash
 from instructune_operator.naming import serving_name
@@ -58,71 +55,34 @@ def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTun
     return ready_replicas(meta, deployed_serving(clients, meta, spec))
 
 
-def roll_out(clients: Clients, meta: dict[str, Any], spec: InstructionTuneSpec, trained_hash: str) -> None:
-    """Applies the vLLM objects, or submits the Ray Serve application (idempotent by its id)."""
-    if spec.serving.runtime == "ray-serve":
-        _submit_ray_serve(clients, meta, spec, trained_hash)
-        return
-    for manifest in build_serving(meta, spec, clients.settings, trained_hash):
-        clients.kube.apply(manifest)
-
-
 def apply_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> dict[str, Any]:
-    """One rollout outside a reconcile pass: reads the live rollout, applies, returns status.serving."""
+    """One rollout outside a reconcile pass (the serving tests): reads the live rollout, applies
+    what the builders want for it, and returns status.serving as a pass's decision records it."""
     meta, status = body["metadata"], body.get("status") or {}
     adapter = deployed_adapter(deployed_serving(clients, meta, spec))
-    roll_out(clients, meta, spec, template_hash(status))
+    trained = template_hash(status)
+    if spec.serving.runtime == "ray-serve":
+        submission = serve_submission(meta, spec, clients.settings, trained)
+        clients.ray(meta).submit(
+            submission.submission_id,
+            submission.entrypoint,
+            env_vars=submission.env_vars,
+            metadata=submission.metadata,
+        )
+    observed = Observed(training=False, serving=True, template_hash=trained)
+    for manifest in desired(Tune(meta, spec), clients.settings, observed):
+        clients.kube.apply(manifest)
     return rollout_status(meta, spec, clients.settings, status, adapter)
-
-
-def _submit_ray_serve(
-    clients: Clients, meta: dict[str, Any], spec: InstructionTuneSpec, trained_hash: str
-) -> None:
-    settings = clients.settings
-    name = serving_name(meta["name"], spec.serving.target)
-    layout = artifact_layout(spec)
-    args = {
-        "name": name,
-        "model": spec.serving.target or meta["name"],
-        "base": spec.base_model.uri,
-        "weights": layout["weights"],
-        "tokenizer": layout["tokenizer"],
-        "template_hash": trained_hash,
-        "system_prompt": spec.template.system_prompt or "",
-        "http_port": str(settings.ray_serve_http_port),
-        # In a cluster the proxy is reached through the head's Service (KubeRay's `serve` port);
-        # a Ray head on the operator's own machine keeps it on loopback.
-        "http_host": "127.0.0.1" if settings.ray_address_override else "0.0.0.0",
-    }
-    entrypoint = "python -m instructune_jobs.serve " + " ".join(
-        f"--{k.replace('_', '-')} {shlex.quote(v)}" for k, v in args.items()
-    )
-    env = {
-        "INSTRUCTUNE_S3_ENDPOINT": settings.s3_endpoint or "",
-        "AWS_ENDPOINT_URL": settings.s3_endpoint or "",
-    }
-    clients.ray(meta).submit(
-        f"serve-{meta['namespace']}-{name}-{meta['uid'][:8]}",
-        entrypoint,
-        env_vars=env,
-        metadata={"tune": f"{meta['namespace']}/{meta['name']}", "serving": name},
-    )
 
 
 def delete_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> None:
     """Removes a Ray Serve application this tune rolled out (vLLM objects go by owner reference)."""
     if not spec.serving.enabled or spec.serving.runtime != "ray-serve":
         return
-
-    meta = body["metadata"]
-    name = serving_name(meta["name"], spec.serving.target)
-    serving = (body.get("status") or {}).get("serving") or {}
-    if not serving.get("endpoint"):
+    if not ((body.get("status") or {}).get("serving") or {}).get("endpoint"):
         return  # never rolled out
-    ray = clients.ray(meta)
-    ray.submit(
-        f"serve-delete-{meta['namespace']}-{name}-{meta['uid'][:8]}",
-        f"python -m instructune_jobs.serve --delete --name {shlex.quote(name)}",
-        env_vars={},
-        metadata={"tune": f"{meta['namespace']}/{meta['name']}", "serving": name},
+    meta = body["metadata"]
+    submission = serve_delete_submission(meta, spec)
+    clients.ray(meta).submit(
+        submission.submission_id, submission.entrypoint, env_vars={}, metadata=submission.metadata
     )

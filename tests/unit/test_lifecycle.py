@@ -321,3 +321,20 @@ def test_a_vllm_rollout_records_the_adapter_it_replaces_for_a_rollback() -> None
     own = spec.checkpointing.uri.rstrip("/") + "/final/adapter/"
     again = decide(_obs(status=d.status, spec=spec, deployed_adapter=own, serving_ready_replicas=0))
     assert again.status["serving"]["previousAdapterUri"] == earlier, "its own adapter replaces nothing"
+
+
+def test_the_training_submission_is_part_of_the_decision() -> None:
+    d = decide(_obs(cluster=READY))
+    [submission] = d.submissions
+    assert submission.submission_id == d.submit and submission.metadata["attempt"] == "1"
+    assert submission.entrypoint.startswith("python -m instructune_jobs --config-json ")
+    assert submission.job_identity
+    assert decide(_obs(status=d.status, cluster=READY, job_status="RUNNING")).submissions == []
+
+
+def test_a_ray_serve_rollout_is_a_submission_of_the_decision() -> None:
+    status = _succeeded({"heldout.jsonSchema": 0.95})
+    d = decide(_obs(status=status, serving_ready_replicas=0))
+    [submission] = d.submissions
+    assert submission.submission_id == "serve-ns-tune-serve-01234567"
+    assert "--name tune-serve" in submission.entrypoint and not submission.job_identity
