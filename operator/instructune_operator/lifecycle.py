@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal
 
 from instructune_jobs.contract import permanent_reason
@@ -32,16 +33,20 @@ from instructune_operator.api import (
     TERMINAL_PHASES,
     ConditionStatus,
     ConditionType,
+    EvaluationStatus,
     InstructionTuneSpec,
+    InstructionTuneStatus,
     Phase,
+    RayClusterRef,
     Reason,
+    ServingStatus,
 )
 from instructune_operator.builders.serving import artifact_layout, endpoint
 from instructune_operator.builders.submissions import RaySubmission, serve_submission, train_submission
 from instructune_operator.gate import evaluate_gate
 from instructune_operator.naming import ray_address, ray_cluster_name, serving_name, submission_id
 from instructune_operator.settings import Settings
-from instructune_operator.status import compute_validation_status, get_condition, set_condition
+from instructune_operator.status import compute_validation_status, get_condition, set_condition, wire
 
 # Ray's job states (ray.job_submission.JobStatus).
 JobStatus = Literal["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
@@ -58,7 +63,7 @@ class Observation:
     generation: int | None
     spec: InstructionTuneSpec | None
     spec_errors: list[str]
-    status: dict[str, Any]
+    status: dict[str, Any]  # the tune's status as the API server holds it (`current` parses it)
     now: datetime
     cluster: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
@@ -77,10 +82,15 @@ class Observation:
         """The tune's metadata as the builders take it."""
         return {"namespace": self.namespace, "name": self.name, "uid": self.uid}
 
+    @cached_property
+    def current(self) -> InstructionTuneStatus:
+        """The observed status as the API models."""
+        return InstructionTuneStatus.model_validate(self.status)
+
 
 @dataclass
 class Decision:
-    status: dict[str, Any]
+    desired: InstructionTuneStatus  # the whole status the tune should show: its one writer
     ensure_children: bool = False
     delete_cluster: bool = False
     submit: str | None = None  # submission id of the training attempt to submit (idempotent)
@@ -89,6 +99,11 @@ class Decision:
     stop_job: str | None = None
     delete_tune: bool = False
     deploy: bool = False
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The desired status in its wire form (what reconcile compares and patches)."""
+        return wire(self.desired)
 
 
 def _ts(now: datetime) -> str:
@@ -102,12 +117,12 @@ def _parse_ts(value: str) -> datetime:
 class _Status:
     """Small helper that keeps condition bookkeeping readable in `decide`."""
 
-    def __init__(self, obs: Observation, status: dict[str, Any]) -> None:
+    def __init__(self, obs: Observation, status: InstructionTuneStatus) -> None:
         self.obs, self.s = obs, status
 
     def cond(self, type_: ConditionType, status: ConditionStatus, reason: Reason, message: str = "") -> None:
-        self.s["conditions"] = set_condition(
-            self.s.get("conditions", []),
+        self.s.conditions = set_condition(
+            self.s.conditions,
             type_,
             status,
             reason,
@@ -117,11 +132,12 @@ class _Status:
         )
 
     def phase(self, phase: Phase) -> None:
-        self.s["phase"] = phase
+        self.s.phase = phase
 
     def finish(self, phase: Phase, reason: Reason, message: str) -> None:
         self.phase(phase)
-        self.s.setdefault("finishedAt", _ts(self.obs.now))
+        if self.s.finished_at is None:
+            self.s.finished_at = _ts(self.obs.now)
         succeeded: ConditionStatus = "True" if phase == PHASE_SUCCEEDED else "False"
         self.cond(CONDITION_READY, succeeded, reason, message)
         self.cond(CONDITION_SUCCEEDED, succeeded, reason, message)
@@ -171,19 +187,21 @@ def decide(obs: Observation, cleanup_cluster: bool = True, settings: Settings | 
     if spec is None:
         return decision
     if decision.ensure_children:
-        decision.status["rayCluster"] = {
-            "name": ray_cluster_name(obs.name),
-            "dashboardUrl": ray_address(settings, obs.namespace, obs.name),
-        }
+        decision.desired.ray_cluster = RayClusterRef(
+            name=ray_cluster_name(obs.name), dashboard_url=ray_address(settings, obs.namespace, obs.name)
+        )
     if decision.submit:
         decision.submissions.append(
             train_submission(obs.meta, spec, settings, decision.submit, decision.attempt)
         )
     if decision.deploy:
-        decision.status["serving"] = {
-            **(decision.status.get("serving") or {}),
-            **rollout_status(obs.meta, spec, settings, obs.status, obs.deployed_adapter),
-        }
+        serving = decision.desired.serving
+        decision.desired.serving = ServingStatus.model_validate(
+            {
+                **(wire(serving) if serving else {}),
+                **rollout_status(obs.meta, spec, settings, obs.status, obs.deployed_adapter),
+            }
+        )
         if spec.serving.runtime == "ray-serve":  # vLLM's objects are builders.desired's
             decision.submissions.append(serve_submission(obs.meta, spec, settings, template_hash(obs.status)))
     return decision
@@ -194,7 +212,7 @@ def _assume_job_status(obs: Observation) -> Observation:
     running, until the next pass asks again; any other tune's job is unknown."""
     if not obs.job_unreachable:
         return obs
-    running = obs.status.get("phase") in (PHASE_TRAINING, PHASE_EVALUATING)
+    running = obs.current.phase in (PHASE_TRAINING, PHASE_EVALUATING)
     return replace(obs, job_status="RUNNING" if running else None)
 
 
@@ -233,25 +251,25 @@ def rollout_status(
 
 
 def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
-    status = compute_validation_status(obs.status, obs.generation, obs.spec_errors, _ts(obs.now))
+    status = compute_validation_status(obs.current, obs.generation, obs.spec_errors, _ts(obs.now))
     st = _Status(obs, status)
-    decision = Decision(status=status)
+    decision = Decision(desired=status)
     spec = obs.spec
     if spec is None:
         return decision
     # Ray Serve serves from the tune's own Ray cluster: a tune it serves keeps it.
     served_by_ray = spec.serving.enabled and spec.serving.runtime == "ray-serve"
     cleanup_after_success = cleanup_cluster and not served_by_ray
-    job_id = status.get("jobId")
+    job_id = status.job_id
     job_active = job_id is not None and obs.job_status in JOB_RUNNING
 
     # Finished tunes keep their status; the cluster goes, and the tune itself after its TTL.
-    if status.get("phase") in TERMINAL_PHASES:
-        cleanup = cleanup_after_success if status.get("phase") == PHASE_SUCCEEDED else cleanup_cluster
+    if status.phase in TERMINAL_PHASES:
+        cleanup = cleanup_after_success if status.phase == PHASE_SUCCEEDED else cleanup_cluster
         decision.delete_cluster = cleanup and obs.cluster is not None
         if job_active:
             decision.stop_job = job_id
-        ttl, finished = spec.ttl_seconds_after_finished, status.get("finishedAt")
+        ttl, finished = spec.ttl_seconds_after_finished, status.finished_at
         if ttl is not None and finished and obs.now >= _parse_ts(finished) + timedelta(seconds=ttl):
             decision.delete_tune = True
         return decision
@@ -270,7 +288,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
             decision.stop_job = job_id
         return decision
 
-    started = status.get("startedAt")
+    started = status.started_at
     deadline = spec.active_deadline_seconds
     if started and deadline and obs.now >= _parse_ts(started) + timedelta(seconds=deadline):
         st.cond(
@@ -286,11 +304,12 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         decision.delete_cluster = cleanup_cluster
         return decision
 
-    if status.get("phase") == PHASE_DEPLOYING:
+    if status.phase == PHASE_DEPLOYING:
         return _deploying(obs, st, decision, spec, cleanup_after_success)
 
     decision.ensure_children = True
-    status.setdefault("startedAt", _ts(obs.now))
+    if status.started_at is None:
+        status.started_at = _ts(obs.now)
     if not cluster_ready(obs.cluster):
         problem = diagnose_pods(obs.pods)
         reason, message = problem or (Reason.PROVISIONING, "waiting for the Ray cluster to become ready")
@@ -301,16 +320,17 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     else:
         st.cond(CONDITION_CLUSTER_READY, "True", Reason.RAY_CLUSTER_READY, "the Ray cluster is ready")
 
-    attempts = int(status.get("attempts") or 0)
+    attempts = status.attempts or 0
     if attempts == 0 or job_id is None:
         return _submit(obs, st, decision, attempts + 1)
 
     # STOPPED by a suspension, or gone with the Ray cluster the suspension deleted (Training=False/
     # Suspended until the next submission): resuming is not a failure, so it does not use up the
     # backoff limit. A cluster that is gone has no job to ask about: wait until the new one is ready.
-    suspended = (get_condition(status, CONDITION_TRAINING) or {}).get("reason") == Reason.SUSPENDED
+    training = get_condition(status, CONDITION_TRAINING)
+    suspended = training is not None and training.reason == Reason.SUSPENDED
     if suspended and (obs.job_status == "STOPPED" or (obs.job_status is None and cluster_ready(obs.cluster))):
-        st.s["resumes"] = int(status.get("resumes") or 0) + 1
+        status.resumes = (status.resumes or 0) + 1
         _submit(obs, st, decision, attempts + 1)
         st.cond(
             CONDITION_TRAINING,
@@ -324,8 +344,8 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         if obs.job_status is None:
             # Unknown to Ray (lost head, or the submission never landed): the same id again.
             decision.submit, decision.attempt = job_id, attempts
-        progress = status.get("progress") or {}
-        evaluating = progress.get("totalSteps") and (progress.get("step") or 0) >= progress["totalSteps"]
+        progress = status.progress
+        evaluating = progress and progress.total_steps and (progress.step or 0) >= progress.total_steps
         st.phase(PHASE_EVALUATING if evaluating else PHASE_TRAINING)
         st.cond(
             CONDITION_TRAINING,
@@ -348,7 +368,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         st.finish(PHASE_FAILED, permanent, f"attempt {attempts} failed and would fail again: {why}")
         decision.delete_cluster = cleanup_cluster
         return decision
-    failures = attempts - int(status.get("resumes") or 0)
+    failures = attempts - (status.resumes or 0)
     if failures <= spec.backoff_limit:
         st.cond(
             CONDITION_TRAINING,
@@ -370,7 +390,7 @@ def _failure_message(obs: Observation) -> str:
 
 def _submit(obs: Observation, st: _Status, decision: Decision, attempt: int) -> Decision:
     job_id = submission_id(obs.namespace, obs.name, obs.uid, attempt)
-    st.s["attempts"], st.s["jobId"] = attempt, job_id
+    st.s.attempts, st.s.job_id = attempt, job_id
     st.phase(PHASE_TRAINING)
     st.cond(CONDITION_TRAINING, "True", Reason.SUBMITTED, f"attempt {attempt}: job {job_id} submitted")
     decision.submit, decision.attempt = job_id, attempt
@@ -386,8 +406,8 @@ def _after_success(
     cleanup_after_success: bool,
 ) -> Decision:
     st.cond(CONDITION_TRAINING, "False", Reason.COMPLETED, "training finished")
-    evaluation = dict(st.s.get("evaluation") or {})
-    metrics = evaluation.get("metrics") or {}
+    evaluation = st.s.evaluation.model_copy() if st.s.evaluation else EvaluationStatus()
+    metrics = evaluation.metrics
     if spec.evaluation.datasets or spec.evaluation.general_probe:
         if not metrics:
             why = "the job finished without reporting evaluation metrics"
@@ -396,9 +416,9 @@ def _after_success(
             decision.delete_cluster = cleanup
             return decision
         st.cond(CONDITION_EVALUATED, "True", Reason.EVALUATED, f"{len(metrics)} metrics reported")
-    verdict = evaluate_gate(spec.evaluation.gate, metrics, evaluation.get("baseMetrics") or {})
-    evaluation["passed"], evaluation["summary"] = verdict.passed, verdict.summary
-    st.s["evaluation"] = evaluation
+    verdict = evaluate_gate(spec.evaluation.gate, metrics, evaluation.base_metrics)
+    evaluation.passed, evaluation.summary = verdict.passed, verdict.summary
+    st.s.evaluation = evaluation
     if spec.evaluation.gate:
         if verdict.passed:
             st.cond(CONDITION_EVAL_PASSED, "True", Reason.GATE_PASSED, verdict.message)
@@ -425,9 +445,9 @@ def _deploying(
     decision.deploy = spec.serving.enabled
     decision.delete_cluster = cleanup and obs.cluster is not None
     ready = obs.serving_ready_replicas or 0
-    serving = dict(st.s.get("serving") or {})
-    serving["readyReplicas"] = ready
-    st.s["serving"] = serving
+    serving = st.s.serving.model_copy() if st.s.serving else ServingStatus()
+    serving.ready_replicas = ready
+    st.s.serving = serving
     if not spec.serving.enabled:
         st.finish(PHASE_SUCCEEDED, Reason.COMPLETED, "serving was disabled before it rolled out")
     elif ready >= max(1, min(spec.serving.replicas, 1)):
@@ -435,7 +455,7 @@ def _deploying(
             CONDITION_SERVING,
             "True",
             Reason.AVAILABLE,
-            f"{ready} serving replica(s) ready at {serving.get('endpoint', '?')}",
+            f"{ready} serving replica(s) ready at {serving.endpoint or '?'}",
         )
         st.finish(PHASE_SUCCEEDED, Reason.SERVING, "tuned, evaluated and serving")
     return decision

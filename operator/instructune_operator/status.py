@@ -1,4 +1,9 @@
-"""Pure status computation: observed facts in, the status the tune should show out."""
+"""Pure status computation: observed facts in, the status the tune should show out.
+
+Conditions and the validation outcome are computed on the API models (api.InstructionTuneStatus);
+`status_changes` and `transitions` compare the wire form (what the API server holds and the patch
+carries).
+"""
 
 from __future__ import annotations
 
@@ -8,67 +13,60 @@ from instructune_operator.api import (
     CONDITION_VALIDATED,
     PHASE_FAILED,
     PHASE_PENDING,
+    Condition,
     ConditionStatus,
     ConditionType,
+    InstructionTuneStatus,
+    Model,
     Reason,
 )
 
 
 def set_condition(
-    conditions: list[dict[str, Any]],
+    conditions: list[Condition],
     type_: ConditionType,
     status: ConditionStatus,
-    reason: Reason | str,
+    reason: Reason,
     message: str,
     now: str,
     generation: int | None,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Returns conditions with `type_` set; lastTransitionTime moves only when the status changes."""
-    old = next((c for c in conditions if c.get("type") == type_), None)
-    since = (
-        old["lastTransitionTime"]
-        if old and old.get("status") == status and "lastTransitionTime" in old
-        else now
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.last_transition_time if old and old.status == status else now
+    new = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
     )
-    new = {
-        "type": type_,
-        "status": status,
-        "reason": str(reason),  # the plain string: the status is dumped as YAML and JSON
-        "message": message,
-        "lastTransitionTime": since,
-        "observedGeneration": generation,
-    }
     return (
-        [c for c in conditions if c.get("type") != type_] + [new]
+        [c for c in conditions if c.type != type_] + [new]
         if old is None
-        else [new if c.get("type") == type_ else c for c in conditions]
+        else [new if c.type == type_ else c for c in conditions]
     )
 
 
-def get_condition(status: dict[str, Any], type_: ConditionType) -> dict[str, Any] | None:
-    return next((c for c in status.get("conditions", []) if c.get("type") == type_), None)
+def get_condition(status: InstructionTuneStatus, type_: ConditionType) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_), None)
 
 
 def compute_validation_status(
-    status: dict[str, Any], generation: int | None, errors: list[str], now: str
-) -> dict[str, Any]:
+    status: InstructionTuneStatus, generation: int | None, errors: list[str], now: str
+) -> InstructionTuneStatus:
     """Status after validating the spec: Validated True, or False with every reason, and Failed."""
-    new = dict(status)
+    new = status.model_copy(deep=True)
     if errors:
         message = "; ".join(errors)
-        new["conditions"] = set_condition(
-            status.get("conditions", []),
-            CONDITION_VALIDATED,
-            "False",
-            Reason.INVALID_SPEC,
-            message,
-            now,
-            generation,
+        new.conditions = set_condition(
+            status.conditions, CONDITION_VALIDATED, "False", Reason.INVALID_SPEC, message, now, generation
         )
-        new["phase"] = PHASE_FAILED
+        new.phase = PHASE_FAILED
     else:
-        new["conditions"] = set_condition(
-            status.get("conditions", []),
+        new.conditions = set_condition(
+            status.conditions,
             CONDITION_VALIDATED,
             "True",
             Reason.SPEC_VALID,
@@ -76,16 +74,22 @@ def compute_validation_status(
             now,
             generation,
         )
-        new.setdefault("phase", PHASE_PENDING)
-        if new["phase"] == PHASE_FAILED and _failed_only_by_validation(status):
-            new["phase"] = PHASE_PENDING
-    new["observedGeneration"] = generation
+        if new.phase is None:
+            new.phase = PHASE_PENDING
+        if new.phase == PHASE_FAILED and _failed_only_by_validation(status):
+            new.phase = PHASE_PENDING
+    new.observed_generation = generation
     return new
 
 
-def _failed_only_by_validation(status: dict[str, Any]) -> bool:
+def _failed_only_by_validation(status: InstructionTuneStatus) -> bool:
     validated = get_condition(status, CONDITION_VALIDATED)
-    return validated is not None and validated.get("status") == "False"
+    return validated is not None and validated.status == "False"
+
+
+def wire(status: Model) -> dict[str, Any]:
+    """A status (or part of one) as the API server holds it: camelCase, only the fields set."""
+    return status.model_dump(by_alias=True, exclude_unset=True, mode="json")
 
 
 def status_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

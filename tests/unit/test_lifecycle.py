@@ -338,3 +338,18 @@ def test_a_ray_serve_rollout_is_a_submission_of_the_decision() -> None:
     [submission] = d.submissions
     assert submission.submission_id == "serve-ns-tune-serve-01234567"
     assert "--name tune-serve" in submission.entrypoint and not submission.job_identity
+
+
+def test_the_decision_holds_the_whole_status_as_the_api_models_and_patches_its_wire_form() -> None:
+    from instructune_operator.api import InstructionTuneStatus, Reason
+
+    d = decide(_obs(cluster=READY))
+    assert isinstance(d.desired, InstructionTuneStatus)
+    assert d.desired.phase == "Training" and d.desired.conditions[-1].reason is Reason.SUBMITTED
+    assert d.status == InstructionTuneStatus.model_validate(d.status).model_dump(
+        by_alias=True, exclude_unset=True, mode="json"
+    )
+    assert (
+        d.status["conditions"][-1]["reason"] == "Submitted"
+        and type(d.status["conditions"][-1]["reason"]) is str
+    )

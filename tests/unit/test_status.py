@@ -1,10 +1,23 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from instructune_operator.status import compute_validation_status, set_condition, status_changes, transitions
+from instructune_operator import status as typed
+from instructune_operator.api import Condition, InstructionTuneStatus
+from instructune_operator.status import status_changes, transitions, wire
 
 pytestmark = pytest.mark.unit
+
+
+# The status functions work on the API models; these tests speak the wire form the API server holds.
+def set_condition(conditions: list[dict[str, Any]], *args: Any) -> list[dict[str, Any]]:
+    return [wire(c) for c in typed.set_condition([Condition.model_validate(c) for c in conditions], *args)]
+
+
+def compute_validation_status(status: dict[str, Any], *args: Any) -> dict[str, Any]:
+    return wire(typed.compute_validation_status(InstructionTuneStatus.model_validate(status), *args))
 
 
 def test_condition_keeps_its_transition_time_while_status_is_unchanged() -> None:
