@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from instructune_operator.api import PHASE_DEPLOYING
 from instructune_operator.builders.serving import ANNOTATION_ADAPTER, ANNOTATION_TUNE
 from instructune_operator.clients.kube import Kube
 from instructune_operator.clients.ray_jobs import RayJobs
@@ -146,7 +147,7 @@ def documents(example: Path) -> list[dict[str, Any]]:
     deploying = {
         "metadata": meta,
         "spec": doc["spec"],
-        "status": {"phase": "Deploying", "data": {"templateHash": TEMPLATE_HASH}},
+        "status": {"phase": PHASE_DEPLOYING, "data": {"templateHash": TEMPLATE_HASH}},
     }
     rollout = _pass(deploying, "gate passed, serving rolls out")
     # A Deployment of the same serving target that an earlier tune rolled out: its adapter is

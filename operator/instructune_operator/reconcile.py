@@ -22,7 +22,6 @@ from instructune_operator.api import (
     PHASE_SUSPENDED,
     TERMINAL_PHASES,
     InstructionTuneSpec,
-    Reason,
 )
 from instructune_operator.builders import Observed, Tune, desired
 from instructune_operator.builders.desired import INDEPENDENT_KINDS
@@ -39,7 +38,7 @@ from instructune_operator.serving import (
     observe_serving,
     ready_replicas,
 )
-from instructune_operator.status import status_changes, transitions
+from instructune_operator.status import Event, events, status_changes
 from instructune_operator.validation import validate_spec
 
 __all__ = ["Clients", "Outcome", "Seen", "reconcile_tune", "release_tune"]  # Clients: handlers, tests
@@ -56,7 +55,7 @@ class Outcome:
     """What a reconcile pass wants written: status keys that changed and events to record."""
 
     status_patch: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    events: list[Event] = field(default_factory=list)
 
 
 class Seen(Protocol):
@@ -215,23 +214,8 @@ def reconcile_tune(
     settings = clients.settings
     decision = decide(obs, cleanup_cluster=settings.delete_cluster_after_finish, settings=settings)
     act(decision, obs, clients, apply_children=not periodic or obs.cluster is None)
-    old = obs.status
-    new = decision.status
-    events = [
-        (
-            "Normal"
-            if c["status"] == "True" or c["reason"] in (Reason.SUBMITTED, Reason.COMPLETED)
-            else "Warning",
-            c["reason"],
-            f"{c['type']}={c['status']}: {c['message']}",
-        )
-        for c in transitions(old, new)
-    ]
-    if old.get("phase") != new.get("phase"):
-        events.append(
-            ("Normal", Reason.PHASE.value, f"phase {old.get('phase') or 'None'} -> {new.get('phase')}")
-        )
-    return Outcome(status_patch=status_changes(old, new), events=events)
+    old, new = obs.status, decision.status
+    return Outcome(status_patch=status_changes(old, new), events=events(old, new))
 
 
 def release_tune(body: dict[str, Any], clients: Clients) -> None:

@@ -7,7 +7,7 @@ carries).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from instructune_operator.api import (
     CONDITION_VALIDATED,
@@ -105,3 +105,27 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]
     return [
         c for c in new.get("conditions", []) if before.get(c["type"]) != (c.get("status"), c.get("reason"))
     ]
+
+
+# (type, reason, message) of a Kubernetes event.
+Event = tuple[Literal["Normal", "Warning"], str, str]
+
+
+def events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
+    """The events of a pass: one per condition transition (a False one is a Warning, but for the
+    steps that are expected to leave a condition False), and one for a phase change."""
+    out: list[Event] = [
+        (
+            "Normal"
+            if c["status"] == "True" or c["reason"] in (Reason.SUBMITTED, Reason.COMPLETED)
+            else "Warning",
+            c["reason"],
+            f"{c['type']}={c['status']}: {c['message']}",
+        )
+        for c in transitions(old, new)
+    ]
+    if old.get("phase") != new.get("phase"):
+        out.append(
+            ("Normal", Reason.PHASE.value, f"phase {old.get('phase') or 'None'} -> {new.get('phase')}")
+        )
+    return out

@@ -67,3 +67,14 @@ def test_a_condition_flip_is_one_transition() -> None:
     ok = compute_validation_status({}, 1, [], "t1")
     bad = compute_validation_status(ok, 2, ["spec.a: x"], "t2")
     assert [(c["type"], c["status"]) for c in transitions(ok, bad)] == [("Validated", "False")]
+
+
+def test_a_phase_change_and_a_failed_condition_are_events() -> None:
+    from instructune_operator.status import events
+
+    ok = compute_validation_status({}, 1, [], "t1")
+    bad = compute_validation_status(ok, 2, ["spec.a: x"], "t2")
+    assert events(ok, bad) == [
+        ("Warning", "InvalidSpec", "Validated=False: spec.a: x"),
+        ("Normal", "Phase", "phase Pending -> Failed"),
+    ]
