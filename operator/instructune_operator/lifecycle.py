@@ -117,8 +117,8 @@ def _parse_ts(value: str) -> datetime:
 class _Status:
     """Small helper that keeps condition bookkeeping readable in `decide`."""
 
-    def __init__(self, obs: Observation, status: InstructionTuneStatus) -> None:
-        self.obs, self.s = obs, status
+    def __init__(self, obs: Observation, status: InstructionTuneStatus, settings: Settings) -> None:
+        self.obs, self.s, self.settings = obs, status, settings
 
     def cond(self, type_: ConditionType, status: ConditionStatus, reason: Reason, message: str = "") -> None:
         self.s.conditions = set_condition(
@@ -181,30 +181,7 @@ def decide(obs: Observation, cleanup_cluster: bool = True, settings: Settings | 
     """The whole desired status and the actions of one pass. `settings` shapes what the status
     records of the children (the Ray address, the serving endpoint); `cleanup_cluster` is
     Settings.delete_cluster_after_finish."""
-    settings = settings or Settings()
-    decision = _decide(_assume_job_status(obs), cleanup_cluster)
-    spec = obs.spec
-    if spec is None:
-        return decision
-    if decision.ensure_children:
-        decision.desired.ray_cluster = RayClusterRef(
-            name=ray_cluster_name(obs.name), dashboard_url=ray_address(settings, obs.namespace, obs.name)
-        )
-    if decision.submit:
-        decision.submissions.append(
-            train_submission(obs.meta, spec, settings, decision.submit, decision.attempt)
-        )
-    if decision.deploy:
-        serving = decision.desired.serving
-        decision.desired.serving = ServingStatus.model_validate(
-            {
-                **(wire(serving) if serving else {}),
-                **rollout_status(obs.meta, spec, settings, obs.status, obs.deployed_adapter),
-            }
-        )
-        if spec.serving.runtime == "ray-serve":  # vLLM's objects are builders.desired's
-            decision.submissions.append(serve_submission(obs.meta, spec, settings, template_hash(obs.status)))
-    return decision
+    return _decide(_assume_job_status(obs), cleanup_cluster, settings or Settings())
 
 
 def _assume_job_status(obs: Observation) -> Observation:
@@ -250,9 +227,9 @@ def rollout_status(
     }
 
 
-def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
+def _decide(obs: Observation, cleanup_cluster: bool, settings: Settings) -> Decision:
     status = compute_validation_status(obs.current, obs.generation, obs.spec_errors, _ts(obs.now))
-    st = _Status(obs, status)
+    st = _Status(obs, status, settings)
     decision = Decision(desired=status)
     spec = obs.spec
     if spec is None:
@@ -308,6 +285,9 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
         return _deploying(obs, st, decision, spec, cleanup_after_success)
 
     decision.ensure_children = True
+    status.ray_cluster = RayClusterRef(
+        name=ray_cluster_name(obs.name), dashboard_url=ray_address(settings, obs.namespace, obs.name)
+    )
     if status.started_at is None:
         status.started_at = _ts(obs.now)
     if not cluster_ready(obs.cluster):
@@ -322,7 +302,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
 
     attempts = status.attempts or 0
     if attempts == 0 or job_id is None:
-        return _submit(obs, st, decision, attempts + 1)
+        return _submit(obs, st, decision, spec, attempts + 1)
 
     # STOPPED by a suspension, or gone with the Ray cluster the suspension deleted (Training=False/
     # Suspended until the next submission): resuming is not a failure, so it does not use up the
@@ -331,7 +311,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     suspended = training is not None and training.reason == Reason.SUSPENDED
     if suspended and (obs.job_status == "STOPPED" or (obs.job_status is None and cluster_ready(obs.cluster))):
         status.resumes = (status.resumes or 0) + 1
-        _submit(obs, st, decision, attempts + 1)
+        _submit(obs, st, decision, spec, attempts + 1)
         st.cond(
             CONDITION_TRAINING,
             "True",
@@ -343,7 +323,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
     if obs.job_status is None or obs.job_status in JOB_RUNNING:
         if obs.job_status is None:
             # Unknown to Ray (lost head, or the submission never landed): the same id again.
-            decision.submit, decision.attempt = job_id, attempts
+            _train(st, decision, spec, job_id, attempts)
         progress = status.progress
         evaluating = progress and progress.total_steps and (progress.step or 0) >= progress.total_steps
         st.phase(PHASE_EVALUATING if evaluating else PHASE_TRAINING)
@@ -376,7 +356,7 @@ def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
             Reason.RETRYING,
             f"attempt {attempts} failed ({why}); resuming from checkpoint",
         )
-        return _submit(obs, st, decision, attempts + 1)
+        return _submit(obs, st, decision, spec, attempts + 1)
     st.cond(CONDITION_TRAINING, "False", Reason.JOB_FAILED, why)
     st.finish(PHASE_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, f"{failures} attempts failed; last: {why}")
     decision.delete_cluster = cleanup_cluster
@@ -388,13 +368,32 @@ def _failure_message(obs: Observation) -> str:
     return " | ".join(p for p in parts if p)[-1500:] or f"job {obs.job_status}"
 
 
-def _submit(obs: Observation, st: _Status, decision: Decision, attempt: int) -> Decision:
+def _submit(
+    obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, attempt: int
+) -> Decision:
     job_id = submission_id(obs.namespace, obs.name, obs.uid, attempt)
     st.s.attempts, st.s.job_id = attempt, job_id
+    _train(st, decision, spec, job_id, attempt)
     st.phase(PHASE_TRAINING)
     st.cond(CONDITION_TRAINING, "True", Reason.SUBMITTED, f"attempt {attempt}: job {job_id} submitted")
-    decision.submit, decision.attempt = job_id, attempt
     return decision
+
+
+def _train(st: _Status, decision: Decision, spec: InstructionTuneSpec, job_id: str, attempt: int) -> None:
+    """Submits a training attempt (again, under the same id, when Ray lost it)."""
+    decision.submit, decision.attempt = job_id, attempt
+    decision.submissions.append(train_submission(st.obs.meta, spec, st.settings, job_id, attempt))
+
+
+def _roll_out(st: _Status, decision: Decision, spec: InstructionTuneSpec) -> None:
+    """Keeps the serving rollout applied (vLLM's objects are builders.desired's, Ray Serve's
+    application a submission) and records where it serves in status.serving."""
+    decision.deploy = True
+    obs, current = st.obs, st.s.serving
+    rollout = rollout_status(obs.meta, spec, st.settings, obs.status, obs.deployed_adapter)
+    st.s.serving = ServingStatus.model_validate({**(wire(current) if current else {}), **rollout})
+    if spec.serving.runtime == "ray-serve":
+        decision.submissions.append(serve_submission(obs.meta, spec, st.settings, template_hash(obs.status)))
 
 
 def _after_success(
@@ -430,7 +429,7 @@ def _after_success(
         return decision
     decision.delete_cluster = cleanup_after_success
     if spec.serving.enabled:
-        decision.deploy = True
+        _roll_out(st, decision, spec)
         st.phase(PHASE_DEPLOYING)
         st.cond(CONDITION_SERVING, "False", Reason.ROLLING_OUT, "the serving deployment is rolling out")
         return decision
@@ -442,7 +441,6 @@ def _deploying(
     obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool
 ) -> Decision:
     """After a passed gate: keep the serving objects applied until they are available."""
-    decision.deploy = spec.serving.enabled
     decision.delete_cluster = cleanup and obs.cluster is not None
     ready = obs.serving_ready_replicas or 0
     serving = st.s.serving.model_copy() if st.s.serving else ServingStatus()
@@ -458,4 +456,6 @@ def _deploying(
             f"{ready} serving replica(s) ready at {serving.endpoint or '?'}",
         )
         st.finish(PHASE_SUCCEEDED, Reason.SERVING, "tuned, evaluated and serving")
+    if spec.serving.enabled:
+        _roll_out(st, decision, spec)
     return decision
