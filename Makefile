@@ -6,7 +6,7 @@ PY = $(VENV)/bin/python
 STACK_DIR ?= $(CURDIR)/.stack
 export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 
-.PHONY: demo test test-unit lint crds stack-build stack-up stack-down venv bench lock
+.PHONY: demo test test-unit lint crds golden stack-build stack-up stack-down venv bench lock
 
 venv:
 	@hack/venv.sh >/dev/null
@@ -35,13 +35,18 @@ lock:
 crds: venv
 	@$(PY) hack/gen_crd.py
 
+# What the operator applies and submits for every example (tests/golden); review the diff.
+golden: venv
+	@$(PY) hack/gen_golden.py
+
 lint: venv
 	@py=$(PY); bin=$$(dirname $$py); \
 	$$bin/ruff check operator jobs tests hack bench && \
 	$$bin/ruff format --check operator jobs tests hack bench && \
 	$$bin/mypy && \
 	$$bin/lint-imports && \
-	$$py hack/gen_crd.py --check
+	$$py hack/gen_crd.py --check && \
+	$$py hack/gen_golden.py --check
 
 test-unit: venv
 	@$(PY) -m pytest -m unit -q

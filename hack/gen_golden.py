@@ -183,7 +183,8 @@ def main(argv: list[str]) -> int:
     if "--check" in argv:
         for path in stale:
             print(
-                f"{path.relative_to(ROOT)} is out of date: run `python hack/gen_golden.py`", file=sys.stderr
+                f"{path.relative_to(ROOT)} is out of date: run `make golden` and review the diff",
+                file=sys.stderr,
             )
         for path in orphans:
             print(f"{path.relative_to(ROOT)} has no example: delete it", file=sys.stderr)
