@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from functools import cached_property
 from typing import Any, Literal
 
 from instructune_jobs.contract import permanent_reason
@@ -63,7 +62,7 @@ class Observation:
     generation: int | None
     spec: InstructionTuneSpec | None
     spec_errors: list[str]
-    status: dict[str, Any]  # the tune's status as the API server holds it (`current` parses it)
+    status: InstructionTuneStatus
     now: datetime
     cluster: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
@@ -81,11 +80,6 @@ class Observation:
     def meta(self) -> dict[str, Any]:
         """The tune's metadata as the builders take it."""
         return {"namespace": self.namespace, "name": self.name, "uid": self.uid}
-
-    @cached_property
-    def current(self) -> InstructionTuneStatus:
-        """The observed status as the API models."""
-        return InstructionTuneStatus.model_validate(self.status)
 
 
 @dataclass
@@ -189,20 +183,20 @@ def _assume_job_status(obs: Observation) -> Observation:
     running, until the next pass asks again; any other tune's job is unknown."""
     if not obs.job_unreachable:
         return obs
-    running = obs.current.phase in (PHASE_TRAINING, PHASE_EVALUATING)
+    running = obs.status.phase in (PHASE_TRAINING, PHASE_EVALUATING)
     return replace(obs, job_status="RUNNING" if running else None)
 
 
-def template_hash(status: dict[str, Any]) -> str:
+def template_hash(status: InstructionTuneStatus) -> str:
     """The chat template's hash the job trained with (status.data, written by the job)."""
-    return str((status.get("data") or {}).get("templateHash") or "")
+    return (status.data.template_hash if status.data else None) or ""
 
 
 def rollout_status(
     meta: dict[str, Any],
     spec: InstructionTuneSpec,
     settings: Settings,
-    status: dict[str, Any],
+    status: InstructionTuneStatus,
     deployed_adapter: str | None,
 ) -> dict[str, Any]:
     """status.serving of a rollout: where it serves, what, and (vLLM) the adapter it replaces."""
@@ -216,7 +210,7 @@ def rollout_status(
             "model": served,
             "templateHash": template_hash(status),
         }
-    previous = (status.get("serving") or {}).get("previousAdapterUri")
+    previous = status.serving.previous_adapter_uri if status.serving else None
     if deployed_adapter and deployed_adapter != artifact_layout(spec)["weights"]:
         previous = deployed_adapter  # the adapter this rollout replaces: what a rollback goes back to
     return {
@@ -228,7 +222,7 @@ def rollout_status(
 
 
 def _decide(obs: Observation, cleanup_cluster: bool, settings: Settings) -> Decision:
-    status = compute_validation_status(obs.current, obs.generation, obs.spec_errors, _ts(obs.now))
+    status = compute_validation_status(obs.status, obs.generation, obs.spec_errors, _ts(obs.now))
     st = _Status(obs, status, settings)
     decision = Decision(desired=status)
     spec = obs.spec

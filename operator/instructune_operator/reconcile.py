@@ -22,6 +22,7 @@ from instructune_operator.api import (
     PHASE_SUSPENDED,
     TERMINAL_PHASES,
     InstructionTuneSpec,
+    InstructionTuneStatus,
 )
 from instructune_operator.builders import Observed, Tune, desired
 from instructune_operator.builders.desired import INDEPENDENT_KINDS
@@ -38,7 +39,7 @@ from instructune_operator.serving import (
     observe_serving,
     ready_replicas,
 )
-from instructune_operator.status import Event, events, status_changes
+from instructune_operator.status import Event, events, status_changes, wire
 from instructune_operator.validation import validate_spec
 
 __all__ = ["Clients", "Outcome", "Seen", "reconcile_tune", "release_tune"]  # Clients: handlers, tests
@@ -70,7 +71,7 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
     """Reads what the decision needs, and nothing more; it infers nothing (lifecycle.decide does)."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    status = dict(body.get("status") or {})
+    status = InstructionTuneStatus.model_validate(body.get("status") or {})
     spec, errors = validate_spec(dict(body.get("spec") or {}), clients.settings)
     if spec is not None:
         errors = _train_config_errors(spec, meta)
@@ -81,12 +82,10 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
         obs["cluster"] = seen.cluster(ns, name)
         if obs["cluster"] is not None and obs["cluster"].get("status", {}).get("state") != "ready":
             obs["pods"] = seen.pods(ns, name)
-        job_id = status.get("jobId")
+        job_id = status.job_id
         # A finished tune's job is over and its Ray cluster usually gone; a suspended one's was
         # stopped when it was suspended: nothing to learn from Ray until it is resumed.
-        settled = status.get("phase") in TERMINAL_PHASES or (
-            status.get("phase") == PHASE_SUSPENDED and spec.suspend
-        )
+        settled = status.phase in TERMINAL_PHASES or (status.phase == PHASE_SUSPENDED and spec.suspend)
         if job_id and not settled:
             ray = clients.ray(meta)
             try:
@@ -101,11 +100,11 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
                 if info.status == "SUCCEEDED":
                     # The job patched its results just before it ended: read them fresh, not
                     # from a watch event that may not have arrived yet.
-                    fresh = kube.get(API_VERSION, KIND, ns, name)
-                    status = dict((fresh or {}).get("status") or status)
+                    fresh = (kube.get(API_VERSION, KIND, ns, name) or {}).get("status")
+                    status = InstructionTuneStatus.model_validate(fresh) if fresh else status
                 if info.status in ("FAILED", "STOPPED"):
                     obs["job_log_tail"] = ray.logs_tail(job_id)
-        deploying = status.get("phase") == PHASE_DEPLOYING
+        deploying = status.phase == PHASE_DEPLOYING
         # A rollout happens while Deploying, or right after a job that succeeded (if its gate
         # passes): the live Deployment says which adapter the rollout replaces.
         deployment = None
@@ -214,7 +213,7 @@ def reconcile_tune(
     settings = clients.settings
     decision = decide(obs, cleanup_cluster=settings.delete_cluster_after_finish, settings=settings)
     act(decision, obs, clients, apply_children=not periodic or obs.cluster is None)
-    old, new = obs.status, decision.status
+    old, new = wire(obs.status), decision.status
     return Outcome(status_patch=status_changes(old, new), events=events(old, new))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.api import InstructionTuneSpec, InstructionTuneStatus
 from instructune_operator.builders import Observed, Tune, desired
 from instructune_operator.builders.serving import ANNOTATION_ADAPTER, ANNOTATION_TUNE
 from instructune_operator.builders.submissions import serve_delete_submission, serve_submission
@@ -58,7 +58,7 @@ def observe_serving(clients: Clients, body: dict[str, Any], spec: InstructionTun
 def apply_serving(clients: Clients, body: dict[str, Any], spec: InstructionTuneSpec) -> dict[str, Any]:
     """One rollout outside a reconcile pass (the serving tests): reads the live rollout, applies
     what the builders want for it, and returns status.serving as a pass's decision records it."""
-    meta, status = body["metadata"], body.get("status") or {}
+    meta, status = body["metadata"], InstructionTuneStatus.model_validate(body.get("status") or {})
     adapter = deployed_adapter(deployed_serving(clients, meta, spec))
     trained = template_hash(status)
     if spec.serving.runtime == "ray-serve":

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from instructune_jobs.contract import PERMANENT_EXIT_REASONS, ExitCode, permanent_reason
-from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.api import InstructionTuneSpec, InstructionTuneStatus
 from instructune_operator.lifecycle import Observation, decide, diagnose_pods
 from instructune_operator.naming import submission_id
 
@@ -34,7 +34,7 @@ def _obs(
         generation=1,
         spec=spec or _spec(),
         spec_errors=[],
-        status=status or {},
+        status=InstructionTuneStatus.model_validate(status or {}),
         now=kw.pop("now", NOW),
         **kw,
     )
