@@ -10,7 +10,7 @@ export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 THIS_CLONE = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/jobs
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test test-unit test-integration test-e2e lint fmt crds api-docs images stack-build stack-up \
+.PHONY: help demo test test-unit test-integration test-e2e lint fmt crds api-docs golden images stack-build stack-up \
 	stack-down venv bench lock
 
 ## List the targets with what each does (`make demo` and `make test` first).
@@ -45,7 +45,11 @@ test-integration: stack-build venv
 test-e2e: stack-build venv
 	@$(THIS_CLONE) $(PY) -m pytest -m e2e -p no:cacheprovider --durations=25
 
-## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD and API-docs drift.
+## Regenerate tests/golden: what the operator applies and submits for every example (review the diff).
+golden: venv
+	@$(PY) hack/gen_golden.py
+
+## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD, API-docs and golden drift.
 lint: venv
 	@py=$(PY); bin=$$(dirname $$py); \
 	$$bin/ruff check operator jobs tests hack bench && \
@@ -53,7 +57,8 @@ lint: venv
 	$$bin/mypy && \
 	$$bin/lint-imports && \
 	$$py hack/gen_crd.py --check && \
-	$$py hack/gen_api_docs.py --check
+	$$py hack/gen_api_docs.py --check && \
+	$$py hack/gen_golden.py --check
 
 ## Format the code and apply ruff's fixes (ruff format, then ruff check --fix).
 fmt: venv

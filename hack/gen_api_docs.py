@@ -11,6 +11,7 @@ needs no change here.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import json
 import re
@@ -123,6 +124,8 @@ def type_name(annotation: Any, links: dict[type[BaseModel], str]) -> str:
         return (
             f"[{annotation.__name__}](#{links[annotation]})" if annotation in links else annotation.__name__
         )
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(f"`{m.value}`" for m in annotation)
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, types.UnionType):
         options = [a for a in args if a is not type(None)]

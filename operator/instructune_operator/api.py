@@ -8,9 +8,10 @@ operator ever sees it. `crd()` turns these models into the CustomResourceDefinit
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
@@ -463,17 +464,93 @@ class InstructionTuneSpec(Model):
 
 # -------------------------------------------------------------------------------------- status
 
+# The vocabulary of the status, in one place (as KubeRay's raycluster_types.go): the operator code
+# names phases, condition types and reasons only through these, so a typo is a type error, not a
+# condition nobody waits for.
+
 Phase = Literal[
     "Pending", "Provisioning", "Training", "Evaluating", "Deploying", "Succeeded", "Failed", "Suspended"
 ]
+PHASE_PENDING: Final = "Pending"
+PHASE_PROVISIONING: Final = "Provisioning"
+PHASE_TRAINING: Final = "Training"
+PHASE_EVALUATING: Final = "Evaluating"
+PHASE_DEPLOYING: Final = "Deploying"
+PHASE_SUCCEEDED: Final = "Succeeded"
+PHASE_FAILED: Final = "Failed"
+PHASE_SUSPENDED: Final = "Suspended"
+TERMINAL_PHASES: tuple[Phase, ...] = (PHASE_SUCCEEDED, PHASE_FAILED)
+
+ConditionType = Literal[
+    "Validated", "ClusterReady", "Training", "Evaluated", "EvalPassed", "Serving", "Ready", "Succeeded"
+]
+CONDITION_VALIDATED: Final = "Validated"
+CONDITION_CLUSTER_READY: Final = "ClusterReady"
+CONDITION_TRAINING: Final = "Training"
+CONDITION_EVALUATED: Final = "Evaluated"
+CONDITION_EVAL_PASSED: Final = "EvalPassed"
+CONDITION_SERVING: Final = "Serving"
+CONDITION_READY: Final = "Ready"
+CONDITION_SUCCEEDED: Final = "Succeeded"
+CONDITION_TYPES: tuple[ConditionType, ...] = get_args(ConditionType)
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Reason(StrEnum):
+    """CamelCase reasons of condition transitions; each also becomes the reason of an event."""
+
+    # Validated
+    SPEC_VALID = "SpecValid"
+    INVALID_SPEC = "InvalidSpec"
+    # ClusterReady: waiting, ready, or why a Ray pod cannot run (lifecycle.diagnose_pods)
+    PROVISIONING = "Provisioning"
+    RAY_CLUSTER_READY = "RayClusterReady"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
+    OOM_KILLED = "OOMKilled"
+    # Training
+    SUSPENDED = "Suspended"
+    SUBMITTED = "Submitted"
+    RESUMED = "Resumed"
+    PREEMPTED = "Preempted"
+    RUNNING = "Running"
+    RETRYING = "Retrying"
+    JOB_FAILED = "JobFailed"
+    COMPLETED = "Completed"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    # A job's permanent exit (instructune_jobs.contract.PERMANENT_EXIT_REASONS): no retry.
+    INVALID_TRAINING_CONFIG = "InvalidTrainingConfig"
+    CHECKPOINT_CONFIG_MISMATCH = "CheckpointConfigMismatch"
+    INVALID_DATA = "InvalidData"
+    JOB_VERSION_MISMATCH = "JobVersionMismatch"
+    # Evaluated, EvalPassed
+    EVALUATED = "Evaluated"
+    NO_METRICS = "NoMetrics"
+    GATE_PASSED = "GatePassed"
+    GATE_FAILED = "GateFailed"
+    # Serving, and Ready/Succeeded of a served tune
+    ROLLING_OUT = "RollingOut"
+    AVAILABLE = "Available"
+    SERVING = "Serving"
+    # Ready/Succeeded of a failed tune
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    # Not a condition's: the reason of the event that records a phase change.
+    PHASE = "Phase"
 
 
 class Condition(Model):
     """A condition following the Kubernetes API conventions."""
 
-    type: str = Field(description="Condition type, e.g. Validated, Training, EvalPassed, Ready.")
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field(description="CamelCase reason for the last transition.")
+    # The schema keeps plain strings: a new type or reason needs no CRD change (clients only compare).
+    type: Annotated[ConditionType, WithJsonSchema({"type": "string"})] = Field(
+        description="Condition type, e.g. Validated, Training, EvalPassed, Ready."
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: Annotated[Reason, WithJsonSchema({"type": "string"})] = Field(
+        description="CamelCase reason for the last transition."
+    )
     message: str = Field(default="", description="Human-readable detail.")
     last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
     observed_generation: int | None = Field(default=None, description="The spec generation this reflects.")

@@ -1,55 +1,103 @@
 """Pure lifecycle decision: what the tune's status should say and what the operator must do next.
 
 `decide` looks at one observation (spec, current status, the Ray cluster and its pods, the Ray
-job) and returns the new status plus the actions to take. It never talks to anything, so every
-transition is unit-tested, and running it twice on the same observation gives the same answer.
+job, the serving rollout) and returns the whole new status plus the actions to take. It is the one
+writer of the status: `reconcile.act` carries the actions out and never edits it. It never talks to
+anything, so every transition is unit-tested, and running it twice on the same observation gives
+the same answer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from instructune_jobs.contract import ExitCode, permanent_reason
-from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.api import (
+    CONDITION_CLUSTER_READY,
+    CONDITION_EVAL_PASSED,
+    CONDITION_EVALUATED,
+    CONDITION_READY,
+    CONDITION_SERVING,
+    CONDITION_SUCCEEDED,
+    CONDITION_TRAINING,
+    PHASE_DEPLOYING,
+    PHASE_EVALUATING,
+    PHASE_FAILED,
+    PHASE_PROVISIONING,
+    PHASE_SUCCEEDED,
+    PHASE_SUSPENDED,
+    PHASE_TRAINING,
+    TERMINAL_PHASES,
+    ConditionStatus,
+    ConditionType,
+    EvaluationStatus,
+    InstructionTuneSpec,
+    InstructionTuneStatus,
+    Phase,
+    RayClusterRef,
+    Reason,
+    ServingStatus,
+)
+from instructune_operator.builders.serving import artifact_layout, endpoint
+from instructune_operator.builders.submissions import RaySubmission, serve_submission, train_submission
 from instructune_operator.gate import evaluate_gate
-from instructune_operator.naming import submission_id
-from instructune_operator.status import compute_validation_status, get_condition, set_condition
+from instructune_operator.naming import ray_address, ray_cluster_name, serving_name, submission_id
+from instructune_operator.settings import Settings
+from instructune_operator.status import compute_validation_status, get_condition, set_condition, wire
 
-TERMINAL_PHASES = ("Succeeded", "Failed")
-JOB_RUNNING = ("PENDING", "RUNNING")
+# Ray's job states (ray.job_submission.JobStatus).
+JobStatus = Literal["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
+JOB_RUNNING: tuple[JobStatus, ...] = ("PENDING", "RUNNING")
 
 
 @dataclass(frozen=True)
 class Observation:
+    """What one pass saw; nothing in it is inferred (that is `decide`'s job)."""
+
     namespace: str
     name: str
     uid: str
     generation: int | None
     spec: InstructionTuneSpec | None
     spec_errors: list[str]
-    status: dict[str, Any]
+    status: InstructionTuneStatus
     now: datetime
     cluster: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
-    job_status: str | None = None  # Ray job status of status.jobId; None: unknown to Ray
+    job_status: JobStatus | None = None  # Ray job status of status.jobId; None: unknown to Ray
+    job_unreachable: bool = False  # Ray's Jobs API did not answer: job_status is not known
     job_message: str = ""
     job_log_tail: str = ""
     job_exit_code: int | None = None  # the job driver's exit code, once it has ended
     serving_ready_replicas: int | None = None  # None: no serving Deployment observed
+    # The adapter the live serving Deployment of the target serves (any tune's): what a rollout
+    # replaces, recorded for a rollback. None: no Deployment, or not read this pass.
+    deployed_adapter: str | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The tune's metadata as the builders take it."""
+        return {"namespace": self.namespace, "name": self.name, "uid": self.uid}
 
 
 @dataclass
 class Decision:
-    status: dict[str, Any]
+    desired: InstructionTuneStatus  # the whole status the tune should show: its one writer
     ensure_children: bool = False
     delete_cluster: bool = False
-    submit: str | None = None  # submission id to submit (idempotent)
+    submit: str | None = None  # submission id of the training attempt to submit (idempotent)
     attempt: int = 0
+    submissions: list[RaySubmission] = field(default_factory=list)  # what act sends to Ray, in order
     stop_job: str | None = None
     delete_tune: bool = False
     deploy: bool = False
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The desired status in its wire form (what reconcile compares and patches)."""
+        return wire(self.desired)
 
 
 def _ts(now: datetime) -> str:
@@ -63,12 +111,12 @@ def _parse_ts(value: str) -> datetime:
 class _Status:
     """Small helper that keeps condition bookkeeping readable in `decide`."""
 
-    def __init__(self, obs: Observation, status: dict[str, Any]) -> None:
-        self.obs, self.s = obs, status
+    def __init__(self, obs: Observation, status: InstructionTuneStatus, settings: Settings) -> None:
+        self.obs, self.s, self.settings = obs, status, settings
 
-    def cond(self, type_: str, status: str, reason: str, message: str = "") -> None:
-        self.s["conditions"] = set_condition(
-            self.s.get("conditions", []),
+    def cond(self, type_: ConditionType, status: ConditionStatus, reason: Reason, message: str = "") -> None:
+        self.s.conditions = set_condition(
+            self.s.conditions,
             type_,
             status,
             reason,
@@ -77,17 +125,23 @@ class _Status:
             self.obs.generation,
         )
 
-    def phase(self, phase: str) -> None:
-        self.s["phase"] = phase
+    def phase(self, phase: Phase) -> None:
+        self.s.phase = phase
 
-    def finish(self, phase: str, reason: str, message: str) -> None:
+    def finish(self, phase: Phase, reason: Reason, message: str) -> None:
         self.phase(phase)
-        self.s.setdefault("finishedAt", _ts(self.obs.now))
-        self.cond("Ready", "True" if phase == "Succeeded" else "False", reason, message)
-        self.cond("Succeeded", "True" if phase == "Succeeded" else "False", reason, message)
+        if self.s.finished_at is None:
+            self.s.finished_at = _ts(self.obs.now)
+        succeeded: ConditionStatus = "True" if phase == PHASE_SUCCEEDED else "False"
+        self.cond(CONDITION_READY, succeeded, reason, message)
+        self.cond(CONDITION_SUCCEEDED, succeeded, reason, message)
 
 
-def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+# The kubelet's container state reasons that stop a Ray pod; our reasons repeat the kubelet's names.
+_PULL_FAILURES = ("ErrImagePull", Reason.IMAGE_PULL_BACK_OFF, "InvalidImageName")
+
+
+def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[Reason, str] | None:
     """The first reason a Ray pod cannot run, as (reason, message), e.g. unschedulable in the pool.
     Pods are taken in name order: a watch cache has none, and a message that flips between the
     head's and a worker's would rewrite the status and post an event on every pass."""
@@ -95,19 +149,19 @@ def diagnose_pods(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
         name = pod.get("metadata", {}).get("name", "?")
         for cond in pod.get("status", {}).get("conditions", []):
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                return "Unschedulable", f"pod {name}: {cond.get('message', cond.get('reason', ''))}"
+                return Reason.UNSCHEDULABLE, f"pod {name}: {cond.get('message', cond.get('reason', ''))}"
         for cs in pod.get("status", {}).get("containerStatuses", []):
             waiting = cs.get("state", {}).get("waiting") or {}
-            if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
-                return "ImagePullBackOff", f"pod {name}: {waiting.get('message', waiting['reason'])}"
-            if waiting.get("reason") == "CrashLoopBackOff":
-                return "CrashLoopBackOff", f"pod {name}: container {cs.get('name')} keeps crashing"
+            if waiting.get("reason") in _PULL_FAILURES:
+                return Reason.IMAGE_PULL_BACK_OFF, f"pod {name}: {waiting.get('message', waiting['reason'])}"
+            if waiting.get("reason") == Reason.CRASH_LOOP_BACK_OFF:
+                return Reason.CRASH_LOOP_BACK_OFF, f"pod {name}: container {cs.get('name')} keeps crashing"
             terminated = (
                 cs.get("lastState", {}).get("terminated") or cs.get("state", {}).get("terminated") or {}
             )
-            if terminated.get("reason") == "OOMKilled":
+            if terminated.get("reason") == Reason.OOM_KILLED:
                 return (
-                    "OOMKilled",
+                    Reason.OOM_KILLED,
                     f"pod {name}: container {cs.get('name')} was killed for exceeding its memory",
                 )
     return None
@@ -117,131 +171,199 @@ def cluster_ready(cluster: dict[str, Any] | None) -> bool:
     return bool(cluster) and (cluster or {}).get("status", {}).get("state") == "ready"
 
 
-def decide(obs: Observation, cleanup_cluster: bool = True) -> Decision:
-    decision = _decide(obs, cleanup_cluster)
-    spec = obs.spec
-    # Ray Serve serves from the tune's own Ray cluster: a served tune keeps it.
-    if spec is not None and spec.serving.enabled and spec.serving.runtime == "ray-serve":
-        decision.delete_cluster = decision.delete_cluster and decision.status.get("phase") not in (
-            "Deploying",
-            "Succeeded",
-        )
-    return decision
+def decide(obs: Observation, cleanup_cluster: bool = True, settings: Settings | None = None) -> Decision:
+    """The whole desired status and the actions of one pass. `settings` shapes what the status
+    records of the children (the Ray address, the serving endpoint); `cleanup_cluster` is
+    Settings.delete_cluster_after_finish."""
+    return _decide(_assume_job_status(obs), cleanup_cluster, settings or Settings())
 
 
-def _decide(obs: Observation, cleanup_cluster: bool) -> Decision:
+def _assume_job_status(obs: Observation) -> Observation:
+    """A Jobs API that does not answer (a head starting or gone) leaves a training tune's job
+    running, until the next pass asks again; any other tune's job is unknown."""
+    if not obs.job_unreachable:
+        return obs
+    running = obs.status.phase in (PHASE_TRAINING, PHASE_EVALUATING)
+    return replace(obs, job_status="RUNNING" if running else None)
+
+
+def template_hash(status: InstructionTuneStatus) -> str:
+    """The chat template's hash the job trained with (status.data, written by the job)."""
+    return (status.data.template_hash if status.data else None) or ""
+
+
+def rollout_status(
+    meta: dict[str, Any],
+    spec: InstructionTuneSpec,
+    settings: Settings,
+    status: InstructionTuneStatus,
+    deployed_adapter: str | None,
+) -> dict[str, Any]:
+    """status.serving of a rollout: where it serves, what, and (vLLM) the adapter it replaces."""
+    name = serving_name(meta["name"], spec.serving.target)
+    served = spec.serving.target or meta["name"]
+    if spec.serving.runtime == "ray-serve":
+        address = ray_address(settings, meta["namespace"], meta["name"])
+        host = address.split("://", 1)[-1].split(":")[0]
+        return {
+            "endpoint": f"http://{host}:{settings.ray_serve_http_port}/{name}/v1",
+            "model": served,
+            "templateHash": template_hash(status),
+        }
+    previous = status.serving.previous_adapter_uri if status.serving else None
+    if deployed_adapter and deployed_adapter != artifact_layout(spec)["weights"]:
+        previous = deployed_adapter  # the adapter this rollout replaces: what a rollback goes back to
+    return {
+        "endpoint": endpoint(meta, spec),
+        "model": served,
+        "templateHash": template_hash(status),
+        "previousAdapterUri": previous,
+    }
+
+
+def _decide(obs: Observation, cleanup_cluster: bool, settings: Settings) -> Decision:
     status = compute_validation_status(obs.status, obs.generation, obs.spec_errors, _ts(obs.now))
-    st = _Status(obs, status)
-    decision = Decision(status=status)
+    st = _Status(obs, status, settings)
+    decision = Decision(desired=status)
     spec = obs.spec
     if spec is None:
         return decision
-    job_id = status.get("jobId")
+    # Ray Serve serves from the tune's own Ray cluster: a tune it serves keeps it.
+    served_by_ray = spec.serving.enabled and spec.serving.runtime == "ray-serve"
+    cleanup_after_success = cleanup_cluster and not served_by_ray
+    job_id = status.job_id
     job_active = job_id is not None and obs.job_status in JOB_RUNNING
 
     # Finished tunes keep their status; the cluster goes, and the tune itself after its TTL.
-    if status.get("phase") in TERMINAL_PHASES:
-        decision.delete_cluster = cleanup_cluster and obs.cluster is not None
+    if status.phase in TERMINAL_PHASES:
+        cleanup = cleanup_after_success if status.phase == PHASE_SUCCEEDED else cleanup_cluster
+        decision.delete_cluster = cleanup and obs.cluster is not None
         if job_active:
             decision.stop_job = job_id
-        ttl, finished = spec.ttl_seconds_after_finished, status.get("finishedAt")
+        ttl, finished = spec.ttl_seconds_after_finished, status.finished_at
         if ttl is not None and finished and obs.now >= _parse_ts(finished) + timedelta(seconds=ttl):
             decision.delete_tune = True
         return decision
 
     if spec.suspend:
-        st.phase("Suspended")
+        st.phase(PHASE_SUSPENDED)
         st.cond(
-            "Training", "False", "Suspended", "suspended: the Ray cluster is removed, checkpoints are kept"
+            CONDITION_TRAINING,
+            "False",
+            Reason.SUSPENDED,
+            "suspended: the Ray cluster is removed, checkpoints are kept",
         )
-        st.cond("ClusterReady", "False", "Suspended", "suspended")
+        st.cond(CONDITION_CLUSTER_READY, "False", Reason.SUSPENDED, "suspended")
         decision.delete_cluster = obs.cluster is not None
         if job_active:
             decision.stop_job = job_id
         return decision
 
-    started = status.get("startedAt")
+    started = status.started_at
     deadline = spec.active_deadline_seconds
     if started and deadline and obs.now >= _parse_ts(started) + timedelta(seconds=deadline):
-        st.cond("Training", "False", "DeadlineExceeded", f"activeDeadlineSeconds={deadline} exceeded")
-        st.finish("Failed", "DeadlineExceeded", f"the run exceeded activeDeadlineSeconds={deadline}")
+        st.cond(
+            CONDITION_TRAINING,
+            "False",
+            Reason.DEADLINE_EXCEEDED,
+            f"activeDeadlineSeconds={deadline} exceeded",
+        )
+        st.finish(
+            PHASE_FAILED, Reason.DEADLINE_EXCEEDED, f"the run exceeded activeDeadlineSeconds={deadline}"
+        )
         decision.stop_job = job_id if job_active else None
         decision.delete_cluster = cleanup_cluster
         return decision
 
-    if status.get("phase") == "Deploying":
-        return _deploying(obs, st, decision, spec, cleanup_cluster)
+    if status.phase == PHASE_DEPLOYING:
+        return _deploying(obs, st, decision, spec, cleanup_after_success)
 
     decision.ensure_children = True
-    status.setdefault("startedAt", _ts(obs.now))
+    status.ray_cluster = RayClusterRef(
+        name=ray_cluster_name(obs.name), dashboard_url=ray_address(settings, obs.namespace, obs.name)
+    )
+    if status.started_at is None:
+        status.started_at = _ts(obs.now)
     if not cluster_ready(obs.cluster):
         problem = diagnose_pods(obs.pods)
-        reason, message = problem or ("Provisioning", "waiting for the Ray cluster to become ready")
-        st.cond("ClusterReady", "False", reason, message)
+        reason, message = problem or (Reason.PROVISIONING, "waiting for the Ray cluster to become ready")
+        st.cond(CONDITION_CLUSTER_READY, "False", reason, message)
         if not job_active:
-            st.phase("Provisioning")
+            st.phase(PHASE_PROVISIONING)
             return decision
     else:
-        st.cond("ClusterReady", "True", "RayClusterReady", "the Ray cluster is ready")
+        st.cond(CONDITION_CLUSTER_READY, "True", Reason.RAY_CLUSTER_READY, "the Ray cluster is ready")
 
-    attempts = int(status.get("attempts") or 0)
+    attempts = status.attempts or 0
     if attempts == 0 or job_id is None:
-        return _submit(obs, st, decision, attempts + 1)
+        return _submit(obs, st, decision, spec, attempts + 1)
 
     # STOPPED by a suspension, or gone with the Ray cluster the suspension deleted (Training=False/
     # Suspended until the next submission): resuming is not a failure, so it does not use up the
     # backoff limit. A cluster that is gone has no job to ask about: wait until the new one is ready.
-    suspended = (get_condition(status, "Training") or {}).get("reason") == "Suspended"
+    training = get_condition(status, CONDITION_TRAINING)
+    suspended = training is not None and training.reason == Reason.SUSPENDED
     if suspended and (obs.job_status == "STOPPED" or (obs.job_status is None and cluster_ready(obs.cluster))):
-        st.s["resumes"] = int(status.get("resumes") or 0) + 1
-        _submit(obs, st, decision, attempts + 1)
-        st.cond("Training", "True", "Resumed", f"attempt {attempts + 1} resumes from the latest checkpoint")
+        status.resumes = (status.resumes or 0) + 1
+        _submit(obs, st, decision, spec, attempts + 1)
+        st.cond(
+            CONDITION_TRAINING,
+            "True",
+            Reason.RESUMED,
+            f"attempt {attempts + 1} resumes from the latest checkpoint",
+        )
         return decision
 
     if obs.job_status is None or obs.job_status in JOB_RUNNING:
         if obs.job_status is None:
             # Unknown to Ray (lost head, or the submission never landed): the same id again.
-            decision.submit, decision.attempt = job_id, attempts
-        progress = status.get("progress") or {}
-        evaluating = progress.get("totalSteps") and (progress.get("step") or 0) >= progress["totalSteps"]
-        st.phase("Evaluating" if evaluating else "Training")
+            _train(st, decision, spec, job_id, attempts)
+        progress = status.progress
+        evaluating = progress and progress.total_steps and (progress.step or 0) >= progress.total_steps
+        st.phase(PHASE_EVALUATING if evaluating else PHASE_TRAINING)
         st.cond(
-            "Training",
+            CONDITION_TRAINING,
             "True",
-            "Running",
+            Reason.RUNNING,
             f"attempt {attempts} (backoffLimit {spec.backoff_limit}): job {job_id}",
         )
         return decision
 
     if obs.job_status == "SUCCEEDED":
-        return _after_success(obs, st, decision, spec, cleanup_cluster)
+        return _after_success(obs, st, decision, spec, cleanup_cluster, cleanup_after_success)
 
     # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
     # the job said a retry would end the same way.
     why = _failure_message(obs)
     if obs.job_status == "FAILED" and obs.job_exit_code == ExitCode.PREEMPTED:
         # A reclaimed node is not the run's failure: resume, as after a suspension.
-        st.s["resumes"] = int(status.get("resumes") or 0) + 1
-        _submit(obs, st, decision, attempts + 1)
+        status.resumes = (status.resumes or 0) + 1
+        _submit(obs, st, decision, spec, attempts + 1)
         st.cond(
-            "Training", "True", "Preempted",
+            CONDITION_TRAINING,
+            "True",
+            Reason.PREEMPTED,
             f"attempt {attempts} lost a node to preemption; attempt {attempts + 1} resumes from the latest checkpoint",
-        )  # fmt: skip
+        )
         return decision
-    permanent = permanent_reason(obs.job_exit_code) if obs.job_status == "FAILED" else None
-    if permanent:
-        st.cond("Training", "False", permanent, why)
-        st.finish("Failed", permanent, f"attempt {attempts} failed and would fail again: {why}")
+    exit_reason = permanent_reason(obs.job_exit_code) if obs.job_status == "FAILED" else None
+    if exit_reason:
+        permanent = Reason(exit_reason)  # every permanent exit has its Reason (test_api)
+        st.cond(CONDITION_TRAINING, "False", permanent, why)
+        st.finish(PHASE_FAILED, permanent, f"attempt {attempts} failed and would fail again: {why}")
         decision.delete_cluster = cleanup_cluster
         return decision
-    failures = attempts - int(status.get("resumes") or 0)
+    failures = attempts - (status.resumes or 0)
     if failures <= spec.backoff_limit:
         st.cond(
-            "Training", "False", "Retrying", f"attempt {attempts} failed ({why}); resuming from checkpoint"
+            CONDITION_TRAINING,
+            "False",
+            Reason.RETRYING,
+            f"attempt {attempts} failed ({why}); resuming from checkpoint",
         )
-        return _submit(obs, st, decision, attempts + 1)
-    st.cond("Training", "False", "JobFailed", why)
-    st.finish("Failed", "BackoffLimitExceeded", f"{failures} attempts failed; last: {why}")
+        return _submit(obs, st, decision, spec, attempts + 1)
+    st.cond(CONDITION_TRAINING, "False", Reason.JOB_FAILED, why)
+    st.finish(PHASE_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, f"{failures} attempts failed; last: {why}")
     decision.delete_cluster = cleanup_cluster
     return decision
 
@@ -251,50 +373,72 @@ def _failure_message(obs: Observation) -> str:
     return " | ".join(p for p in parts if p)[-1500:] or f"job {obs.job_status}"
 
 
-def _submit(obs: Observation, st: _Status, decision: Decision, attempt: int) -> Decision:
+def _submit(
+    obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, attempt: int
+) -> Decision:
     job_id = submission_id(obs.namespace, obs.name, obs.uid, attempt)
-    st.s["attempts"], st.s["jobId"] = attempt, job_id
-    st.phase("Training")
-    st.cond("Training", "True", "Submitted", f"attempt {attempt}: job {job_id} submitted")
-    decision.submit, decision.attempt = job_id, attempt
+    st.s.attempts, st.s.job_id = attempt, job_id
+    _train(st, decision, spec, job_id, attempt)
+    st.phase(PHASE_TRAINING)
+    st.cond(CONDITION_TRAINING, "True", Reason.SUBMITTED, f"attempt {attempt}: job {job_id} submitted")
     return decision
 
 
+def _train(st: _Status, decision: Decision, spec: InstructionTuneSpec, job_id: str, attempt: int) -> None:
+    """Submits a training attempt (again, under the same id, when Ray lost it)."""
+    decision.submit, decision.attempt = job_id, attempt
+    decision.submissions.append(train_submission(st.obs.meta, spec, st.settings, job_id, attempt))
+
+
+def _roll_out(st: _Status, decision: Decision, spec: InstructionTuneSpec) -> None:
+    """Keeps the serving rollout applied (vLLM's objects are builders.desired's, Ray Serve's
+    application a submission) and records where it serves in status.serving."""
+    decision.deploy = True
+    obs, current = st.obs, st.s.serving
+    rollout = rollout_status(obs.meta, spec, st.settings, obs.status, obs.deployed_adapter)
+    st.s.serving = ServingStatus.model_validate({**(wire(current) if current else {}), **rollout})
+    if spec.serving.runtime == "ray-serve":
+        decision.submissions.append(serve_submission(obs.meta, spec, st.settings, template_hash(obs.status)))
+
+
 def _after_success(
-    obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool
+    obs: Observation,
+    st: _Status,
+    decision: Decision,
+    spec: InstructionTuneSpec,
+    cleanup: bool,
+    cleanup_after_success: bool,
 ) -> Decision:
-    st.cond("Training", "False", "Completed", "training finished")
-    evaluation = dict(st.s.get("evaluation") or {})
-    metrics = evaluation.get("metrics") or {}
+    st.cond(CONDITION_TRAINING, "False", Reason.COMPLETED, "training finished")
+    evaluation = st.s.evaluation.model_copy() if st.s.evaluation else EvaluationStatus()
+    metrics = evaluation.metrics
     if spec.evaluation.datasets or spec.evaluation.general_probe:
         if not metrics:
-            st.cond(
-                "Evaluated", "False", "NoMetrics", "the job finished without reporting evaluation metrics"
-            )
-            st.finish("Failed", "NoMetrics", "the job finished without reporting evaluation metrics")
+            why = "the job finished without reporting evaluation metrics"
+            st.cond(CONDITION_EVALUATED, "False", Reason.NO_METRICS, why)
+            st.finish(PHASE_FAILED, Reason.NO_METRICS, why)
             decision.delete_cluster = cleanup
             return decision
-        st.cond("Evaluated", "True", "Evaluated", f"{len(metrics)} metrics reported")
-    verdict = evaluate_gate(spec.evaluation.gate, metrics, evaluation.get("baseMetrics") or {})
-    evaluation["passed"], evaluation["summary"] = verdict.passed, verdict.summary
-    st.s["evaluation"] = evaluation
+        st.cond(CONDITION_EVALUATED, "True", Reason.EVALUATED, f"{len(metrics)} metrics reported")
+    verdict = evaluate_gate(spec.evaluation.gate, metrics, evaluation.base_metrics)
+    evaluation.passed, evaluation.summary = verdict.passed, verdict.summary
+    st.s.evaluation = evaluation
     if spec.evaluation.gate:
-        st.cond(
-            "EvalPassed",
-            "True" if verdict.passed else "False",
-            "GatePassed" if verdict.passed else "GateFailed",
-            verdict.message,
-        )
-    decision.delete_cluster = cleanup
+        if verdict.passed:
+            st.cond(CONDITION_EVAL_PASSED, "True", Reason.GATE_PASSED, verdict.message)
+        else:
+            st.cond(CONDITION_EVAL_PASSED, "False", Reason.GATE_FAILED, verdict.message)
     if not verdict.passed:
-        st.finish("Failed", "GateFailed", verdict.message)
+        decision.delete_cluster = cleanup
+        st.finish(PHASE_FAILED, Reason.GATE_FAILED, verdict.message)
         return decision
+    decision.delete_cluster = cleanup_after_success
     if spec.serving.enabled:
-        decision.deploy = True
-        st.phase("Deploying")
-        st.cond("Serving", "False", "RollingOut", "the serving deployment is rolling out")
+        _roll_out(st, decision, spec)
+        st.phase(PHASE_DEPLOYING)
+        st.cond(CONDITION_SERVING, "False", Reason.ROLLING_OUT, "the serving deployment is rolling out")
         return decision
-    st.finish("Succeeded", "Completed", "training and evaluation finished")
+    st.finish(PHASE_SUCCEEDED, Reason.COMPLETED, "training and evaluation finished")
     return decision
 
 
@@ -302,20 +446,21 @@ def _deploying(
     obs: Observation, st: _Status, decision: Decision, spec: InstructionTuneSpec, cleanup: bool
 ) -> Decision:
     """After a passed gate: keep the serving objects applied until they are available."""
-    decision.deploy = spec.serving.enabled
     decision.delete_cluster = cleanup and obs.cluster is not None
     ready = obs.serving_ready_replicas or 0
-    serving = dict(st.s.get("serving") or {})
-    serving["readyReplicas"] = ready
-    st.s["serving"] = serving
+    serving = st.s.serving.model_copy() if st.s.serving else ServingStatus()
+    serving.ready_replicas = ready
+    st.s.serving = serving
     if not spec.serving.enabled:
-        st.finish("Succeeded", "Completed", "serving was disabled before it rolled out")
+        st.finish(PHASE_SUCCEEDED, Reason.COMPLETED, "serving was disabled before it rolled out")
     elif ready >= max(1, min(spec.serving.replicas, 1)):
         st.cond(
-            "Serving",
+            CONDITION_SERVING,
             "True",
-            "Available",
-            f"{ready} serving replica(s) ready at {serving.get('endpoint', '?')}",
+            Reason.AVAILABLE,
+            f"{ready} serving replica(s) ready at {serving.endpoint or '?'}",
         )
-        st.finish("Succeeded", "Serving", "tuned, evaluated and serving")
+        st.finish(PHASE_SUCCEEDED, Reason.SERVING, "tuned, evaluated and serving")
+    if spec.serving.enabled:
+        _roll_out(st, decision, spec)
     return decision

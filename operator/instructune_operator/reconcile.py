@@ -7,41 +7,43 @@ status keys that changed. Running a pass twice, or after an operator restart, ch
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from instructune_operator.api import API_VERSION, KIND, InstructionTuneSpec
-from instructune_operator.builders.children import (
-    build_config_map,
-    build_job_identity,
-    build_network_policy,
-    build_ray_auth_secret,
-    build_ray_cluster,
+from instructune_operator.api import (
+    API_VERSION,
+    KIND,
+    PHASE_DEPLOYING,
+    PHASE_SUSPENDED,
+    TERMINAL_PHASES,
+    InstructionTuneSpec,
 )
+from instructune_operator.builders import Observed, Tune, desired
+from instructune_operator.builders.desired import INDEPENDENT_KINDS
+from instructune_operator.builders.submissions import RaySubmission
 from instructune_operator.builders.train_config import build_train_config
+from instructune_operator.clients.bundle import Clients
 from instructune_operator.clients.kube import Kube
-from instructune_operator.clients.ray_jobs import RayJobs
-from instructune_operator.lifecycle import TERMINAL_PHASES, Decision, Observation, decide
-from instructune_operator.naming import job_identity_name, ray_address, ray_cluster_name
-from instructune_operator.ray_auth import derive_token
-from instructune_operator.settings import Settings
-from instructune_operator.status import status_changes, transitions
+from instructune_operator.lifecycle import Decision, Observation, decide, template_hash
+from instructune_operator.naming import job_identity_name, ray_cluster_name
+from instructune_operator.serving import (
+    delete_serving,
+    deployed_adapter,
+    deployed_serving,
+    observe_serving,
+    ready_replicas,
+)
+from instructune_operator.status import Event, events, parse_status, status_changes, wire
 from instructune_operator.validation import validate_spec
 
+__all__ = ["Clients", "Outcome", "Seen", "reconcile_tune", "release_tune"]  # Clients: handlers, tests
+
 log = logging.getLogger(__name__)
-# The chart's selector label of the operator pod (charts/instructune/templates/_helpers.tpl).
-OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "instructune"}
-try:
-    VERSION = importlib.metadata.version("instructune")  # the job checks it against its own
-except importlib.metadata.PackageNotFoundError:
-    VERSION = ""
 TOKEN_SECONDS = 48 * 3600
 # The small children of a tune are independent of each other: applied together, a pass waits one
 # round trip for them instead of four. Shared by all passes, so the API server sees a bounded number.
@@ -53,42 +55,7 @@ class Outcome:
     """What a reconcile pass wants written: status keys that changed and events to record."""
 
     status_patch: dict[str, Any] = field(default_factory=dict)
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
-
-
-class Clients:
-    """The I/O a pass needs; one per operator process (Ray clients cached per address and token).
-
-    `ray_auth_key` (INSTRUCTUNE_RAY_AUTH_KEY, from a Secret the chart creates) turns on Ray's token
-    authentication for every tune's cluster: each gets its own token (ray_auth.derive_token). A Ray
-    head outside the cluster (ray_address_override) is called with RAY_AUTH_TOKEN instead."""
-
-    def __init__(self, kube: Kube, settings: Settings, ray_auth_key: str | None = None) -> None:
-        self.kube, self.settings = kube, settings
-        self.ray_auth_key = (
-            ray_auth_key if ray_auth_key is not None else os.environ.get("INSTRUCTUNE_RAY_AUTH_KEY")
-        )
-        # In a pod (the chart sets it from the downward API): the namespace the Ray clusters'
-        # NetworkPolicies admit the operator from.
-        self.operator_namespace = os.environ.get("INSTRUCTUNE_OPERATOR_NAMESPACE", "")
-        self._ray: dict[tuple[str, str | None], RayJobs] = {}
-
-    @property
-    def cluster_auth(self) -> bool:
-        """Whether tunes' Ray clusters run with token authentication."""
-        return bool(self.ray_auth_key) and not self.settings.ray_address_override
-
-    def ray_token(self, uid: str) -> str | None:
-        if self.settings.ray_address_override:
-            return os.environ.get("RAY_AUTH_TOKEN")
-        return derive_token(self.ray_auth_key, uid) if self.ray_auth_key else None
-
-    def ray(self, meta: dict[str, Any]) -> RayJobs:
-        """The Jobs API of the tune's Ray cluster (its head's Service), with the cluster's token."""
-        key = (ray_address(self.settings, meta["namespace"], meta["name"]), self.ray_token(meta["uid"]))
-        if key not in self._ray:
-            self._ray[key] = RayJobs(key[0], token=key[1])
-        return self._ray[key]
+    events: list[Event] = field(default_factory=list)
 
 
 class Seen(Protocol):
@@ -100,9 +67,10 @@ class Seen(Protocol):
 
 
 def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -> Observation:
+    """Reads what the decision needs, and nothing more; it infers nothing (lifecycle.decide does)."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    status = dict(body.get("status") or {})
+    status = parse_status(body.get("status") or {})
     spec, errors = validate_spec(dict(body.get("spec") or {}), clients.settings)
     if spec is not None:
         errors = _train_config_errors(spec, meta)
@@ -113,12 +81,10 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
         obs["cluster"] = seen.cluster(ns, name)
         if obs["cluster"] is not None and obs["cluster"].get("status", {}).get("state") != "ready":
             obs["pods"] = seen.pods(ns, name)
-        job_id = status.get("jobId")
+        job_id = status.job_id
         # A finished tune's job is over and its Ray cluster usually gone; a suspended one's was
         # stopped when it was suspended: nothing to learn from Ray until it is resumed.
-        settled = status.get("phase") in TERMINAL_PHASES or (
-            status.get("phase") == "Suspended" and spec.suspend
-        )
+        settled = status.phase in TERMINAL_PHASES or (status.phase == PHASE_SUSPENDED and spec.suspend)
         if job_id and not settled:
             ray = clients.ray(meta)
             try:
@@ -126,21 +92,29 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
             except Exception as err:  # the head may be starting or gone; the next pass looks again
                 log.info("Ray job %s not observable yet: %s", job_id, err)
                 info = None
-                obs["job_status"] = "RUNNING" if status.get("phase") in ("Training", "Evaluating") else None
+                obs["job_unreachable"] = True
             if info is not None:
                 obs["job_status"], obs["job_message"] = info.status, info.message
                 obs["job_exit_code"] = info.exit_code
                 if info.status == "SUCCEEDED":
                     # The job patched its results just before it ended: read them fresh, not
                     # from a watch event that may not have arrived yet.
-                    fresh = kube.get(API_VERSION, KIND, ns, name)
-                    status = dict((fresh or {}).get("status") or status)
+                    fresh = (kube.get(API_VERSION, KIND, ns, name) or {}).get("status")
+                    status = parse_status(fresh) if fresh else status
                 if info.status in ("FAILED", "STOPPED"):
                     obs["job_log_tail"] = ray.logs_tail(job_id)
-        if status.get("phase") == "Deploying":
-            from instructune_operator.serving import observe_serving
-
-            obs["serving_ready_replicas"] = observe_serving(clients, body, spec)
+        deploying = status.phase == PHASE_DEPLOYING
+        # A rollout happens while Deploying, or right after a job that succeeded (if its gate
+        # passes): the live Deployment says which adapter the rollout replaces.
+        deployment = None
+        if deploying or (spec.serving.enabled and obs.get("job_status") == "SUCCEEDED"):
+            deployment = deployed_serving(clients, meta, spec)
+            obs["deployed_adapter"] = deployed_adapter(deployment)
+        if deploying:
+            if spec.serving.runtime == "ray-serve":
+                obs["serving_ready_replicas"] = observe_serving(clients, body, spec)
+            else:
+                obs["serving_ready_replicas"] = ready_replicas(meta, deployment)
     return Observation(
         namespace=ns,
         name=name,
@@ -162,73 +136,64 @@ def _train_config_errors(spec: InstructionTuneSpec, meta: dict[str, Any]) -> lis
     return []
 
 
-def act(decision: Decision, body: dict[str, Any], clients: Clients, apply_children: bool = True) -> None:
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    spec = InstructionTuneSpec.model_validate(body["spec"])
-    kube, settings = clients.kube, clients.settings
-    address = ray_address(settings, ns, name)
+def act(decision: Decision, obs: Observation, clients: Clients, apply_children: bool = True) -> None:
+    """Carries the decision out: stops, applies, submits, deletes. The status is the decision's alone."""
+    spec = obs.spec
+    if spec is None:
+        return
+    meta = obs.meta
     if decision.stop_job:
         clients.ray(meta).stop(decision.stop_job)
-    if decision.ensure_children and apply_children:
-        config = build_train_config(spec, ns, name, meta["uid"], max(decision.attempt, 1))
-        *identity, binding = build_job_identity(meta)
-        small = [*identity, build_config_map(meta, config)]
-        token = clients.ray_token(meta["uid"]) if clients.cluster_auth else None
-        if token:
-            small.append(build_ray_auth_secret(meta, token))
-        if clients.operator_namespace and not settings.ray_address_override:
-            small.append(
-                build_network_policy(
-                    meta, clients.operator_namespace, OPERATOR_POD_LABELS, settings.ray_serve_http_port
-                )
-            )
-        # The Ray pods name the ServiceAccount and the token's Secret: they must exist first.
-        list(_APPLY_POOL.map(kube.apply, small))
-        # The binding after its Role: RBAC checks the Role's rules against the operator's own before
-        # it lets the operator bind it, and answers NotFound while the Role does not exist yet.
-        kube.apply(binding)
-        kube.apply(build_ray_cluster(meta, spec, settings, ray_auth=token is not None))
-        decision.status["rayCluster"] = {"name": ray_cluster_name(name), "dashboardUrl": address}
-    if decision.submit:
-        config = build_train_config(spec, ns, name, meta["uid"], decision.attempt)
-        entrypoint = f"python -m instructune_jobs --config-json {shlex.quote(config.to_json())}"
-        clients.ray(meta).submit(
-            decision.submit,
-            entrypoint,
-            env_vars=_job_env(clients, ns, name),
-            metadata={"tune": f"{ns}/{name}", "attempt": str(decision.attempt)},
-        )
-    if decision.deploy:
-        from instructune_operator.serving import apply_serving
-
-        decision.status["serving"] = {
-            **(decision.status.get("serving") or {}),
-            **apply_serving(clients, body, spec),
-        }
+    observed = Observed(
+        training=decision.ensure_children and apply_children,
+        serving=decision.deploy,
+        attempt=max(decision.attempt, 1),
+        ray_auth_token=clients.ray_token(meta["uid"]) if clients.cluster_auth else None,
+        operator_namespace=clients.operator_namespace,
+        template_hash=template_hash(obs.status),
+    )
+    apply_in_order(clients.kube, desired(Tune(meta, spec), clients.settings, observed))
+    for submission in decision.submissions:
+        submit(clients, meta, submission)
     if decision.delete_cluster:
-        kube.delete("ray.io/v1", "RayCluster", ns, ray_cluster_name(name))
+        clients.kube.delete("ray.io/v1", "RayCluster", obs.namespace, ray_cluster_name(obs.name))
     if decision.delete_tune:
-        kube.delete(API_VERSION, KIND, ns, name)
+        clients.kube.delete(API_VERSION, KIND, obs.namespace, obs.name)
 
 
-def _job_env(clients: Clients, namespace: str, name: str) -> dict[str, str]:
-    """Non-secret environment of the job. In a cluster the pods carry credentials (secretKeyRef) and
-    the tune's ServiceAccount token; a job on the local stack's Ray head gets a token file instead."""
-    env: dict[str, str] = {"INSTRUCTUNE_TUNE": f"{namespace}/{name}", "INSTRUCTUNE_OPERATOR_VERSION": VERSION}
+def apply_in_order(kube: Kube, manifests: list[dict[str, Any]]) -> None:
+    """Applies the manifests in order, a leading run of independent ones together: a pass waits one
+    round trip for them instead of four."""
+    lead = next((i for i, m in enumerate(manifests) if m["kind"] not in INDEPENDENT_KINDS), len(manifests))
+    list(_APPLY_POOL.map(kube.apply, manifests[:lead]))
+    for manifest in manifests[lead:]:
+        kube.apply(manifest)
+
+
+def submit(clients: Clients, meta: dict[str, Any], submission: RaySubmission) -> None:
+    env = dict(submission.env_vars)
+    if submission.job_identity:
+        env.update(_job_identity_env(clients, meta["namespace"], meta["name"]))
+    clients.ray(meta).submit(
+        submission.submission_id, submission.entrypoint, env_vars=env, metadata=submission.metadata
+    )
+
+
+def _job_identity_env(clients: Clients, namespace: str, name: str) -> dict[str, str]:
+    """In a cluster the pods carry credentials (secretKeyRef) and the tune's ServiceAccount token; a
+    job on the local stack's Ray head gets a token file instead."""
     settings = clients.settings
-    if settings.s3_endpoint:
-        env.update(INSTRUCTUNE_S3_ENDPOINT=settings.s3_endpoint, AWS_ENDPOINT_URL=settings.s3_endpoint)
-    if settings.local_job_identity_dir:
-        token = clients.kube.request_token(namespace, job_identity_name(name), TOKEN_SECONDS)
-        folder = Path(settings.local_job_identity_dir)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token_file = folder / f"{namespace}.{name}.token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(token)
-        env.update(INSTRUCTUNE_K8S_SERVER=clients.kube.server, INSTRUCTUNE_K8S_TOKEN_FILE=str(token_file))
-        if clients.kube.ca_file:
-            env["INSTRUCTUNE_K8S_CA_FILE"] = os.path.abspath(clients.kube.ca_file)
+    if not settings.local_job_identity_dir:
+        return {}
+    token = clients.kube.request_token(namespace, job_identity_name(name), TOKEN_SECONDS)
+    folder = Path(settings.local_job_identity_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token_file = folder / f"{namespace}.{name}.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
+    env = {"INSTRUCTUNE_K8S_SERVER": clients.kube.server, "INSTRUCTUNE_K8S_TOKEN_FILE": str(token_file)}
+    if clients.kube.ca_file:
+        env["INSTRUCTUNE_K8S_CA_FILE"] = os.path.abspath(clients.kube.ca_file)
     return env
 
 
@@ -244,22 +209,11 @@ def reconcile_tune(
     every few seconds would only load the API server (measured: 7 calls a pass at 500 tunes)."""
     now = now or datetime.now(UTC)
     obs = observe(body, clients, now, seen)
-    decision = decide(obs, cleanup_cluster=clients.settings.delete_cluster_after_finish)
-    if obs.spec is not None:
-        act(decision, body, clients, apply_children=not periodic or obs.cluster is None)
-    old = obs.status
-    new = decision.status
-    events = [
-        (
-            "Normal" if c["status"] == "True" or c["reason"] in ("Submitted", "Completed") else "Warning",
-            c["reason"],
-            f"{c['type']}={c['status']}: {c['message']}",
-        )
-        for c in transitions(old, new)
-    ]
-    if old.get("phase") != new.get("phase"):
-        events.append(("Normal", "Phase", f"phase {old.get('phase') or 'None'} -> {new.get('phase')}"))
-    return Outcome(status_patch=status_changes(old, new), events=events)
+    settings = clients.settings
+    decision = decide(obs, cleanup_cluster=settings.delete_cluster_after_finish, settings=settings)
+    act(decision, obs, clients, apply_children=not periodic or obs.cluster is None)
+    old, new = wire(obs.status), decision.status
+    return Outcome(status_patch=status_changes(old, new), events=events(old, new))
 
 
 def release_tune(body: dict[str, Any], clients: Clients) -> None:
@@ -272,8 +226,6 @@ def release_tune(body: dict[str, Any], clients: Clients) -> None:
             log.info("could not stop Ray job %s on delete: %s", job_id, err)
     spec, _ = validate_spec(dict(body.get("spec") or {}), clients.settings)
     if spec is not None:
-        from instructune_operator.serving import delete_serving
-
         try:
             delete_serving(clients, body, spec)
         except Exception as err:  # the Ray cluster may be gone, and the app with it

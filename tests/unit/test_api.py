@@ -96,3 +96,16 @@ def test_spec_rejects_nonpositive_weight_with_the_field_named() -> None:
     with pytest.raises(ValidationError) as err:
         InstructionTuneSpec.model_validate(doc["spec"])
     assert "weight" in str(err.value)
+
+
+def test_every_permanent_exit_of_the_job_has_a_condition_reason() -> None:
+    from instructune_jobs.contract import PERMANENT_EXIT_REASONS
+    from instructune_operator.api import Reason
+
+    assert {Reason(reason) for reason in PERMANENT_EXIT_REASONS.values()}
+
+
+def test_condition_types_and_reasons_stay_plain_strings_in_the_crd() -> None:
+    condition = _schema()["properties"]["status"]["properties"]["conditions"]["items"]["properties"]
+    assert condition["type"]["type"] == condition["reason"]["type"] == "string"
+    assert "enum" not in condition["type"] and "enum" not in condition["reason"]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from instructune_jobs.contract import PERMANENT_EXIT_REASONS, ExitCode, permanent_reason
-from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.api import InstructionTuneSpec, InstructionTuneStatus
 from instructune_operator.lifecycle import Observation, decide, diagnose_pods
 from instructune_operator.naming import submission_id
 
@@ -34,7 +34,7 @@ def _obs(
         generation=1,
         spec=spec or _spec(),
         spec_errors=[],
-        status=status or {},
+        status=InstructionTuneStatus.model_validate(status or {}),
         now=kw.pop("now", NOW),
         **kw,
     )
@@ -307,3 +307,64 @@ def test_a_preempted_attempt_resumes_without_using_up_the_backoff_limit() -> Non
         status = decide(_obs(status=d.status, spec=spec, cluster=READY, job_status="RUNNING")).status
     crashed = decide(_obs(status=status, spec=spec, cluster=READY, job_status="FAILED", job_exit_code=1))
     assert crashed.status["phase"] == "Failed", "a crash still fails a backoffLimit-0 tune"
+
+
+def test_a_training_tune_whose_ray_head_does_not_answer_keeps_training_and_submits_nothing() -> None:
+    running = decide(_obs(cluster=READY)).status
+    d = decide(_obs(status=running, cluster=READY, job_unreachable=True))
+    assert d.submit is None and d.status["phase"] == "Training"
+    assert _cond(d.status, "Training") == ("True", "Running")
+
+
+def test_the_decision_records_the_ray_cluster_it_creates() -> None:
+    d = decide(_obs())
+    assert d.status["rayCluster"] == {
+        "name": "tune-ray",
+        "dashboardUrl": "http://tune-ray-head-svc.ns.svc:8265",
+    }
+
+
+def test_a_vllm_rollout_records_the_adapter_it_replaces_for_a_rollback() -> None:
+    spec = _spec(serving={"enabled": True, "runtime": "vllm", "target": "shared"})
+    deploying = {"phase": "Deploying", "data": {"templateHash": "h"}}
+    earlier = "s3://artifacts/earlier/final/adapter/"
+    d = decide(_obs(status=deploying, spec=spec, deployed_adapter=earlier, serving_ready_replicas=0))
+    assert d.deploy
+    assert d.status["serving"]["previousAdapterUri"] == earlier
+    assert d.status["serving"]["templateHash"] == "h"
+    assert d.status["serving"]["endpoint"] == "http://shared-serve.ns.svc:8000/v1"
+    own = spec.checkpointing.uri.rstrip("/") + "/final/adapter/"
+    again = decide(_obs(status=d.status, spec=spec, deployed_adapter=own, serving_ready_replicas=0))
+    assert again.status["serving"]["previousAdapterUri"] == earlier, "its own adapter replaces nothing"
+
+
+def test_the_training_submission_is_part_of_the_decision() -> None:
+    d = decide(_obs(cluster=READY))
+    [submission] = d.submissions
+    assert submission.submission_id == d.submit and submission.metadata["attempt"] == "1"
+    assert submission.entrypoint.startswith("python -m instructune_jobs --config-json ")
+    assert submission.job_identity
+    assert decide(_obs(status=d.status, cluster=READY, job_status="RUNNING")).submissions == []
+
+
+def test_a_ray_serve_rollout_is_a_submission_of_the_decision() -> None:
+    status = _succeeded({"heldout.jsonSchema": 0.95})
+    d = decide(_obs(status=status, serving_ready_replicas=0))
+    [submission] = d.submissions
+    assert submission.submission_id == "serve-ns-tune-serve-01234567"
+    assert "--name tune-serve" in submission.entrypoint and not submission.job_identity
+
+
+def test_the_decision_holds_the_whole_status_as_the_api_models_and_patches_its_wire_form() -> None:
+    from instructune_operator.api import InstructionTuneStatus, Reason
+
+    d = decide(_obs(cluster=READY))
+    assert isinstance(d.desired, InstructionTuneStatus)
+    assert d.desired.phase == "Training" and d.desired.conditions[-1].reason is Reason.SUBMITTED
+    assert d.status == InstructionTuneStatus.model_validate(d.status).model_dump(
+        by_alias=True, exclude_unset=True, mode="json"
+    )
+    assert (
+        d.status["conditions"][-1]["reason"] == "Submitted"
+        and type(d.status["conditions"][-1]["reason"]) is str
+    )
