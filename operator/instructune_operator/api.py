@@ -677,38 +677,12 @@ def _openapi(node: Any, defs: dict[str, Any]) -> Any:
     if not isinstance(node, dict):
         return node
     if "$ref" in node:
-        target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
-        extra = {k: v for k, v in node.items() if k != "$ref"}
-        rules = target.get("x-kubernetes-validations", []) + extra.pop("x-kubernetes-validations", [])
-        merged = {**target, **extra}
-        if rules:
-            merged["x-kubernetes-validations"] = rules
-        return _openapi(merged, defs)
+        return _openapi(_inline_ref(node, defs), defs)
     if "anyOf" in node:
-        options = [o for o in node["anyOf"] if o.get("type") != "null"]
-        rest = {k: v for k, v in node.items() if k not in ("anyOf", "default")}
-        if len(options) != 1:
-            raise ValueError(f"unions are not structural: {node}")
-        merged = {**options[0], **rest}
-        if node.get("default") is not None:
-            merged["default"] = node["default"]
-        return _openapi(merged, defs)
+        return _openapi(_without_null(node), defs)
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROP_KEYS:
-            continue
-        if key == "properties":
-            out[key] = {name: _openapi(prop, defs) for name, prop in value.items()}
-        elif key == "exclusiveMinimum":
-            out["minimum"], out["exclusiveMinimum"] = value, True
-        elif key == "exclusiveMaximum":
-            out["maximum"], out["exclusiveMaximum"] = value, True
-        elif key == "const":
-            out["enum"] = [value]
-        elif key == "default" and (value is None or (isinstance(value, (dict, list)) and value)):
-            continue
-        else:
-            out[key] = _openapi(value, defs)
+        out.update(_openapi_entry(key, value, defs))
     if node.get("type") == "object" and "properties" not in node:
         values = node.get("additionalProperties")
         if isinstance(values, dict) and values:
@@ -719,6 +693,46 @@ def _openapi(node: Any, defs: dict[str, Any]) -> Any:
         kinds = {type(v) for v in out["enum"]}
         out["type"] = "integer" if kinds == {int} else "string"
     return out
+
+
+def _inline_ref(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """The referenced definition with the referring node's keys on top; CEL rules of both kept."""
+    target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+    extra = {k: v for k, v in node.items() if k != "$ref"}
+    rules = target.get("x-kubernetes-validations", []) + extra.pop("x-kubernetes-validations", [])
+    merged = {**target, **extra}
+    if rules:
+        merged["x-kubernetes-validations"] = rules
+    return merged
+
+
+def _without_null(node: dict[str, Any]) -> dict[str, Any]:
+    """`X | None` as X (an absent field is the API's null); any other union is not structural."""
+    options = [o for o in node["anyOf"] if o.get("type") != "null"]
+    rest = {k: v for k, v in node.items() if k not in ("anyOf", "default")}
+    if len(options) != 1:
+        raise ValueError(f"unions are not structural: {node}")
+    merged = {**options[0], **rest}
+    if node.get("default") is not None:
+        merged["default"] = node["default"]
+    return merged
+
+
+def _openapi_entry(key: str, value: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """One key of a schema node in OpenAPI v3's spelling (nothing for what the API server refuses)."""
+    if key in _DROP_KEYS:
+        return {}
+    if key == "properties":
+        return {key: {name: _openapi(prop, defs) for name, prop in value.items()}}
+    if key == "exclusiveMinimum":
+        return {"minimum": value, "exclusiveMinimum": True}
+    if key == "exclusiveMaximum":
+        return {"maximum": value, "exclusiveMaximum": True}
+    if key == "const":
+        return {"enum": [value]}
+    if key == "default" and (value is None or (isinstance(value, (dict, list)) and value)):
+        return {}
+    return {key: _openapi(value, defs)}
 
 
 def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -221,151 +221,218 @@ def rollout_status(
     }
 
 
+@dataclass
+class _Pass:
+    """One decision in the making: what every step reads, and the decision the steps fill in."""
+
+    obs: Observation
+    st: _Status
+    decision: Decision
+    spec: InstructionTuneSpec
+    cleanup_cluster: bool
+    # Ray Serve serves from the tune's own Ray cluster: a tune it serves keeps it after success.
+    cleanup_after_success: bool
+
+    @property
+    def status(self) -> InstructionTuneStatus:
+        return self.st.s
+
+    @property
+    def job_active(self) -> bool:
+        return self.status.job_id is not None and self.obs.job_status in JOB_RUNNING
+
+
 def _decide(obs: Observation, cleanup_cluster: bool, settings: Settings) -> Decision:
     status = compute_validation_status(obs.status, obs.generation, obs.spec_errors, _ts(obs.now))
-    st = _Status(obs, status, settings)
     decision = Decision(desired=status)
     spec = obs.spec
     if spec is None:
         return decision
-    # Ray Serve serves from the tune's own Ray cluster: a tune it serves keeps it.
     served_by_ray = spec.serving.enabled and spec.serving.runtime == "ray-serve"
-    cleanup_after_success = cleanup_cluster and not served_by_ray
-    job_id = status.job_id
-    job_active = job_id is not None and obs.job_status in JOB_RUNNING
+    p = _Pass(
+        obs,
+        _Status(obs, status, settings),
+        decision,
+        spec,
+        cleanup_cluster,
+        cleanup_cluster and not served_by_ray,
+    )
+    # The steps of a pass in order (as KubeRay's reconcile list): the first that settles it ends it.
+    steps = (
+        _finished, _suspended, _past_deadline, _deploying_step, _provisioning, _first_submission,
+        _resumed_after_suspension, _job_running, _job_succeeded, _job_ended,
+    )  # fmt: skip
+    for step in steps:
+        if step(p):
+            break
+    return decision
 
-    # Finished tunes keep their status; the cluster goes, and the tune itself after its TTL.
-    if status.phase in TERMINAL_PHASES:
-        cleanup = cleanup_after_success if status.phase == PHASE_SUCCEEDED else cleanup_cluster
-        decision.delete_cluster = cleanup and obs.cluster is not None
-        if job_active:
-            decision.stop_job = job_id
-        ttl, finished = spec.ttl_seconds_after_finished, status.finished_at
-        if ttl is not None and finished and obs.now >= _parse_ts(finished) + timedelta(seconds=ttl):
-            decision.delete_tune = True
-        return decision
 
-    if spec.suspend:
-        st.phase(PHASE_SUSPENDED)
-        st.cond(
-            CONDITION_TRAINING,
-            "False",
-            Reason.SUSPENDED,
-            "suspended: the Ray cluster is removed, checkpoints are kept",
-        )
-        st.cond(CONDITION_CLUSTER_READY, "False", Reason.SUSPENDED, "suspended")
-        decision.delete_cluster = obs.cluster is not None
-        if job_active:
-            decision.stop_job = job_id
-        return decision
+def _finished(p: _Pass) -> bool:
+    """Finished tunes keep their status; the cluster goes, and the tune itself after its TTL."""
+    status, decision = p.status, p.decision
+    if status.phase not in TERMINAL_PHASES:
+        return False
+    cleanup = p.cleanup_after_success if status.phase == PHASE_SUCCEEDED else p.cleanup_cluster
+    decision.delete_cluster = cleanup and p.obs.cluster is not None
+    if p.job_active:
+        decision.stop_job = status.job_id
+    ttl, finished = p.spec.ttl_seconds_after_finished, status.finished_at
+    if ttl is not None and finished and p.obs.now >= _parse_ts(finished) + timedelta(seconds=ttl):
+        decision.delete_tune = True
+    return True
 
-    started = status.started_at
-    deadline = spec.active_deadline_seconds
-    if started and deadline and obs.now >= _parse_ts(started) + timedelta(seconds=deadline):
-        st.cond(
-            CONDITION_TRAINING,
-            "False",
-            Reason.DEADLINE_EXCEEDED,
-            f"activeDeadlineSeconds={deadline} exceeded",
-        )
-        st.finish(
-            PHASE_FAILED, Reason.DEADLINE_EXCEEDED, f"the run exceeded activeDeadlineSeconds={deadline}"
-        )
-        decision.stop_job = job_id if job_active else None
-        decision.delete_cluster = cleanup_cluster
-        return decision
 
-    if status.phase == PHASE_DEPLOYING:
-        return _deploying(obs, st, decision, spec, cleanup_after_success)
+def _suspended(p: _Pass) -> bool:
+    if not p.spec.suspend:
+        return False
+    p.st.phase(PHASE_SUSPENDED)
+    p.st.cond(
+        CONDITION_TRAINING,
+        "False",
+        Reason.SUSPENDED,
+        "suspended: the Ray cluster is removed, checkpoints are kept",
+    )
+    p.st.cond(CONDITION_CLUSTER_READY, "False", Reason.SUSPENDED, "suspended")
+    p.decision.delete_cluster = p.obs.cluster is not None
+    if p.job_active:
+        p.decision.stop_job = p.status.job_id
+    return True
 
-    decision.ensure_children = True
+
+def _past_deadline(p: _Pass) -> bool:
+    started, deadline = p.status.started_at, p.spec.active_deadline_seconds
+    if not (started and deadline and p.obs.now >= _parse_ts(started) + timedelta(seconds=deadline)):
+        return False
+    p.st.cond(
+        CONDITION_TRAINING,
+        "False",
+        Reason.DEADLINE_EXCEEDED,
+        f"activeDeadlineSeconds={deadline} exceeded",
+    )
+    p.st.finish(PHASE_FAILED, Reason.DEADLINE_EXCEEDED, f"the run exceeded activeDeadlineSeconds={deadline}")
+    p.decision.stop_job = p.status.job_id if p.job_active else None
+    p.decision.delete_cluster = p.cleanup_cluster
+    return True
+
+
+def _deploying_step(p: _Pass) -> bool:
+    if p.status.phase != PHASE_DEPLOYING:
+        return False
+    _deploying(p.obs, p.st, p.decision, p.spec, p.cleanup_after_success)
+    return True
+
+
+def _provisioning(p: _Pass) -> bool:
+    """Keeps the children applied; settles the pass while the cluster is not ready and no job runs."""
+    obs, st, status = p.obs, p.st, p.status
+    p.decision.ensure_children = True
     status.ray_cluster = RayClusterRef(
-        name=ray_cluster_name(obs.name), dashboard_url=ray_address(settings, obs.namespace, obs.name)
+        name=ray_cluster_name(obs.name), dashboard_url=ray_address(st.settings, obs.namespace, obs.name)
     )
     if status.started_at is None:
         status.started_at = _ts(obs.now)
-    if not cluster_ready(obs.cluster):
-        problem = diagnose_pods(obs.pods)
-        reason, message = problem or (Reason.PROVISIONING, "waiting for the Ray cluster to become ready")
-        st.cond(CONDITION_CLUSTER_READY, "False", reason, message)
-        if not job_active:
-            st.phase(PHASE_PROVISIONING)
-            return decision
-    else:
+    if cluster_ready(obs.cluster):
         st.cond(CONDITION_CLUSTER_READY, "True", Reason.RAY_CLUSTER_READY, "the Ray cluster is ready")
+        return False
+    problem = diagnose_pods(obs.pods)
+    reason, message = problem or (Reason.PROVISIONING, "waiting for the Ray cluster to become ready")
+    st.cond(CONDITION_CLUSTER_READY, "False", reason, message)
+    if p.job_active:
+        return False
+    st.phase(PHASE_PROVISIONING)
+    return True
 
-    attempts = status.attempts or 0
-    if attempts == 0 or job_id is None:
-        return _submit(obs, st, decision, spec, attempts + 1)
 
-    # STOPPED by a suspension, or gone with the Ray cluster the suspension deleted (Training=False/
-    # Suspended until the next submission): resuming is not a failure, so it does not use up the
-    # backoff limit. A cluster that is gone has no job to ask about: wait until the new one is ready.
+def _first_submission(p: _Pass) -> bool:
+    attempts = p.status.attempts or 0
+    if attempts and p.status.job_id is not None:
+        return False
+    _submit(p.obs, p.st, p.decision, p.spec, attempts + 1)
+    return True
+
+
+def _resumed_after_suspension(p: _Pass) -> bool:
+    """STOPPED by a suspension, or gone with the Ray cluster the suspension deleted (Training=False/
+    Suspended until the next submission): resuming is not a failure, so it does not use up the
+    backoff limit. A cluster that is gone has no job to ask about: wait until the new one is ready."""
+    obs, status = p.obs, p.status
     training = get_condition(status, CONDITION_TRAINING)
-    suspended = training is not None and training.reason == Reason.SUSPENDED
-    if suspended and (obs.job_status == "STOPPED" or (obs.job_status is None and cluster_ready(obs.cluster))):
-        status.resumes = (status.resumes or 0) + 1
-        _submit(obs, st, decision, spec, attempts + 1)
-        st.cond(
-            CONDITION_TRAINING,
-            "True",
-            Reason.RESUMED,
-            f"attempt {attempts + 1} resumes from the latest checkpoint",
-        )
-        return decision
+    if training is None or training.reason != Reason.SUSPENDED:
+        return False
+    if not (obs.job_status == "STOPPED" or (obs.job_status is None and cluster_ready(obs.cluster))):
+        return False
+    _resume(p, Reason.RESUMED, "resumes from the latest checkpoint")
+    return True
 
-    if obs.job_status is None or obs.job_status in JOB_RUNNING:
-        if obs.job_status is None:
-            # Unknown to Ray (lost head, or the submission never landed): the same id again.
-            _train(st, decision, spec, job_id, attempts)
-        progress = status.progress
-        evaluating = progress and progress.total_steps and (progress.step or 0) >= progress.total_steps
-        st.phase(PHASE_EVALUATING if evaluating else PHASE_TRAINING)
-        st.cond(
-            CONDITION_TRAINING,
-            "True",
-            Reason.RUNNING,
-            f"attempt {attempts} (backoffLimit {spec.backoff_limit}): job {job_id}",
-        )
-        return decision
 
-    if obs.job_status == "SUCCEEDED":
-        return _after_success(obs, st, decision, spec, cleanup_cluster, cleanup_after_success)
+def _resume(p: _Pass, reason: Reason, why: str) -> None:
+    """The next attempt, not counted against the backoff limit."""
+    attempts = p.status.attempts or 0
+    p.status.resumes = (p.status.resumes or 0) + 1
+    _submit(p.obs, p.st, p.decision, p.spec, attempts + 1)
+    p.st.cond(CONDITION_TRAINING, "True", reason, f"attempt {attempts + 1} {why}")
 
-    # FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
-    # the job said a retry would end the same way.
-    why = _failure_message(obs)
-    if obs.job_status == "FAILED" and obs.job_exit_code == ExitCode.PREEMPTED:
+
+def _job_running(p: _Pass) -> bool:
+    obs, status = p.obs, p.status
+    if obs.job_status is not None and obs.job_status not in JOB_RUNNING:
+        return False
+    attempts, job_id = status.attempts or 0, status.job_id or ""
+    if obs.job_status is None:
+        # Unknown to Ray (lost head, or the submission never landed): the same id again.
+        _train(p.st, p.decision, p.spec, job_id, attempts)
+    progress = status.progress
+    evaluating = progress and progress.total_steps and (progress.step or 0) >= progress.total_steps
+    p.st.phase(PHASE_EVALUATING if evaluating else PHASE_TRAINING)
+    p.st.cond(
+        CONDITION_TRAINING,
+        "True",
+        Reason.RUNNING,
+        f"attempt {attempts} (backoffLimit {p.spec.backoff_limit}): job {job_id}",
+    )
+    return True
+
+
+def _job_succeeded(p: _Pass) -> bool:
+    if p.obs.job_status != "SUCCEEDED":
+        return False
+    _after_success(p.obs, p.st, p.decision, p.spec, p.cleanup_cluster, p.cleanup_after_success)
+    return True
+
+
+def _job_ended(p: _Pass) -> bool:
+    """FAILED or STOPPED: retry from the latest checkpoint while the backoff limit allows, unless
+    the job said a retry would end the same way."""
+    obs, st, status = p.obs, p.st, p.status
+    attempts = status.attempts or 0
+    failed = obs.job_status == "FAILED"
+    if failed and obs.job_exit_code == ExitCode.PREEMPTED:
         # A reclaimed node is not the run's failure: resume, as after a suspension.
-        status.resumes = (status.resumes or 0) + 1
-        _submit(obs, st, decision, spec, attempts + 1)
-        st.cond(
-            CONDITION_TRAINING,
-            "True",
-            Reason.PREEMPTED,
-            f"attempt {attempts} lost a node to preemption; attempt {attempts + 1} resumes from the latest checkpoint",
-        )
-        return decision
-    exit_reason = permanent_reason(obs.job_exit_code) if obs.job_status == "FAILED" else None
+        _resume(p, Reason.PREEMPTED, f"resumes from the latest checkpoint: attempt {attempts} lost a node")
+        return True
+    why = _failure_message(obs)
+    exit_reason = permanent_reason(obs.job_exit_code) if failed else None
     if exit_reason:
         permanent = Reason(exit_reason)  # every permanent exit has its Reason (test_api)
         st.cond(CONDITION_TRAINING, "False", permanent, why)
         st.finish(PHASE_FAILED, permanent, f"attempt {attempts} failed and would fail again: {why}")
-        decision.delete_cluster = cleanup_cluster
-        return decision
+        p.decision.delete_cluster = p.cleanup_cluster
+        return True
     failures = attempts - (status.resumes or 0)
-    if failures <= spec.backoff_limit:
+    if failures <= p.spec.backoff_limit:
         st.cond(
             CONDITION_TRAINING,
             "False",
             Reason.RETRYING,
             f"attempt {attempts} failed ({why}); resuming from checkpoint",
         )
-        return _submit(obs, st, decision, spec, attempts + 1)
+        _submit(obs, st, p.decision, p.spec, attempts + 1)
+        return True
     st.cond(CONDITION_TRAINING, "False", Reason.JOB_FAILED, why)
     st.finish(PHASE_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, f"{failures} attempts failed; last: {why}")
-    decision.delete_cluster = cleanup_cluster
-    return decision
+    p.decision.delete_cluster = p.cleanup_cluster
+    return True
 
 
 def _failure_message(obs: Observation) -> str:

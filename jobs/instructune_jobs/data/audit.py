@@ -123,6 +123,11 @@ def find_pii(text: str) -> list[tuple[str, int, int]]:
     for match in _PHONE.finditer(text):
         if len(re.sub(r"\D", "", match.group())) >= 8:  # "+1 2" is arithmetic, not a number to call
             found.append(("phone", match.start(), match.end()))
+    return _leftmost_longest(found)
+
+
+def _leftmost_longest(found: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Of overlapping matches, the one that starts first (the longest of those starting together)."""
     kept: list[tuple[str, int, int]] = []
     for kind, start, end in sorted(found, key=lambda f: (f[1], -(f[2] - f[1]))):
         if not kept or start >= kept[-1][2]:
