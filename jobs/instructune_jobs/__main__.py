@@ -31,27 +31,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from instructune_jobs.config import TrainConfig
-from instructune_jobs.contract import ExitCode
+from instructune_jobs.contract import DataPayload, ExitCode, PermanentJobError
 
 log = logging.getLogger("instructune")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = ExitCode.OK, ExitCode.FAILED, ExitCode.BAD_CONFIG
-EXIT_CONFIG_MISMATCH, EXIT_INVALID_DATA = ExitCode.CONFIG_MISMATCH, ExitCode.INVALID_DATA
-EXIT_VERSION_MISMATCH = ExitCode.VERSION_MISMATCH
 RESULT_PREFIX = "INSTRUCTUNE_RESULT "
 # The fields of the tune's status.data a finished run's manifest can fill (a test holds it to the CRD).
-DATA_STATUS_KEYS = (
-    "rows",
-    "invalidRows",
-    "invalidRowsReport",
-    "duplicateRows",
-    "contaminatedRows",
-    "piiRows",
-    "auditReport",
-    "tokens",
-    "paddingFraction",
-    "templateHash",
-)
+DATA_STATUS_KEYS = tuple(DataPayload.__annotations__)
 
 
 def own_version() -> str:
@@ -173,21 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     mismatch = version_mismatch(os.environ.get("INSTRUCTUNE_OPERATOR_VERSION"), own_version())
     if mismatch:
         log.error("%s", mismatch)
-        return EXIT_VERSION_MISMATCH
+        return ExitCode.VERSION_MISMATCH
     try:
         cfg = read_config(args)
     except (ValidationError, ValueError, OSError) as err:
         log.error("invalid training config: %s", err)
-        return EXIT_BAD_CONFIG
+        return ExitCode.BAD_CONFIG
 
-    from instructune_jobs.checkpointing import ConfigMismatchError
-    from instructune_jobs.finetune import (
-        PreemptedError,
-        UnsupportedSetupError,
-        run_training,
-        training_already_done,
-    )
-    from instructune_jobs.prepare import InvalidDataError
+    from instructune_jobs.finetune import PreemptedError, run_training, training_already_done
 
     result: dict[str, Any] = {"configHash": cfg.config_hash()}
     try:
@@ -214,22 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ray.init(address=args.ray_address or ray_address_from_env())
             result["evaluation"] = evaluate_on_worker(cfg)
             report_evaluation(cfg, result["evaluation"])
-    except UnsupportedSetupError as err:
-        log.error("%s", err)
-        return EXIT_BAD_CONFIG
-    except ConfigMismatchError as err:
-        log.error("%s", err)
-        return EXIT_CONFIG_MISMATCH
-    except InvalidDataError as err:
-        log.error("the data was refused: %s", err)
-        return EXIT_INVALID_DATA
+    except PermanentJobError as err:
+        # A retry would end the same way: the exit code tells the operator so.
+        log.error("%s", f"{err.what}: {err}" if err.what else err)
+        return err.exit_code
     except PreemptedError as err:
         log.error("a node was preempted: %s", err)
         return ExitCode.PREEMPTED
 
     sys.stdout.write(RESULT_PREFIX + json.dumps(result, allow_nan=False, default=str) + "\n")
     sys.stdout.flush()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

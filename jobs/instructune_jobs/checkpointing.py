@@ -20,6 +20,7 @@ from typing import Any
 
 from instructune_jobs.artifacts import CHECKPOINT_PREFIX, ArtifactLayout, checkpoint_dir_name
 from instructune_jobs.config import TrainConfig
+from instructune_jobs.contract import ExitCode, PermanentJobError
 from instructune_jobs.engines import Engine
 from instructune_jobs.storage import Storage, join_uri
 
@@ -64,8 +65,10 @@ class CheckpointState:
         )
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(PermanentJobError, RuntimeError):
     """The checkpoints under the root belong to a different training configuration."""
+
+    exit_code = ExitCode.CONFIG_MISMATCH
 
 
 _STATE_KEY = re.compile(rf"/{CHECKPOINT_PREFIX}(\d+)/{re.escape(STATE_FILE)}$")

@@ -1,5 +1,6 @@
-"""What the job and the operator share, in one place: the exit codes by which a job says how it
-ended, and which of them mean a retry would end the same way.
+"""What the job and the operator share, in one place: the API group and version of the status the
+job writes, the shapes of what it writes there, the exit codes by which a job says how it ended,
+and which of them mean a retry would end the same way.
 
 The operator image ships this module with `config.py` (pure Python, no training stack), so both
 sides read the same numbers instead of two copies held together by a test.
@@ -8,6 +9,45 @@ sides read the same numbers instead of two copies held together by a test.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TypedDict
+
+# The InstructionTune API (the operator's api.py builds its CRD from these).
+GROUP = "instructune.io"
+VERSION = "v1alpha1"
+PLURAL = "instructiontunes"
+
+
+# What the job writes into the tune's status (a JSON merge patch of the status subresource). Keys are
+# the API's camelCase names; tests/unit/test_contract.py holds each shape to the API's status models.
+class ProgressPayload(TypedDict, total=False):
+    step: int
+    totalSteps: int
+    epoch: float
+    loss: float | None
+    learningRate: float
+    tokensPerSecond: float
+    percent: int
+    eta: str | None
+
+
+class CheckpointPayload(TypedDict):
+    step: int
+    uri: str
+    loss: float | None
+    time: str
+
+
+class DataPayload(TypedDict, total=False):
+    rows: int
+    invalidRows: int
+    invalidRowsReport: str | None
+    duplicateRows: int
+    contaminatedRows: int
+    piiRows: int
+    auditReport: str | None
+    tokens: int
+    paddingFraction: float
+    templateHash: str
 
 
 class ExitCode(IntEnum):
@@ -34,9 +74,11 @@ PERMANENT_EXIT_REASONS: dict[ExitCode, str] = {
 
 
 class PermanentJobError(Exception):
-    """An error a retry cannot cure; `exit_code` is what the job exits with when it ends the run."""
+    """An error a retry cannot cure; `exit_code` (one of PERMANENT_EXIT_REASONS) is what the job
+    exits with when it ends the run."""
 
-    exit_code: ExitCode = ExitCode.FAILED
+    exit_code: ExitCode = ExitCode.BAD_CONFIG
+    what: str = ""  # how the job's log introduces it
 
 
 def permanent_reason(exit_code: int | None) -> str | None:

@@ -55,6 +55,7 @@ from instructune_jobs.checkpointing import (
     save_checkpoint,
 )
 from instructune_jobs.config import TrainConfig
+from instructune_jobs.contract import ExitCode, PermanentJobError
 from instructune_jobs.engines import Engine, build_deepspeed_config, init_deepspeed, wrap_for_distributed
 from instructune_jobs.models import (
     attention_implementation,
@@ -73,8 +74,10 @@ class PreemptedError(RuntimeError):
     """A node of the attempt was reclaimed: the run resumes from its latest checkpoint."""
 
 
-class UnsupportedSetupError(ValueError):
+class UnsupportedSetupError(PermanentJobError, ValueError):
     """The configuration asks for something this machine or combination cannot do."""
+
+    exit_code = ExitCode.BAD_CONFIG
 
 
 # =============================================================================================

@@ -33,6 +33,7 @@ import numpy as np
 
 from instructune_jobs.artifacts import ArtifactLayout, fetch_base_model
 from instructune_jobs.config import TrainConfig
+from instructune_jobs.contract import ExitCode, PermanentJobError
 from instructune_jobs.data.pipeline import DataStats, DataValidationError, PreparedData, load_examples
 from instructune_jobs.data.types import InvalidRow, PackedSequence, TemplateError, TokenizedExample
 from instructune_jobs.models import load_tokenizer
@@ -47,9 +48,12 @@ _CODE_PACKAGES = ("instructune", "transformers", "tokenizers", "jinja2")
 _PREFIX = "prepared-"
 
 
-class InvalidDataError(ValueError):
+class InvalidDataError(PermanentJobError, ValueError):
     """The data was refused (rows that do not fit under policy "fail", too many skipped, no
     template to render with): a retry would be refused the same way."""
+
+    exit_code = ExitCode.INVALID_DATA
+    what = "the data was refused"
 
 
 # ---------------------------------------------------------------------------------------------

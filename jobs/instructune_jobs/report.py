@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from instructune_jobs.config import RunIdentity
+from instructune_jobs.contract import GROUP, PLURAL, VERSION, CheckpointPayload, ProgressPayload
 
 log = logging.getLogger("instructune.report")
 
-STATUS_GROUP_VERSION = "instructune.io/v1alpha1"
-STATUS_PLURAL = "instructiontunes"
+STATUS_GROUP_VERSION = f"{GROUP}/{VERSION}"
+STATUS_PLURAL = PLURAL
 IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 MERGE_PATCH = "application/merge-patch+json"
@@ -180,8 +181,8 @@ class ProgressReporter:
     keep_checkpoints: int = 3
     attempt_id: str = ""
     metric_lines: list[str] = field(default_factory=list)
-    checkpoints: list[dict[str, Any]] = field(default_factory=list)
-    progress: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[CheckpointPayload] = field(default_factory=list)
+    progress: ProgressPayload = field(default_factory=lambda: ProgressPayload())
     _last_flush: float = 0.0
     _dirty: bool = False
     _started: float = field(default_factory=time.monotonic)
@@ -192,7 +193,7 @@ class ProgressReporter:
         self,
         start_step: int,
         previous_metrics: str = "",
-        previous_checkpoints: list[dict[str, Any]] | None = None,
+        previous_checkpoints: list[CheckpointPayload] | None = None,
         data: dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
     ) -> None:
@@ -256,7 +257,7 @@ class ProgressReporter:
 
     def checkpoint(self, step: int, uri: str, loss: float | None) -> None:
         """A checkpoint is persisted: listed in progress.json and status.checkpoints at once."""
-        ref = {
+        ref: CheckpointPayload = {
             "step": step,
             "uri": uri,
             "loss": round(loss, 6) if loss is not None and math.isfinite(loss) else None,

@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
-GROUP = "instructune.io"
-VERSION = "v1alpha1"
+from instructune_jobs.contract import GROUP, PLURAL, VERSION
+
+# Group, version and plural are the job's too (it writes the status): one definition, the contract's.
 KIND = "InstructionTune"
-PLURAL = "instructiontunes"
 SINGULAR = "instructiontune"
 SHORT_NAMES = ["itune"]
 API_VERSION = f"{GROUP}/{VERSION}"

@@ -89,4 +89,4 @@ def test_the_job_refuses_a_config_from_another_operator_version_before_reading_i
 
     monkeypatch.setenv("INSTRUCTUNE_OPERATOR_VERSION", "99.0.0")
     # A config this job version could not even parse: the version is checked first.
-    assert job.main(["--config-json", '{"fromTheFuture": true}']) == job.EXIT_VERSION_MISMATCH
+    assert job.main(["--config-json", '{"fromTheFuture": true}']) == job.ExitCode.VERSION_MISMATCH
