@@ -421,13 +421,14 @@ def _job_ended(p: _Pass) -> bool:
         return True
     failures = attempts - (status.resumes or 0)
     if failures <= p.spec.backoff_limit:
+        _submit(obs, st, p.decision, p.spec, attempts + 1)
+        # Set after the submission's own condition: why the attempt failed stays readable.
         st.cond(
             CONDITION_TRAINING,
-            "False",
+            "True",
             Reason.RETRYING,
-            f"attempt {attempts} failed ({why}); resuming from checkpoint",
+            f"attempt {attempts} failed ({why}); attempt {attempts + 1} resumes from the latest checkpoint",
         )
-        _submit(obs, st, p.decision, p.spec, attempts + 1)
         return True
     st.cond(CONDITION_TRAINING, "False", Reason.JOB_FAILED, why)
     st.finish(PHASE_FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, f"{failures} attempts failed; last: {why}")

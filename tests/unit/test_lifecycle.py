@@ -125,7 +125,7 @@ def test_failed_job_is_retried_from_checkpoint_until_the_backoff_limit_then_fail
     d = decide(_obs(spec=spec, cluster=READY))
     d = decide(_obs(status=d.status, spec=spec, cluster=READY, job_status="FAILED", job_message="boom"))
     assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
-    assert _cond(d.status, "Training") == ("True", "Submitted")
+    assert _cond(d.status, "Training") == ("True", "Retrying")  # why attempt 1 failed stays readable
     d = decide(
         _obs(
             status=d.status,
@@ -259,10 +259,22 @@ def test_a_job_that_says_a_retry_would_fail_the_same_way_is_not_retried() -> Non
 def test_a_job_that_crashed_is_retried_from_its_checkpoint() -> None:
     running = decide(_obs(cluster=READY, spec=_spec(backoffLimit=3))).status
     d = decide(
-        _obs(status=running, spec=_spec(backoffLimit=3), cluster=READY, job_status="FAILED", job_exit_code=1)
+        _obs(
+            status=running,
+            spec=_spec(backoffLimit=3),
+            cluster=READY,
+            job_status="FAILED",
+            job_exit_code=1,
+            job_message="Job entrypoint command failed with exit code 1",
+            job_log_tail="RuntimeError: Connection reset by peer",
+        )
     )
     assert d.submit == submission_id("ns", "tune", "0123456789ab", 2)
     assert d.status["attempts"] == 2 and d.status["phase"] == "Training"
+    # Why the attempt failed stays in status (and in the Retrying event), not only in Ray's log.
+    training = next(c for c in d.status["conditions"] if c["type"] == "Training")
+    assert (training["status"], training["reason"]) == ("True", "Retrying")
+    assert "Connection reset by peer" in training["message"] and "attempt 2 resumes" in training["message"]
 
 
 def test_a_job_failing_with_a_permanent_exit_code_fails_the_tune_without_a_retry() -> None:
