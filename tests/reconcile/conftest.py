@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import threading
 import uuid
@@ -73,10 +74,10 @@ class ApiServer:
         )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """etcd and kube-apiserver with the CRDs, for the session; always stopped at its end (finalizer,
-    atexit, SIGTERM/SIGHUP), whatever else runs on the machine."""
+    """etcd and kube-apiserver with the CRDs, for this tier's tests; stopped when the last of them
+    ends (in `make test` too, before the next tier), or at exit or on SIGTERM/SIGHUP."""
     state_dir = tmp_path_factory.mktemp("api-only", numbered=True)
     info = localstack.up(state_dir, api_only=True)
     stopped = False
@@ -249,6 +250,9 @@ class Operator:
         self.requests: list[tuple[str, str]] = []
         kube.http.event_hooks["request"].append(self._record)
 
+    def close(self) -> None:
+        self.kube.http.event_hooks["request"].remove(self._record)
+
     def _record(self, request: httpx.Request) -> None:
         self.requests.append((request.method, request.url.path))  # from the apply threads too: atomic
 
@@ -298,16 +302,21 @@ def settings() -> Settings:
     return load_settings(str(ROOT / "hack" / "local-settings.yaml"), env={})
 
 
-@pytest.fixture
+@pytest.fixture(scope="package")
 def kube(api_server: ApiServer) -> Iterator[Kube]:
+    """The operator's own Kube client, logged in as the stack's admin."""
     client = Kube(api_server.connection())
     yield client
     client.http.close()
+    shutil.rmtree(client._folder, ignore_errors=True)
 
 
 @pytest.fixture
-def operator(kube: Kube, settings: Settings) -> Operator:
-    return Operator(kube, settings)
+def operator(kube: Kube, settings: Settings) -> Iterator[Operator]:
+    """A fresh operator per test: its own recording of the wire and its own Ray."""
+    op = Operator(kube, settings)
+    yield op
+    op.close()
 
 
 @pytest.fixture
