@@ -10,7 +10,7 @@ export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 THIS_CLONE = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/jobs
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test test-unit test-integration test-e2e lint fmt crds api-docs golden images stack-build stack-up \
+.PHONY: help demo test test-unit test-reconcile test-integration test-e2e lint fmt crds api-docs golden images stack-build stack-up \
 	stack-down venv bench lock
 
 ## List the targets with what each does (`make demo` and `make test` first).
@@ -27,7 +27,7 @@ demo: stack-build venv
 	@$(PY) hack/demo.py --dir $(STACK_DIR)
 
 # Everything from a fresh machine: Go programs and Python wheels are cached outside the clone.
-## Lint, then run every test (unit, integration, e2e) against the real local stack, as CI does.
+## Lint, then run every test (unit, reconcile, integration, e2e) against the real local stack, as CI does.
 test: stack-build venv
 	@$(MAKE) --no-print-directory lint
 	@# This clone's code first, whichever clone the shared venv's editable install points at.
@@ -36,6 +36,10 @@ test: stack-build venv
 ## Run the unit tests (pure functions, no processes, no stack).
 test-unit: venv
 	@$(THIS_CLONE) $(PY) -m pytest -m unit -q -p no:cacheprovider
+
+## Run the in-process reconcile tier (API server and etcd only).
+test-reconcile: stack-build venv
+	@$(THIS_CLONE) $(PY) -m pytest -m reconcile -p no:cacheprovider --durations=10 tests/reconcile
 
 ## Run the integration tests against the real local stack (the tests start and stop it).
 test-integration: stack-build venv

@@ -155,9 +155,9 @@ def program(name: str) -> Path:
     return CACHE / "bin" / f"{name}-{version}"
 
 
-def ensure_programs() -> None:
-    """Builds (once, cached outside the clone) every pinned program that is missing."""
-    missing = sorted({PROGRAMS[n][0] for n in PROGRAMS if not os.access(program(n), os.X_OK)})
+def ensure_programs(names: Sequence[str] = tuple(PROGRAMS)) -> None:
+    """Builds (once, cached outside the clone) every pinned program of `names` that is missing."""
+    missing = sorted({PROGRAMS[n][0] for n in names if not os.access(program(n), os.X_OK)})
     if missing:
         log(f"building missing programs ({' '.join(missing)}) with hack/build-stack.sh ...")
         rc = subprocess.run(["bash", str(HACK / "build-stack.sh"), *missing], check=False).returncode
@@ -697,6 +697,24 @@ def healthy(state_dir: Path, state: dict[str, Any]) -> list[str]:
     checks: dict[str, Callable[[], bool]] = {
         "etcd": http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
         "kube-apiserver": http_ok(f"{state['endpoints']['apiserver']}/readyz", admin_ctx(state_dir)),
+    }
+    if not state.get("api_only"):
+        checks |= _service_checks(state_dir, state)
+    bad = []
+    for name, check in checks.items():
+        try:
+            ok = check()
+        except (OSError, ValueError, subprocess.SubprocessError):
+            ok = False
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+def _service_checks(state_dir: Path, state: dict[str, Any]) -> dict[str, Callable[[], bool]]:
+    """The full stack's components beside the API server and etcd, and its real node's."""
+    ports = state["ports"]
+    checks: dict[str, Callable[[], bool]] = {
         "kube-controller-manager": http_ok(
             f"https://{HOST}:{ports['controller_manager']}/healthz", insecure_ctx()
         ),
@@ -715,34 +733,36 @@ def healthy(state_dir: Path, state: dict[str, Any]) -> list[str]:
         checks["coredns"] = http_ok(f"http://{HOST}:{ports['coredns_ready']}/ready")
         checks["kube-proxy"] = http_ok(f"http://{HOST}:{ports['kube_proxy_healthz']}/healthz")
         checks["kubelet"] = http_ok(f"http://{HOST}:{ports['kubelet_healthz']}/healthz")
-    bad = []
-    for name, check in checks.items():
-        try:
-            ok = check()
-        except (OSError, ValueError, subprocess.SubprocessError):
-            ok = False
-        if not ok:
-            bad.append(name)
-    return bad
+    return checks
 
 
 def _result(state_dir: Path, state: dict[str, Any], reused: bool) -> dict[str, Any]:
     return {**state, "env": read_env(state_dir), "reused": reused}
 
 
-def up(state_dir: Path) -> dict[str, Any]:
+def up(state_dir: Path, api_only: bool = False) -> dict[str, Any]:
     """Starts the stack in `state_dir` (or reuses a healthy running one) and returns its description.
 
     The result is stack.json's content plus ``env`` (the variables of ``<dir>/env``, credentials
-    included) and ``reused`` (True when a running stack was found and left as it was)."""
+    included) and ``reused`` (True when a running stack was found and left as it was).
+
+    ``api_only`` starts etcd and kube-apiserver alone (no node, controllers, KWOK, KubeRay, MinIO or
+    Ray) with the CRDs of the objects the operator writes (KubeRay's RayCluster and the project's
+    own) established: the in-process reconcile tests' stack, up in a few seconds. ``down`` stops it
+    like the full stack."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     with _locked(state_dir):
         running = _running_stack(state_dir)
         if running is not None:
+            if bool(running.get("api_only")) != api_only:
+                raise StackError(
+                    f"the stack running in {state_dir} is {'' if running.get('api_only') else 'not '}API-only; "
+                    f"run `python hack/localstack.py down --dir {state_dir}` first"
+                )
             log(f"reusing the running stack in {state_dir}")
             return _result(state_dir, running, reused=True)
-        return _start(state_dir)
+        return _start_api_only(state_dir) if api_only else _start(state_dir)
 
 
 def _running_stack(state_dir: Path) -> dict[str, Any] | None:
@@ -833,6 +853,29 @@ def _start(state_dir: Path) -> dict[str, Any]:
     planned = _plan_node(state_dir)
     state["node"] = None if "absent" in planned else planned
     state["node_absent"] = planned.get("absent")
+    return _run_start(
+        state_dir, state, lambda launch, mark: _up(state_dir, state, launch, mark, ray_bin, crds)
+    )
+
+
+def _start_api_only(state_dir: Path) -> dict[str, Any]:
+    ensure_programs(API_ONLY_PROGRAMS)
+    crds = crd_dir()
+    state: dict[str, Any] = {
+        "dir": str(state_dir), "complete": False, "processes": [], "timings": {}, "api_only": True,
+        "node": None, "node_absent": "an API-only stack",
+    }  # fmt: skip
+    return _run_start(
+        state_dir, state, lambda launch, mark: _up_api_only(state_dir, state, launch, mark, crds)
+    )
+
+
+def _run_start(
+    state_dir: Path,
+    state: dict[str, Any],
+    body: Callable[[Callable[..., Proc], Callable[[str], None]], None],
+) -> dict[str, Any]:
+    """Runs `body(launch, mark)`, recording every process it launches; stops them all if it fails."""
     procs: list[Proc] = []
     t0 = time.monotonic()
 
@@ -848,7 +891,7 @@ def _start(state_dir: Path) -> dict[str, Any]:
         log(f"{phase} ready ({state['timings'][phase]}s)")
 
     try:
-        _up(state_dir, state, launch, mark, ray_bin, crds)
+        body(launch, mark)
     except BaseException:
         log("start failed: stopping what was started")
         stop_stack(state_dir, state, procs)
@@ -1175,6 +1218,93 @@ def _up(
     _write_env(state_dir, env)
 
 
+# The API-only stack (`up(dir, api_only=True)`): its programs, and the CRDs of what the operator writes.
+API_ONLY_PROGRAMS = ("etcd", "kube-apiserver", "kubectl")
+API_ONLY_KUBERAY_CRDS = ("ray.io_rayclusters.yaml",)
+
+
+def _up_api_only(
+    state_dir: Path,
+    state: dict[str, Any],
+    launch: Callable[..., Proc],
+    mark: Callable[[str], None],
+    crds: Path,
+) -> None:
+    pki = state_dir / "pki"
+    ports = dict(zip(("etcd", "etcd_peer", "apiserver"), free_ports(3), strict=True))
+    state["ports"] = ports
+    api = f"https://{HOST}:{ports['apiserver']}"
+    kubeconfig = state_dir / "kubeconfig"
+    env = {"INSTRUCTUNE_STACK_DIR": str(state_dir), "KUBECONFIG": str(kubeconfig)}
+    crd_files = [crds / name for name in API_ONLY_KUBERAY_CRDS] + sorted((REPO / "crds").glob("*.yaml"))
+    state["paths"] = {
+        "kubeconfig": str(kubeconfig),
+        "env": str(state_dir / "env"),
+        "logs": str(state_dir / "logs"),
+        "audit_log": str(state_dir / "logs" / "audit.log"),
+        "pki": str(pki),
+        "crds": str(crds),
+    }
+    state["endpoints"] = {"apiserver": api}
+    state["versions"] = versions()
+    layout = comp.StackLayout(state_dir, ports, SERVICE_CIDR)
+    # etcd needs no certificates: it starts while they are made.
+    etcd = launch_component(launch, comp.etcd(layout, program("etcd")))
+    make_pki(pki)
+    write_kubeconfig(kubeconfig, api, pki, "admin")
+    bindir = state_dir / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "kubectl").unlink(missing_ok=True)
+    (bindir / "kubectl").symlink_to(program("kubectl"))
+    mark("pki")
+    wait_until(
+        "etcd",
+        etcd,
+        http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
+        60,
+        "/health",
+    )
+    mark("etcd")
+    apiserver = launch_component(launch, comp.kube_apiserver(layout, program("kube-apiserver")))
+    wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
+    mark("kube-apiserver")
+    # Straight to the API server (server-side apply takes YAML): two kubectl runs cost seconds more.
+    ctx = admin_ctx(state_dir)
+    crd_api = f"{api}/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    for f in crd_files:
+        req = urllib.request.Request(
+            f"{crd_api}/{_crd_name(f)}?fieldManager=instructune-localstack&force=true",
+            data=f.read_bytes(), method="PATCH", headers={"Content-Type": "application/apply-patch+yaml"},
+        )  # fmt: skip
+        try:
+            urllib.request.urlopen(req, context=ctx, timeout=60).close()
+        except urllib.error.HTTPError as e:
+            raise failure(
+                "kube-apiserver", f"applying {f.name}: HTTP {e.code} {e.read()[:500]!r}", apiserver.log
+            ) from e
+
+    def established() -> bool:
+        for f in crd_files:
+            code, body = http_get(f"{crd_api}/{_crd_name(f)}", ctx)
+            conditions = (
+                ((json.loads(body).get("status") or {}).get("conditions") or []) if code == 200 else []
+            )
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                return False
+        return True
+
+    wait_until("kube-apiserver", apiserver, established, 60, "the CRDs Established")
+    mark("CRDs")
+    _write_env(state_dir, env)
+
+
+def _crd_name(path: Path) -> str:
+    """A CRD's name from its file: kubebuilder's `<group>_<plural>.yaml` or `<plural>.<group>.yaml`."""
+    stem = path.name.removesuffix(".yaml")
+    group, sep, plural = stem.partition("_")
+    return f"{plural}.{group}" if sep else stem
+
+
 def down(state_dir: Path) -> None:
     """Stops every process recorded in `state_dir` (and its descendants); keeps logs and data."""
     state_dir = Path(state_dir).resolve()
@@ -1272,6 +1402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "images"])
     parser.add_argument(
+        "--api-only", action="store_true", help="up: etcd and kube-apiserver only, with the CRDs applied"
+    )
+    parser.add_argument(
         "--dir", type=Path, default=Path(os.environ.get("INSTRUCTUNE_STACK_DIR", DEFAULT_DIR))
     )
     args = parser.parse_args(argv)
@@ -1279,7 +1412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.command == "up":
-            info = up(args.dir)
+            info = up(args.dir, api_only=args.api_only)
             print(
                 json.dumps({k: info[k] for k in ("dir", "endpoints", "paths", "timings", "reused")}, indent=2)
             )
