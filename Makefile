@@ -51,11 +51,11 @@ test-e2e: stack-build venv
 
 ## Regenerate tests/golden: what the operator applies and submits for every example (review the diff).
 golden: venv
-	@$(PY) hack/gen_golden.py
+	@$(THIS_CLONE) $(PY) hack/gen_golden.py
 
 ## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD, API-docs and golden drift.
 lint: venv
-	@py=$(PY); bin=$$(dirname $$py); \
+	@export $(THIS_CLONE); py=$(PY); bin=$$(dirname $$py); \
 	$$bin/ruff check operator jobs tests hack bench && \
 	$$bin/ruff format --check operator jobs tests hack bench && \
 	$$bin/mypy && \
@@ -72,11 +72,11 @@ fmt: venv
 
 ## Regenerate the CRD (crds/ and the chart's copy) from operator/instructune_operator/api.py.
 crds: venv
-	@$(PY) hack/gen_crd.py
+	@$(THIS_CLONE) $(PY) hack/gen_crd.py
 
 ## Regenerate docs/api.md: the guide (hack/api_docs_guide.md) and the field reference from api.py.
 api-docs: venv
-	@$(PY) hack/gen_api_docs.py
+	@$(THIS_CLONE) $(PY) hack/gen_api_docs.py
 
 ## Create (once per lock) the locked virtual environment outside the clone; install this clone in it.
 venv:
