@@ -42,3 +42,22 @@ def test_inline_kubeconfig_credentials_are_written_readable_only_by_the_operator
 def test_a_credential_given_as_a_path_is_used_where_it_is() -> None:
     assert _materialise(None, "/var/run/secrets/ca.crt", ".crt", "/nonexistent") == "/var/run/secrets/ca.crt"
     assert _materialise(None, None, ".crt", "/nonexistent") is None
+
+
+def test_the_clients_key_material_folder_is_removed_with_the_client(tmp_path: Path) -> None:
+    import gc
+
+    import kopf
+
+    from instructune_operator.clients.kube import Kube
+
+    # No connection is made; insecure, so the CA written for it need not be a real one.
+    info = kopf.ConnectionInfo(
+        server="https://127.0.0.1:1", ca_data=base64.b64encode(b"ca").decode(), insecure=True
+    )
+    kube = Kube(info)
+    folder = Path(kube._folder)
+    assert folder.is_dir() and any(folder.iterdir())
+    del kube
+    gc.collect()
+    assert not folder.exists()

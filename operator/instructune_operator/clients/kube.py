@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import ssl
 import tempfile
 import threading
+import weakref
 from typing import Any
 
 import httpx
@@ -99,6 +101,8 @@ class Kube:
         self._timeout = timeout
         self._lock = threading.Lock()
         self._folder = tempfile.mkdtemp(prefix="instructune-kube-")  # 0700
+        # It may hold a client key from a kubeconfig: removed with the client (or at exit).
+        self._remove_folder = weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
         self._connect(info or login())
 
     def _connect(self, info: kopf.ConnectionInfo) -> None:
