@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from instructune_operator.api import GROUP, PLURAL, crd
+from instructune_operator.api import GROUP, PLURAL
+from instructune_operator.crd import crd
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = [

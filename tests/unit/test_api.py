@@ -7,7 +7,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from instructune_operator.api import InstructionTuneSpec, crd
+from instructune_operator.api import InstructionTuneSpec
+from instructune_operator.crd import crd
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from instructune_jobs.__main__ import DATA_STATUS_KEYS, finished_run_status
-from instructune_operator.api import crd
+from instructune_operator.crd import crd
 
 pytestmark = pytest.mark.unit
 
