@@ -1027,6 +1027,31 @@ def wait_node_ready(
     mark("node Ready")
 
 
+def _wait_etcd(etcd: Proc, ports: dict[str, int], mark: Callable[[str], None]) -> None:
+    wait_until(
+        "etcd",
+        etcd,
+        http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
+        60,
+        "/health",
+    )
+    mark("etcd")
+
+
+def _start_apiserver(
+    state_dir: Path,
+    layout: comp.StackLayout,
+    api: str,
+    launch: Callable[..., Proc],
+    mark: Callable[[str], None],
+) -> Proc:
+    """Starts kube-apiserver (etcd answers by then) and waits until it is ready."""
+    apiserver = launch_component(launch, comp.kube_apiserver(layout, program("kube-apiserver")))
+    wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
+    mark("kube-apiserver")
+    return apiserver
+
+
 def _up(
     state_dir: Path,
     state: dict[str, Any],
@@ -1126,18 +1151,9 @@ def _up(
     minio = launch_component(launch, comp.minio(stack_layout, program("minio"), access, secret))
 
     etcd = launch_component(launch, comp.etcd(stack_layout, program("etcd")))
-    wait_until(
-        "etcd",
-        etcd,
-        http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
-        60,
-        "/health",
-    )
-    mark("etcd")
+    _wait_etcd(etcd, ports, mark)
 
-    apiserver = launch_component(launch, comp.kube_apiserver(stack_layout, program("kube-apiserver")))
-    wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
-    mark("kube-apiserver")
+    _start_apiserver(state_dir, stack_layout, api, launch, mark)
     # Nodes first, while the API server is idle (the CRDs below keep it busy for seconds).
     kubectl(state_dir, "create", "-f", "-", input=json.dumps(node_manifests()))
     if record and layout:
@@ -1257,17 +1273,8 @@ def _up_api_only(
     (bindir / "kubectl").unlink(missing_ok=True)
     (bindir / "kubectl").symlink_to(program("kubectl"))
     mark("pki")
-    wait_until(
-        "etcd",
-        etcd,
-        http_ok(f"http://{HOST}:{ports['etcd']}/health", expect=b'"health":"true"'),
-        60,
-        "/health",
-    )
-    mark("etcd")
-    apiserver = launch_component(launch, comp.kube_apiserver(layout, program("kube-apiserver")))
-    wait_until("kube-apiserver", apiserver, http_ok(f"{api}/readyz", admin_ctx(state_dir)), 120, "/readyz")
-    mark("kube-apiserver")
+    _wait_etcd(etcd, ports, mark)
+    apiserver = _start_apiserver(state_dir, layout, api, launch, mark)
     # Straight to the API server (server-side apply takes YAML): two kubectl runs cost seconds more.
     ctx = admin_ctx(state_dir)
     crd_api = f"{api}/apis/apiextensions.k8s.io/v1/customresourcedefinitions"

@@ -8,6 +8,7 @@ SIGTERM/SIGHUP); a stack that was already running is left running.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import subprocess
@@ -51,12 +52,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("stack_teardown") is not None)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    given = os.environ.get("INSTRUCTUNE_STACK_DIR")
-    state_dir = Path(given) if given else tmp_path_factory.mktemp("stack", numbered=True)
-    info = localstack.up(state_dir)
-    owned = not info["reused"]
+@contextlib.contextmanager
+def stopped_at_exit(state_dir: Path, owned: bool = True) -> Iterator[None]:
+    """Stops the stack in state_dir (when this run started it) as the block ends, at interpreter
+    exit, or on SIGTERM/SIGHUP: a killed test run leaves no stack behind."""
     stopped = False
 
     def stop(*_: object) -> None:
@@ -72,8 +71,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     atexit.register(stop)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    env = info["env"]
     try:
+        yield
+    finally:
+        stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    given = os.environ.get("INSTRUCTUNE_STACK_DIR")
+    state_dir = Path(given) if given else tmp_path_factory.mktemp("stack", numbered=True)
+    info = localstack.up(state_dir)
+    owned = not info["reused"]
+    env = info["env"]
+    with stopped_at_exit(state_dir, owned):
         yield Stack(
             dir=Path(info["dir"]),
             kubeconfig=Path(info["paths"]["kubeconfig"]),
@@ -86,7 +99,3 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             info=info,
             owned=owned,
         )
-    finally:
-        stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)

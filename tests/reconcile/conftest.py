@@ -11,10 +11,7 @@ every write the pass sent to the API server and every request it sent to Ray.
 
 from __future__ import annotations
 
-import atexit
-import os
 import shutil
-import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -36,6 +33,7 @@ from instructune_operator.clients.ray_jobs import RayJobs
 from instructune_operator.naming import LABEL_TUNE
 from instructune_operator.reconcile import Outcome, reconcile_tune
 from instructune_operator.settings import Settings, load_settings
+from tests.conftest import stopped_at_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 # Not a secret: only derives the tunes' Ray tokens, which nothing outside this process sees.
@@ -80,32 +78,13 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     ends (in `make test` too, before the next tier), or at exit or on SIGTERM/SIGHUP."""
     state_dir = tmp_path_factory.mktemp("api-only", numbered=True)
     info = localstack.up(state_dir, api_only=True)
-    stopped = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopped
-        if not stopped:
-            stopped = True
-            localstack.down(state_dir)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-    atexit.register(stop)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with stopped_at_exit(state_dir):
         yield ApiServer(
             dir=Path(info["dir"]),
             kubeconfig=Path(info["paths"]["kubeconfig"]),
             server=info["endpoints"]["apiserver"],
             info=info,
         )
-    finally:
-        stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------------------------------------------
