@@ -325,7 +325,7 @@ def test_refused_data_fails_the_tune_at_once_naming_the_row(
 GRANTED_UNUSED = {
     # Server-side apply of an object that does not exist yet is a PATCH, authorized as create too.
     **{
-        ("create", group, resource, ""): "reconcile.act / serving: server-side apply of a new child"
+        ("create", group, resource, ""): "reconcile.act: server-side apply of a new child (builders.desired)"
         for group, resource in (
             ("", "serviceaccounts"),
             ("", "configmaps"),
@@ -345,9 +345,9 @@ GRANTED_UNUSED = {
         "",
     ): "lifecycle: ttlSecondsAfterFinished deletes the tune",
     ("get", "instructune.io", "instructiontunes", "status"): "held so that it may grant it to job Roles",
-    ("get", "apps", "deployments", ""): "serving.apply_serving: runtime vllm reads its Deployment",
-    ("patch", "apps", "deployments", ""): "serving.apply_serving: runtime vllm",
-    ("patch", "", "services", ""): "serving.apply_serving: runtime vllm's Service",
+    ("get", "apps", "deployments", ""): "reconcile.observe: runtime vllm reads its Deployment",
+    ("patch", "apps", "deployments", ""): "reconcile.act: runtime vllm's Deployment (builders.desired)",
+    ("patch", "", "services", ""): "reconcile.act: runtime vllm's Service (builders.desired)",
     (
         "get",
         "instructune.io",
