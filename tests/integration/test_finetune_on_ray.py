@@ -399,12 +399,13 @@ def test_stopped_job_resumes_from_s3_and_learns_the_output_format(
     # First attempt: stopped once a checkpoint is in S3 and training went on past it.
     first = submit(client, cfg, assets["work"], "resume-1")
 
-    def past_first_checkpoint() -> bool:
-        done = [c.step for c in list_checkpoints(layout, storage)]
-        lines = read_metrics(cfg) if done else []
-        return bool(done) and bool(lines) and lines[-1]["step"] >= done[-1] + 10
+    # Stopped as soon as a checkpoint is in S3, not at "checkpoint + n steps" as read from the
+    # metrics: those are flushed at each checkpoint and at most every few seconds between, so on a
+    # fast run every read sat on a checkpoint and the first attempt ran to its end.
+    def has_a_checkpoint() -> bool:
+        return bool(list_checkpoints(layout, storage))
 
-    status = wait_job(client, first, 420, until=past_first_checkpoint)
+    status = wait_job(client, first, 420, until=has_a_checkpoint)
     assert "RUNNING" in status, f"first attempt ended early ({status}):\n{client.get_job_logs(first)[-4000:]}"
     client.stop_job(first)
     assert wait_job(client, first, 120).endswith(("STOPPED", "FAILED"))
