@@ -1027,6 +1027,18 @@ def wait_node_ready(
     mark("node Ready")
 
 
+def _paths(state_dir: Path, kubeconfig: Path, pki: Path, crds: Path) -> dict[str, str]:
+    """Where a stack's files are (stack.json's "paths"), the full and the API-only stack alike."""
+    return {
+        "kubeconfig": str(kubeconfig),
+        "env": str(state_dir / "env"),
+        "logs": str(state_dir / "logs"),
+        "audit_log": str(state_dir / "logs" / "audit.log"),
+        "pki": str(pki),
+        "crds": str(crds),
+    }
+
+
 def _wait_etcd(etcd: Proc, ports: dict[str, int], mark: Callable[[str], None]) -> None:
     wait_until(
         "etcd",
@@ -1094,15 +1106,7 @@ def _up(
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "INSTRUCTUNE_RAY_GCS_ADDRESS": f"{HOST}:{ports['ray_gcs']}",
     }
-    state["paths"] = {
-        "kubeconfig": str(kubeconfig),
-        "env": str(state_dir / "env"),
-        "logs": str(state_dir / "logs"),
-        "audit_log": str(state_dir / "logs" / "audit.log"),
-        "pki": str(pki),
-        "ray_temp_dir": str(ray_tmp),
-        "crds": str(crds),
-    }
+    state["paths"] = {**_paths(state_dir, kubeconfig, pki, crds), "ray_temp_dir": str(ray_tmp)}
     state["endpoints"] = {
         "apiserver": api,
         "s3": s3,
@@ -1253,14 +1257,7 @@ def _up_api_only(
     kubeconfig = state_dir / "kubeconfig"
     env = {"INSTRUCTUNE_STACK_DIR": str(state_dir), "KUBECONFIG": str(kubeconfig)}
     crd_files = [crds / name for name in API_ONLY_KUBERAY_CRDS] + sorted((REPO / "crds").glob("*.yaml"))
-    state["paths"] = {
-        "kubeconfig": str(kubeconfig),
-        "env": str(state_dir / "env"),
-        "logs": str(state_dir / "logs"),
-        "audit_log": str(state_dir / "logs" / "audit.log"),
-        "pki": str(pki),
-        "crds": str(crds),
-    }
+    state["paths"] = _paths(state_dir, kubeconfig, pki, crds)
     state["endpoints"] = {"apiserver": api}
     state["versions"] = versions()
     layout = comp.StackLayout(state_dir, ports, SERVICE_CIDR)

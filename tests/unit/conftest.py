@@ -1,11 +1,24 @@
-"""Fixtures shared by the data-pipeline unit tests: one tiny tokenizer/model per session."""
+"""Shared by the unit tests: one tiny tokenizer/model per session, and the generators' drift checks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def generated_files_drift(generator: str) -> str:
+    """Runs `hack/<generator> --check`: "" when the committed files match what it generates, else
+    what it says (it names the stale file)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / generator), "--check"], capture_output=True, text=True
+    )
+    return "" if result.returncode == 0 else result.stderr or result.stdout or f"exit {result.returncode}"
 
 
 @pytest.fixture(scope="session")

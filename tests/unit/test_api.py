@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from instructune_operator.api import InstructionTuneSpec
 from instructune_operator.crd import crd
+from tests.unit.conftest import generated_files_drift
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,13 +29,7 @@ def _schema() -> dict[str, Any]:
 
 
 def test_committed_crd_matches_the_models() -> None:
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "gen_crd.py"), "--check"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
+    assert not (drift := generated_files_drift("gen_crd.py")), drift
 
 
 def test_every_spec_and_status_field_has_a_description() -> None:

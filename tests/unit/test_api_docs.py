@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -10,16 +8,14 @@ import pytest
 from pydantic import Field
 
 from instructune_operator.api import Model, cel
+from tests.unit.conftest import generated_files_drift
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_api_docs_match_the_models() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "gen_api_docs.py"), "--check"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
+    assert not (drift := generated_files_drift("gen_api_docs.py")), drift
 
 
 class _Leaf(Model):

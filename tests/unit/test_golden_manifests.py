@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.unit.conftest import generated_files_drift
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_what_the_operator_applies_and_submits_for_every_example_matches_its_golden_file() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "gen_golden.py"), "--check"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
+    assert not (drift := generated_files_drift("gen_golden.py")), drift
 
 
 def test_every_example_has_a_golden_file() -> None:
