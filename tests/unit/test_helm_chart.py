@@ -348,6 +348,23 @@ def test_owner_reference_enforcement_adds_only_finalizers_and_child_deletes(helm
     assert {v for r in extra for v in r["verbs"]} == {"update", "delete"}
 
 
+def test_the_argo_cd_health_check_is_rendered_from_the_charts_one_lua_file_only_when_enabled(
+    helm: Path, default_docs: list[dict[str, Any]]
+) -> None:
+    assert not [d for d in default_docs if d["metadata"]["name"].endswith("-argocd-health")]
+    docs = render(
+        helm, "--set", "argocd.healthCheck.enabled=true", "--show-only", "templates/argocd-health.yaml"
+    )
+    (cm,) = docs
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["namespace"] == NAMESPACE
+    # Byte for byte the file tests/unit/test_argocd_health.py runs, under the key argocd-cm reads.
+    assert cm["data"] == {
+        "resource.customizations.health.instructune.io_InstructionTune": (
+            CHART / "argocd" / "health.lua"
+        ).read_text()
+    }
+
+
 def test_more_than_one_replica_is_refused(helm: Path) -> None:
     res = run_helm(helm, "template", RELEASE, str(CHART), "--set", "replicas=2", check=False)
     assert res.returncode != 0 and "replicas must be 0 or 1" in res.stderr
