@@ -10,7 +10,8 @@ export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 THIS_CLONE = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/jobs
 .DEFAULT_GOAL := help
 
-.PHONY: help demo test test-unit test-reconcile test-integration test-e2e lint fmt crds api-docs golden images stack-build stack-up \
+.PHONY: help demo test test-unit test-reconcile test-integration test-e2e lint fmt crds api-docs values-schema golden images \
+	stack-build stack-up \
 	stack-down venv bench lock
 
 ## List the targets with what each does (`make demo` and `make test` first).
@@ -53,7 +54,7 @@ test-e2e: stack-build venv
 golden: venv
 	@$(THIS_CLONE) $(PY) hack/gen_golden.py
 
-## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD, API-docs and golden drift.
+## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD, API-docs, values-schema and golden drift.
 lint: venv
 	@export $(THIS_CLONE); py=$(PY); bin=$$(dirname $$py); \
 	$$bin/ruff check operator jobs tests hack bench && \
@@ -62,6 +63,7 @@ lint: venv
 	$$bin/lint-imports && \
 	$$py hack/gen_crd.py --check && \
 	$$py hack/gen_api_docs.py --check && \
+	$$py hack/gen_values_schema.py --check && \
 	$$py hack/gen_golden.py --check
 
 ## Format the code and apply ruff's fixes (ruff format, then ruff check --fix).
@@ -77,6 +79,10 @@ crds: venv
 ## Regenerate docs/api.md: the guide (hack/api_docs_guide.md) and the field reference from api.py.
 api-docs: venv
 	@$(THIS_CLONE) $(PY) hack/gen_api_docs.py
+
+## Regenerate the chart's values.schema.json (its settings part from operator/instructune_operator/settings.py).
+values-schema: venv
+	@$(THIS_CLONE) $(PY) hack/gen_values_schema.py
 
 ## Create (once per lock) the locked virtual environment outside the clone; install this clone in it.
 venv:

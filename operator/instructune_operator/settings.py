@@ -9,11 +9,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from instructune_operator.api import DNS_LABEL
+
+# Tenants name a pool in spec.resources.gpuPool, which the CRD holds to a DNS label: a pool named
+# otherwise could never be used. Namespaces are DNS labels too.
+PoolName = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+NamespaceName = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
 
 
 class _Model(BaseModel):
@@ -42,7 +49,7 @@ class GpuPool(_Model):
 
 
 class Settings(_Model):
-    pools: dict[str, GpuPool] = Field(default_factory=dict)
+    pools: dict[PoolName, GpuPool] = Field(default_factory=dict)
     # The project's job image (jobs/Dockerfile; hack/build-images.sh): Ray 2.60, the pinned training
     # stack and instructune_jobs, tagged with the package version.
     ray_image: str = "ghcr.io/instructune/instructune-job:0.1.0"
@@ -54,11 +61,13 @@ class Settings(_Model):
     # The local stack's jobs run on a Ray head outside any pod, so they get the tune's
     # ServiceAccount token as a file here instead of a projected volume.
     local_job_identity_dir: str | None = None
-    namespaces: list[str] = Field(default_factory=list, description="Watched namespaces; empty means all.")
+    namespaces: list[NamespaceName] = Field(
+        default_factory=list, description="Watched namespaces; empty means all."
+    )
     # The timer follows jobs and pods; changes of the tune itself arrive by watch at once.
     reconcile_interval_seconds: float = Field(default=10.0, gt=0)
     # Port of Ray Serve's HTTP proxy for runtime ray-serve (the embedded local serving).
-    ray_serve_http_port: int = 8000
+    ray_serve_http_port: int = Field(default=8000, ge=1, le=65535)
     delete_cluster_after_finish: bool = True
 
 

@@ -29,6 +29,7 @@ from instructune_operator.builders.serving import build_serving
 from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.ray_auth import derive_token
 from instructune_operator.settings import parse_settings
+from tests.unit.conftest import generated_files_drift
 
 pytestmark = pytest.mark.unit
 
@@ -108,6 +109,65 @@ def default_docs(helm: Path) -> list[dict[str, Any]]:
 def test_lint_passes(helm: Path) -> None:
     run_helm(helm, "lint", "--strict", str(CHART))
     run_helm(helm, "lint", "--strict", str(CHART), "--set", "settings.namespaces={team-a,team-b}")
+
+
+def test_the_values_schema_is_generated_from_the_operator_settings_and_up_to_date() -> None:
+    assert not (drift := generated_files_drift("gen_values_schema.py")), drift
+
+
+def _closed_everywhere(node: Any, path: str = "") -> list[str]:
+    """Paths of the schema's objects that would let a mistyped key through."""
+    if isinstance(node, list):
+        return [p for i, n in enumerate(node) for p in _closed_everywhere(n, f"{path}/{i}")]
+    if not isinstance(node, dict):
+        return []
+    found = [path] if "properties" in node and node.get("additionalProperties") is not False else []
+    return found + [p for k, v in node.items() for p in _closed_everywhere(v, f"{path}/{k}")]
+
+
+def test_every_object_of_the_values_schema_refuses_unknown_keys() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert not _closed_everywhere(schema)
+    # Every value of values.yaml is described (helm lint of the defaults proves each one valid).
+    assert set(yaml.safe_load((CHART / "values.yaml").read_text())) <= set(schema["properties"])
+
+
+@pytest.mark.parametrize(
+    ("value", "refusal"),
+    [
+        ("replicas=-1", "at '/replicas': minimum: got -1, want 0"),
+        ("replicas=one", "at '/replicas': got string, want integer"),
+        ("rbac.creat=false", "at '/rbac': additional properties 'creat' not allowed"),
+        ("image.pullPolicy=Sometimes", "at '/image/pullPolicy': value must be one of"),
+        ("resources.limits.memory=lots", "at '/resources/limits/memory': 'lots' does not match pattern"),
+        ("rayAuthTokenSecretRef.key=token", "at '/rayAuthTokenSecretRef': properties 'name' required"),
+        # The operator's settings, held to its own model.
+        ("settings.namespace={team-a}", "at '/settings': additional properties 'namespace' not allowed"),
+        ("settings.namespaces={Team_A}", "at '/settings/namespaces/0': 'Team_A' does not match pattern"),
+        ("settings.pools.l4.gpusPerNode=-1", "at '/settings/pools/l4/gpusPerNode': minimum: got -1, want 0"),
+        ("settings.reconcileIntervalSeconds=0", "at '/settings/reconcileIntervalSeconds': exclusiveMinimum"),
+        ("settings.pools.l4.tolerations[0].operator=Exist", "at '/settings/pools/l4/tolerations/0/operator'"),
+        ("settings.pools.A100.nodeSelector.gpu=a100", "invalid propertyName 'A100'"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_field(helm: Path, value: str, refusal: str) -> None:
+    for command in ("template", "lint"):
+        args = [RELEASE] if command == "template" else []
+        res = run_helm(helm, command, *args, str(CHART), "--set", value, check=False)
+        assert res.returncode != 0 and refusal in res.stderr + res.stdout, (command, res.stderr, res.stdout)
+
+
+def test_the_operator_refuses_the_settings_the_schema_refuses() -> None:
+    """One source: the settings' schema is the operator's model, so neither lets these through."""
+    for bad in (
+        {"namespaces": ["Team_A"]},
+        {"pools": {"A100": {"nodeSelector": {"gpu": "a100"}}}},
+        {"pools": {"l4": {"nodeSelector": {}, "gpusPerNode": -1}}},
+        {"rayServeHttpPort": 0},
+        {"namespace": ["team-a"]},
+    ):
+        with pytest.raises(ValueError):
+            parse_settings(bad, env={})
 
 
 def test_renders_the_operator_objects(default_docs: list[dict[str, Any]]) -> None:
