@@ -296,7 +296,7 @@ def test_a_failed_tune_is_degraded_with_its_reason_and_message(why: str, detail:
 def test_a_suspended_tune_is_suspended() -> None:
     assert health(tune(suspended())) == (
         "Suspended",
-        "Suspended: suspended: the Ray cluster is removed, checkpoints are kept",
+        "suspended: the Ray cluster is removed, checkpoints are kept",
     )
 
 

@@ -95,7 +95,9 @@ end
 
 if phase == "Suspended" then
   hs.status = "Suspended"
-  hs.message = explain(condition(status, "Training")) or "Suspended"
+  -- Training=False/Suspended says what a suspension keeps: "suspended: the Ray cluster is removed, ..."
+  local training = condition(status, "Training")
+  hs.message = (training ~= nil and training.message ~= nil and training.message ~= "" and training.message) or "Suspended"
   return hs
 end
 
