@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import kopf
 
+from instructune_operator import metrics
 from instructune_operator.api import GROUP, PLURAL, VERSION
 from instructune_operator.clients.kube import Kube
 from instructune_operator.naming import LABEL_TUNE
@@ -20,6 +22,7 @@ from instructune_operator.settings import Settings, load_settings
 
 SETTINGS: Settings = load_settings()
 _clients: Clients | None = None
+_metrics_server: WSGIServer | None = None
 
 
 def clients() -> Clients:
@@ -56,6 +59,26 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # hold thousands of other pods that the operator should neither receive nor parse.
     settings.watching.label_selectors["v1", "pods"] = LABEL_TUNE
     settings.watching.label_selectors["ray.io", "v1", "rayclusters"] = LABEL_TUNE
+    _serve_metrics()
+
+
+def _serve_metrics() -> None:
+    """/metrics from start-up on (metrics.serve), unless settings.metricsPort is 0."""
+    global _metrics_server
+    if SETTINGS.metrics_port and _metrics_server is None:
+        try:
+            _metrics_server = metrics.serve(SETTINGS.metrics_port)
+        except OSError as err:  # a port taken is a setting to fix, not something a retry mends
+            raise kopf.PermanentError(f"metrics endpoint on port {SETTINGS.metrics_port}: {err}") from err
+
+
+@kopf.on.cleanup(id="stop-metrics")
+def stop_metrics(**_: Any) -> None:
+    global _metrics_server
+    if _metrics_server is not None:
+        _metrics_server.shutdown()
+        _metrics_server.server_close()
+        _metrics_server = None
 
 
 @kopf.index("ray.io", "v1", "rayclusters", id="ray_clusters", labels={LABEL_TUNE: kopf.PRESENT})

@@ -69,6 +69,11 @@ class Settings(_Model):
     # Port of Ray Serve's HTTP proxy for runtime ray-serve (the embedded local serving).
     ray_serve_http_port: int = Field(default=8000, ge=1, le=65535)
     delete_cluster_after_finish: bool = True
+    # The operator's Prometheus endpoint (/metrics, instructune_operator.metrics): the chart's
+    # metrics Service and ServiceMonitor point at it.
+    metrics_port: int = Field(
+        default=8080, ge=0, le=65535, description="Port of the operator's /metrics endpoint; 0 turns it off."
+    )
 
 
 ENV_OVERRIDES = {
@@ -77,6 +82,7 @@ ENV_OVERRIDES = {
     "INSTRUCTUNE_RAY_IMAGE": "ray_image",
     "INSTRUCTUNE_LOCAL_JOB_IDENTITY_DIR": "local_job_identity_dir",
     "INSTRUCTUNE_RAY_SERVE_HTTP_PORT": "ray_serve_http_port",
+    "INSTRUCTUNE_METRICS_PORT": "metrics_port",
 }
 
 
@@ -85,7 +91,9 @@ def parse_settings(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     updates: dict[str, Any] = {field: env[var] for var, field in ENV_OVERRIDES.items() if env.get(var)}
     if env.get("INSTRUCTUNE_NAMESPACES"):
         updates["namespaces"] = [n.strip() for n in env["INSTRUCTUNE_NAMESPACES"].split(",") if n.strip()]
-    return settings.model_copy(update=updates)
+    # Validated with the file's values, as they are: an override is held to the same types and
+    # ranges (a port from the environment is a string until then).
+    return Settings.model_validate({**settings.model_dump(), **updates})
 
 
 def load_settings(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:

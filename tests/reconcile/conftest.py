@@ -102,10 +102,13 @@ class RayRequest:
 
 class RayJobsServer:
     """Ray's Jobs API as every tune's Ray head would answer it, in memory: a submission id is a job
-    (PENDING until a test says otherwise); a second submission of an id is refused, as Ray does."""
+    (PENDING until a test says otherwise); a second submission of an id is refused, as Ray does.
+    `refusing` set: every submission is refused with that message, as a head short of resources
+    or a runtime environment Ray cannot set up would."""
 
     def __init__(self) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
+        self.refusing: str | None = None
         self.requests: list[RayRequest] = []
         self._lock = threading.Lock()
 
@@ -122,6 +125,8 @@ class RayJobsServer:
 
     def _answer(self, method: str, path: str, body: Any) -> httpx.Response:
         if method == "POST" and path == "/api/jobs":
+            if self.refusing is not None:
+                return httpx.Response(500, text=self.refusing)
             job_id = body["submission_id"]
             if job_id in self.jobs:
                 return httpx.Response(400, text=f"Job with submission_id {job_id} already exists.")

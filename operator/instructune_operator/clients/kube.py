@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import kopf
 
+from instructune_operator.metrics import KUBE_API_ERRORS
+
 FIELD_MANAGER = "instructune-operator"
 
 _PATHS = {
@@ -44,6 +46,17 @@ _PATHS = {
         "instructune.io/v1alpha1",
         "InstructionTune",
     ): "/apis/instructune.io/v1alpha1/namespaces/{ns}/instructiontunes",
+}
+
+
+# The HTTP method of each Kubernetes verb the client uses (server-side apply is a PATCH).
+_METHODS = {
+    "get": "GET",
+    "list": "GET",
+    "create": "POST",
+    "apply": "PATCH",
+    "patch": "PATCH",
+    "delete": "DELETE",
 }
 
 
@@ -118,16 +131,22 @@ class Kube:
 
     def _call(
         self,
-        method: str,
+        verb: str,
         path: str,
         body: Any = None,
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any] | None:
+        """One request of a Kubernetes verb (metrics count a failed one under it)."""
+        method = _METHODS[verb]
         for attempt in (1, 2):
-            response = self.http.request(
-                method, path, params=query, json=body, headers={"Content-Type": content_type}
-            )
+            try:
+                response = self.http.request(
+                    method, path, params=query, json=body, headers={"Content-Type": content_type}
+                )
+            except httpx.HTTPError:
+                KUBE_API_ERRORS.labels(verb, "<error>").inc()
+                raise
             # A service account token is rotated under a running pod: log in again once.
             if response.status_code == 401 and attempt == 1:
                 with self._lock:
@@ -137,6 +156,7 @@ class Kube:
         if response.status_code == 404 and method in ("GET", "DELETE"):
             return None
         if response.is_error:
+            KUBE_API_ERRORS.labels(verb, str(response.status_code)).inc()
             raise KubeError(response.status_code, method, path, response.text)
         return response.json() if response.content else {}
 
@@ -149,7 +169,7 @@ class Kube:
         meta = manifest["metadata"]
         path = self._path(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
         result = self._call(
-            "PATCH",
+            "apply",
             path,
             body=manifest,
             query={"fieldManager": FIELD_MANAGER, "force": "true"},
@@ -159,24 +179,25 @@ class Kube:
         return result
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._call("GET", self._path(api_version, kind, namespace, name))
+        return self._call("get", self._path(api_version, kind, namespace, name))
 
     def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         result = self._call(
-            "GET", self._path(api_version, kind, namespace), query={"labelSelector": selector}
+            "list", self._path(api_version, kind, namespace), query={"labelSelector": selector}
         )
         return list((result or {}).get("items", []))
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """True when something was deleted (or is being deleted)."""
         body = {"propagationPolicy": "Background"}
-        return self._call("DELETE", self._path(api_version, kind, namespace, name), body=body) is not None
+        path = self._path(api_version, kind, namespace, name)
+        return self._call("delete", path, body=body) is not None
 
     def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]
     ) -> None:
         path = self._path(api_version, kind, namespace, name) + "/status"
-        self._call("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
+        self._call("patch", path, body={"status": patch}, content_type="application/merge-patch+json")
 
     def request_token(self, namespace: str, service_account: str, seconds: int) -> str:
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
@@ -185,7 +206,7 @@ class Kube:
             "kind": "TokenRequest",
             "spec": {"expirationSeconds": seconds},
         }
-        result = self._call("POST", path, body=body)
+        result = self._call("create", path, body=body)
         assert result is not None
         return str(result["status"]["token"])
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from instructune_operator.metrics import RAY_SUBMISSIONS, SubmissionOutcome
+
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -41,9 +43,25 @@ class RayJobs:
         metadata: dict[str, str],
         entrypoint_num_cpus: float = 0,
     ) -> None:
-        """Submits once: the submission id is deterministic, so a repeat after a restart is a no-op."""
+        """Submits once: the submission id is deterministic, so a repeat after a restart is a no-op.
+        Counted by outcome: submitted, exists (Ray had the id already), failed (raised)."""
+        try:
+            outcome = self._submit(submission_id, entrypoint, env_vars, metadata, entrypoint_num_cpus)
+        except Exception:
+            RAY_SUBMISSIONS.labels("failed").inc()
+            raise
+        RAY_SUBMISSIONS.labels(outcome).inc()
+
+    def _submit(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        env_vars: dict[str, str],
+        metadata: dict[str, str],
+        entrypoint_num_cpus: float,
+    ) -> SubmissionOutcome:
         if self.get(submission_id) is not None:
-            return
+            return "exists"
         payload: dict[str, Any] = {
             "entrypoint": entrypoint,
             "submission_id": submission_id,
@@ -52,8 +70,12 @@ class RayJobs:
             "entrypoint_num_cpus": entrypoint_num_cpus,
         }
         response = self.http.post("/api/jobs/", json=payload)
-        if response.status_code >= 400 and self.get(submission_id) is None:
+        if response.status_code < 400:
+            return "submitted"
+        # Refused, but the job is there: a submission of the same id got in first.
+        if self.get(submission_id) is None:
             raise RuntimeError(f"Ray job submission failed ({response.status_code}): {response.text[:500]}")
+        return "exists"
 
     def stop(self, submission_id: str) -> None:
         response = self.http.post(f"/api/jobs/{submission_id}/stop")
