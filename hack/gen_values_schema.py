@@ -29,6 +29,8 @@ QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9]
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"  # a key of a ConfigMap or Secret
+# A Prometheus duration (the ServiceMonitor CRD's pattern for `interval`).
+DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 # Printable ASCII but '=' (RelaxedEnvironmentVariableValidation, on by default since v1.32).
 ENV_NAME = r"^[ -<>-~]+$"
 
@@ -132,6 +134,21 @@ def chart_values(settings: dict[str, Any]) -> dict[str, Any]:
             ),
             "extraEnv": {"type": "array", "items": env_var},
             "argocd": closed({"healthCheck": closed({"enabled": BOOLEAN})}),
+            "metrics": closed(
+                {
+                    "serviceMonitor": closed(
+                        {
+                            "enabled": BOOLEAN,
+                            # Prometheus' duration format, as the ServiceMonitor CRD holds it.
+                            "interval": {"type": "string", "pattern": DURATION},
+                            "labels": string_map(
+                                QUALIFIED_NAME, {"type": "string", "pattern": LABEL_VALUE, "maxLength": 63}
+                            ),
+                        }
+                    ),
+                    "grafanaDashboard": closed({"enabled": BOOLEAN}),
+                }
+            ),
             "resources": closed(
                 {
                     "requests": string_map(values=QUANTITY_VALUE),

@@ -28,7 +28,7 @@ from instructune_operator.builders.children import (
 from instructune_operator.builders.serving import build_serving
 from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.ray_auth import derive_token
-from instructune_operator.settings import parse_settings
+from instructune_operator.settings import Settings, parse_settings
 from tests.unit.conftest import generated_files_drift
 
 pytestmark = pytest.mark.unit
@@ -148,6 +148,9 @@ def test_every_object_of_the_values_schema_refuses_unknown_keys() -> None:
         ("settings.reconcileIntervalSeconds=0", "at '/settings/reconcileIntervalSeconds': exclusiveMinimum"),
         ("settings.pools.l4.tolerations[0].operator=Exist", "at '/settings/pools/l4/tolerations/0/operator'"),
         ("settings.pools.A100.nodeSelector.gpu=a100", "invalid propertyName 'A100'"),
+        ("settings.metricsPort=70000", "at '/settings/metricsPort': maximum: got 70,000, want 65,535"),
+        ("metrics.serviceMonitor.interval=half-a-minute", "at '/metrics/serviceMonitor/interval'"),
+        ("metrics.grafanaDashboard.enable=true", "at '/metrics/grafanaDashboard': additional properties"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_field(helm: Path, value: str, refusal: str) -> None:
@@ -164,6 +167,7 @@ def test_the_operator_refuses_the_settings_the_schema_refuses() -> None:
         {"pools": {"A100": {"nodeSelector": {"gpu": "a100"}}}},
         {"pools": {"l4": {"nodeSelector": {}, "gpusPerNode": -1}}},
         {"rayServeHttpPort": 0},
+        {"metricsPort": 70000},
         {"namespace": ["team-a"]},
     ):
         with pytest.raises(ValueError):
@@ -173,7 +177,15 @@ def test_the_operator_refuses_the_settings_the_schema_refuses() -> None:
 def test_renders_the_operator_objects(default_docs: list[dict[str, Any]]) -> None:
     kinds = sorted(d["kind"] for d in default_docs)
     assert kinds == sorted(
-        ["ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment", "Secret"]
+        [
+            "ServiceAccount",
+            "ConfigMap",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Secret",
+            "Service",
+        ]
     )
     for doc in default_docs:
         if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
@@ -499,3 +511,90 @@ def test_a_process_run_operator_gets_the_charts_rbac_and_no_pod(helm: Path, tmp_
     rules = one(docs, "ClusterRole")["rules"]
     assert grants(rules, "", "serviceaccounts/token", "create")  # token files for its jobs
     assert not any(grants(rules, "", "secrets", v) for v in ("create", "patch", "get"))
+
+
+def _metrics_port(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    (operator,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return next((p for p in operator.get("ports", []) if p["name"] == "metrics"), None)
+
+
+def test_the_metrics_service_reaches_the_operators_metrics_port_by_name(
+    default_docs: list[dict[str, Any]],
+) -> None:
+    service = one(default_docs, "Service")
+    deployment = one(default_docs, "Deployment")
+    assert service["metadata"]["name"] == f"{RELEASE}-instructune-metrics"
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # The port the operator listens on (its settings) is the one the pod declares under that name.
+    assert settings_of(default_docs).metrics_port == 8080 == Settings().metrics_port
+    assert _metrics_port(default_docs) == {"name": "metrics", "containerPort": 8080, "protocol": "TCP"}
+
+
+def test_the_metrics_port_setting_moves_the_operator_its_pod_and_the_service_together(helm: Path) -> None:
+    docs = render(helm, "--set", "settings.metricsPort=9102")
+    assert settings_of(docs).metrics_port == 9102
+    assert _metrics_port(docs) == {"name": "metrics", "containerPort": 9102, "protocol": "TCP"}
+    assert one(docs, "Service")["spec"]["ports"][0]["port"] == 9102
+    # Unset (null drops it), the chart falls back to the operator's own default.
+    unset = render(helm, "--set", "settings.metricsPort=null")
+    assert "metricsPort" not in yaml.safe_load(one(unset, "ConfigMap")["data"]["settings.yaml"])
+    assert _metrics_port(unset)["containerPort"] == Settings().metrics_port  # type: ignore[index]
+    # 0 turns the endpoint off: no port, no Service.
+    off = render(helm, "--set", "settings.metricsPort=0")
+    assert settings_of(off).metrics_port == 0
+    assert _metrics_port(off) is None and not by_kind(off, "Service")
+
+
+def test_the_service_monitor_is_rendered_only_when_enabled_and_refused_without_its_crd(
+    helm: Path, default_docs: list[dict[str, Any]]
+) -> None:
+    assert not by_kind(default_docs, "ServiceMonitor")
+    enable = ("--set", "metrics.serviceMonitor.enabled=true")
+    missing = run_helm(helm, "template", RELEASE, str(CHART), *enable, check=False)
+    assert (
+        missing.returncode != 0 and "needs the ServiceMonitor CRD (monitoring.coreos.com/v1" in missing.stderr
+    )
+    off = run_helm(
+        helm, "template", RELEASE, str(CHART), *enable, "--set", "settings.metricsPort=0",
+        "--api-versions", "monitoring.coreos.com/v1", check=False,
+    )  # fmt: skip
+    assert off.returncode != 0 and "settings.metricsPort is 0" in off.stderr
+
+    docs = render(
+        helm, *enable, "--api-versions", "monitoring.coreos.com/v1",
+        "--set", "metrics.serviceMonitor.labels.release=kube-prometheus-stack",
+        "--set", "metrics.serviceMonitor.interval=15s",
+    )  # fmt: skip
+    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    # It selects the metrics Service by its labels and scrapes its port by name.
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    assert service["spec"]["ports"][0]["name"] == "metrics"
+
+
+def test_the_grafana_dashboard_is_rendered_from_the_charts_one_json_file_only_when_enabled(
+    helm: Path, default_docs: list[dict[str, Any]]
+) -> None:
+    assert not [d for d in default_docs if d["metadata"]["name"].endswith("-dashboard")]
+    docs = render(
+        helm,
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
+        "--show-only",
+        "templates/grafana-dashboard.yaml",
+    )
+    (cm,) = docs
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["namespace"] == NAMESPACE
+    # Grafana's dashboard sidecar loads the ConfigMaps with this label (kube-prometheus-stack's default).
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = (CHART / "dashboards" / "instructune.json").read_text()
+    assert cm["data"] == {"instructune.json": dashboard}  # byte for byte the file the unit tests check
+    assert json.loads(cm["data"]["instructune.json"])["uid"] == "instructune-operator"

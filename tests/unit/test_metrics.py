@@ -1,5 +1,6 @@
 """The operator's metrics: the pure mapping of a tune's status to its gauges, the gate verdict a pass
-reached, bounded series that leave with their tune, API failures counted by verb."""
+reached, bounded series that leave with their tune, API failures counted by verb, and a dashboard
+that names only metrics the operator defines."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from instructune_operator.api import PHASE_FAILED, PHASE_TRAINING
 from instructune_operator.clients.kube import Kube
 from instructune_operator.metrics import TuneCollector, TuneGauges, gate_outcome, tune_gauges
 from instructune_operator.settings import load_settings
+from tests import dashboard
 
 pytestmark = pytest.mark.unit
 
@@ -124,6 +126,59 @@ def test_a_request_that_gets_no_answer_counts_under_its_verb_as_error(unreachabl
         kube.list("v1", "Pod", "team-a", "instructune.io/tune=one")
 
     assert _value("instructune_kube_api_errors_total", verb="list", code="<error>") == before + 1
+
+
+def _defined_names() -> set[str]:
+    """The sample names the operator's registry can expose: every family, with its type's suffixes
+    (a counter with labels exposes nothing before its first increment)."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "summary": ("", "_count", "_sum", "_created"), "gauge": ("",), "info": ("_info",)}  # fmt: skip
+    return {
+        f"{family.name}{suffix}" for family in metrics.REGISTRY.collect() for suffix in suffixes[family.type]
+    }
+
+
+def test_the_metric_names_of_a_query_are_found_and_nothing_else() -> None:
+    expr = (
+        "histogram_quantile(0.95, sum by (le, trigger) (rate(instructune_reconcile_duration_seconds_bucket"
+        '{job=~"$job", trigger!="timer"}[$__rate_interval] offset 1m))) / on(trigger) group_left '
+        "instructune_reconcile_errors_total > bool 1e3 or vector(0)"
+    )
+    assert dashboard.metric_names(expr) == {
+        "instructune_reconcile_duration_seconds_bucket",
+        "instructune_reconcile_errors_total",
+    }
+    assert dashboard.metric_names("up == 1 unless process_open_fds") == {"up", "process_open_fds"}
+
+
+def test_every_dashboard_query_names_only_metrics_the_operator_defines() -> None:
+    board = dashboard.load()
+    defined = _defined_names()
+    queries = dashboard.queries(board)
+    assert queries
+    for query in queries:
+        names = dashboard.metric_names(query.expr)
+        assert names, f"{query.panel}: names no metric: {query.expr}"
+        assert names <= defined, f"{query.panel}: {sorted(names - defined)} are not the operator's metrics"
+    for variable in dashboard.variables(board):
+        assert variable.metric in defined, variable
+    # Every panel shows something, and every metric of the operator's own is on the dashboard.
+    assert all(panel.get("targets") for panel in dashboard.data_panels(board))
+    used = {name for query in queries for name in dashboard.metric_names(query.expr)}
+    families = {f.name for f in metrics.REGISTRY.collect() if f.name.startswith("instructune_")}
+    assert families <= {
+        name.removesuffix("_total").removesuffix("_count").removesuffix("_bucket") for name in used
+    }
+
+
+def test_the_dashboard_variables_resolve_to_what_the_queries_use() -> None:
+    board = dashboard.load()
+    names = {v.name for v in dashboard.variables(board)} | {"datasource"}
+    grafana = {"__rate_interval": "1m", "__range": "1h", "__interval": "15s"}
+    for query in dashboard.queries(board):
+        dashboard.substitute(
+            query.expr, {**grafana, **dict.fromkeys(names, ".*")}
+        )  # raises on an unknown one
 
 
 def test_a_metrics_port_from_the_environment_is_held_to_a_port_as_the_file_is() -> None:

@@ -38,6 +38,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- toYaml $settings -}}
 {{- end -}}
 
+{{/* The port of the operator's /metrics endpoint: settings.metricsPort, else the operator's own default. */}}
+{{- define "instructune.metricsPort" -}}
+{{- if hasKey .Values.settings "metricsPort" -}}
+{{- .Values.settings.metricsPort | int -}}
+{{- else -}}
+8080
+{{- end -}}
+{{- end -}}
+
 {{/*
 The operator's RBAC rules, derived from what the code calls (docs/operations.md explains each):
 Kopf watches and patches the tunes and their status and posts events, and watches the tunes'
