@@ -133,7 +133,24 @@ build_node_images() {
   done
 }
 
-want=${*:-kubernetes etcd kwok kuberay helm minio coredns node-images}
+# Prometheus with only its static and file service discovery (the `remove_all_sd` build tag drops
+# every cloud's: their SDKs are most of its dependencies) and without the web UI's assets (the
+# tests use its HTTP API only). Its version string is the release's (v0.316.0 is 3.16.0).
+build_prometheus() {
+  local v=$PROMETHEUS_VERSION
+  have prometheus "$v" && return 0
+  local dir=$SRC/prometheus-$v out; out=$(mktemp -d)
+  mkdir -p "$dir"
+  printf 'module instructune.local/prometheus\ngo 1.26\nrequire github.com/prometheus/prometheus %s\n' "$v" >"$dir/go.mod"
+  local pkg=github.com/prometheus/prometheus/cmd/prometheus
+  (cd "$dir" && run prometheus-deps go get -tags remove_all_sd "$pkg@$v")
+  local release; release=$(cat "$(cd "$dir" && go list -m -f '{{.Dir}}' github.com/prometheus/prometheus)/VERSION")
+  (cd "$dir" && run prometheus go build -trimpath -tags remove_all_sd \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=$release" -o "$out/prometheus" "$pkg")
+  mv "$out/prometheus" "$BIN/prometheus-$v"; rm -rf "$out"
+}
+
+want=${*:-kubernetes etcd kwok kuberay helm minio coredns prometheus node-images}
 for c in $want; do
   case $c in
     kubernetes) build_kubernetes ;;
@@ -146,6 +163,7 @@ for c in $want; do
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" ;;
     minio) go_install minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio ;;
     coredns) build_coredns ;;
+    prometheus) build_prometheus ;;
     node-images) build_node_images ;;
     *) die "unknown component $c" ;;
   esac

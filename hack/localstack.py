@@ -114,6 +114,8 @@ PROGRAMS = {
     "kubelet": ("kubernetes", "K8S_VERSION"),
     "kube-proxy": ("kubernetes", "K8S_VERSION"),
     "coredns": ("coredns", "COREDNS_VERSION"),
+    # Not started by the stack: tests/integration/test_metrics_prometheus.py runs it.
+    "prometheus": ("prometheus", "PROMETHEUS_VERSION"),
     # The node's own static programs (hack/node-images), versioned by a hash of their sources.
     "pause": ("node-images", ""),
     "probe": ("node-images", ""),

@@ -141,13 +141,24 @@ def process_kubeconfig(state_dir: Path, local_job_identity_dir: str) -> Path:
     return path
 
 
-def serve_port(state_dir: Path) -> str:
-    """Ray Serve's HTTP port on the stack's own Ray head: picked once per stack, stable across
-    operator restarts."""
-    path = state_dir / "serve-port"
+def _stack_port(state_dir: Path, name: str) -> str:
+    """A free port of this machine, picked once per stack and kept in its dir under `name`."""
+    path = state_dir / name
     if not path.exists():
         path.write_text(str(localstack.free_ports(1)[0]))
     return path.read_text().strip()
+
+
+def serve_port(state_dir: Path) -> str:
+    """Ray Serve's HTTP port on the stack's own Ray head: picked once per stack, stable across
+    operator restarts."""
+    return _stack_port(state_dir, "serve-port")
+
+
+def metrics_port(state_dir: Path) -> str:
+    """The /metrics port of an operator run as a process: on this machine the default (8080) may
+    be anyone's; stable across operator restarts, as a Prometheus scraping it expects."""
+    return _stack_port(state_dir, "metrics-port")
 
 
 def process_env(state_dir: Path) -> dict[str, str]:
@@ -164,6 +175,7 @@ def process_env(state_dir: Path) -> dict[str, str]:
         "INSTRUCTUNE_RAY_ADDRESS": env["RAY_ADDRESS"],
         "INSTRUCTUNE_LOCAL_JOB_IDENTITY_DIR": identity_dir,
         "INSTRUCTUNE_RAY_SERVE_HTTP_PORT": serve_port(state_dir),
+        "INSTRUCTUNE_METRICS_PORT": metrics_port(state_dir),
     }
 
 
