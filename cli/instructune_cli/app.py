@@ -247,6 +247,7 @@ def logs_command(
         int | None, typer.Option(help="This attempt's job instead of the current one.")
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between reads when following.")] = 2.0,
     ray_address: Annotated[
         str | None, typer.Option(help="The Ray Jobs API address (default: status.rayCluster.dashboardUrl).")
     ] = None,
@@ -267,7 +268,7 @@ def logs_command(
         sys.stdout.flush()
 
     try:
-        remote.follow_logs(job, write, follow)
+        remote.follow_logs(job, write, follow, interval)
     except ServiceNotFound as err:
         raise CliError(
             f"{err}: the tune's Ray cluster is gone (deleted when a tune finishes or is suspended), "
