@@ -307,6 +307,40 @@ def test_describe_shows_what_the_operator_and_the_job_wrote_and_the_gates_verdic
     assert missing.stderr.strip() == f"error: instructiontunes.instructune.io {namespace}/nope not found"
 
 
+def test_a_kubeconfig_naming_its_files_relative_to_itself_is_read_as_kubectl_reads_it(
+    api_server: ApiServer, kube: Kube, operator: Operator, namespace: str, tmp_path: Path
+) -> None:
+    _create_tune(kube, namespace)
+    operator.reconcile(namespace, TUNE)
+    config = json.loads(api_server.kubeconfig.read_text())
+    (tmp_path / "certs").mkdir()
+    for entry, fields in (
+        ("clusters", ("certificate-authority",)),
+        ("users", ("client-certificate", "client-key")),
+    ):
+        for item in config[entry]:
+            for name in fields:
+                copied = Path(shutil.copy(item[entry[:-1]][name], tmp_path / "certs"))
+                item[entry[:-1]][name] = f"certs/{copied.name}"
+    (tmp_path / "kubeconfig").write_text(json.dumps(config))
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    result = _in(elsewhere, "--kubeconfig", str(tmp_path / "kubeconfig"), "describe", TUNE, "-n", namespace)
+
+    assert result.exit_code == 0, result.output
+    assert _row(result.stdout, "phase", "Provisioning")
+
+
+def _in(folder: Path, *args: str) -> Any:
+    """The command run from `folder`, KUBECONFIG restored after it (--kubeconfig sets it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("KUBECONFIG", "")
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
 # ------------------------------------------------------------------------------------- logs, ask
 
 
