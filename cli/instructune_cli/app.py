@@ -21,7 +21,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from instructune_cli import datacheck, describe, plot, remote, watch
+from instructune_cli import datacheck, describe, remote, watch
 from instructune_cli.connect import CliError, connect, get_tune
 from instructune_cli.datareport import report_lines
 from instructune_cli.proxy import ClusterHttp, ServiceNotFound
@@ -219,6 +219,8 @@ def plot_command(
     ] = None,
 ) -> None:
     """A PNG of the training loss per step and of the tuned model against its base."""
+    from instructune_cli import plot  # matplotlib takes ~0.6 s to import: only this command needs it
+
     status = None
     if artifacts is None:
         kube, ns = _session(namespace)
