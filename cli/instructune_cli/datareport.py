@@ -79,10 +79,14 @@ def packed_padding_fraction(lengths: Sequence[int], max_seq_length: int) -> tupl
 
 def audit_summary(audit: Sequence[AuditFinding], pii_policy: str) -> str:
     kinds = Counter(finding.kind for finding in audit)
-    actions = {"drop": "dropped", "redact": "redacted", "report": "reported", "off": "not looked for"}
+    actions = {"drop": "dropped", "redact": "redacted", "report": "reported"}
+    pii = (
+        f"personal data {kinds['pii']} {actions[pii_policy]}"
+        if pii_policy in actions
+        else "personal data not looked for"
+    )
     return (
-        f"{kinds['duplicate']} duplicates dropped, {kinds['contamination']} with an evaluation prompt dropped, "
-        f"{kinds['pii']} with personal data ({actions.get(pii_policy, pii_policy)})"
+        f"duplicates {kinds['duplicate']} dropped, evaluation prompts {kinds['contamination']} dropped, {pii}"
     )
 
 
@@ -94,11 +98,11 @@ def batches_line(check: DataCheck) -> str:
     lengths, limit = check.train_lengths, check.max_seq_length
     sequences, packed = packed_padding_fraction(lengths, limit)
     dynamic = dynamic_padding_fraction(lengths, check.batch_size)
-    packed_text = f"{sequences} sequences of {limit} tokens, {100 * (1 - packed):.1f}% tokens"
+    packed_text = f"{sequences} sequence(s) of {limit} tokens, {100 * (1 - packed):.1f}% tokens"
     dynamic_text = f"batches of {check.batch_size} padded to their longest, {100 * (1 - dynamic):.1f}% tokens"
     if check.packing:
-        return f"packing on: {packed_text} ({100 * packed:.1f}% padding); unpacked {dynamic_text}"
-    return f"packing off: {dynamic_text} ({100 * dynamic:.1f}% padding); packed {packed_text}"
+        return f"packing on: {packed_text} ({100 * packed:.1f}% padding); unpacked, {dynamic_text}"
+    return f"packing off: {dynamic_text} ({100 * dynamic:.1f}% padding); packed, {packed_text}"
 
 
 def verdict_line(check: DataCheck) -> str:
@@ -140,7 +144,7 @@ def report_lines(check: DataCheck, max_errors: int | None = None, findings: bool
         )
     longer = too_long(check.invalid)
     lines.append(
-        f"too long:   {len(longer)} rows over maxSeqLength {check.max_seq_length}, refused (never truncated)"
+        f"too long:   {len(longer)} over maxSeqLength {check.max_seq_length} (refused, never truncated)"
         + (f"; longest {max(longer)} tokens" if longer else "")
     )
     if train:

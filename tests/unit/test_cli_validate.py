@@ -148,7 +148,7 @@ def test_rows_over_max_seq_length_are_refused_not_truncated_and_counted_with_the
     tokens = int(refused[0].split("row has ")[1].split()[0])
     assert tokens > 48 and refused[0].endswith(f"row has {tokens} tokens, longer than max_seq_length 48")
     assert (
-        f"too long:   1 rows over maxSeqLength 48, refused (never truncated); longest {tokens} tokens"
+        f"too long:   1 over maxSeqLength 48 (refused, never truncated); longest {tokens} tokens"
         in result.stdout.splitlines()
     )
     length = next(line for line in result.stdout.splitlines() if line.startswith("length:"))
@@ -233,7 +233,7 @@ def test_a_folder_is_read_as_a_prefix_and_the_audits_findings_name_their_file(
         "shards/b.jsonl:2: pii (email), redacted",
     ]
     assert lines[3] == (
-        "audits:     1 duplicates dropped, 0 with an evaluation prompt dropped, 1 with personal data (redacted)"
+        "audits:     duplicates 1 dropped, evaluation prompts 0 dropped, personal data 1 redacted"
     )
 
 
