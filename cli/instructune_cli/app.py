@@ -59,7 +59,7 @@ Direct = Annotated[
 
 
 def _stdout() -> Console:
-    # Not a terminal (a pipe, a log, a test): no colour and no wrapping, so lines stay greppable.
+    # soft_wrap: a long line stays one line (file:line: reason, a log line), greppable in a pipe.
     return Console(highlight=False, soft_wrap=True)
 
 
