@@ -7,7 +7,7 @@ PY = $(VENV)/bin/python
 STACK_DIR ?= $(CURDIR)/.stack
 export INSTRUCTUNE_CACHE ?= $(HOME)/.cache/instructune
 # This clone's code first, whichever clone the shared venv's editable install points at.
-THIS_CLONE = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/jobs
+THIS_CLONE = PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/jobs:$(CURDIR)/cli
 .DEFAULT_GOAL := help
 
 .PHONY: help demo test test-unit test-reconcile test-integration test-e2e lint fmt crds api-docs values-schema golden images \
@@ -32,7 +32,7 @@ demo: stack-build venv
 test: stack-build venv
 	@$(MAKE) --no-print-directory lint
 	@# This clone's code first, whichever clone the shared venv's editable install points at.
-	@PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/jobs $(PY) -m pytest -p no:cacheprovider --durations=25
+	@$(THIS_CLONE) $(PY) -m pytest -p no:cacheprovider --durations=25
 
 ## Run the unit tests (pure functions, no processes, no stack).
 test-unit: venv
@@ -57,8 +57,8 @@ golden: venv
 ## Run the linters: ruff check, ruff format --check, mypy, import contracts, CRD, API-docs, values-schema and golden drift.
 lint: venv
 	@export $(THIS_CLONE); py=$(PY); bin=$$(dirname $$py); \
-	$$bin/ruff check operator jobs tests hack bench && \
-	$$bin/ruff format --check operator jobs tests hack bench && \
+	$$bin/ruff check operator jobs cli tests hack bench && \
+	$$bin/ruff format --check operator jobs cli tests hack bench && \
 	$$bin/mypy && \
 	$$bin/lint-imports && \
 	$$py hack/gen_crd.py --check && \
@@ -69,8 +69,8 @@ lint: venv
 ## Format the code and apply ruff's fixes (ruff format, then ruff check --fix).
 fmt: venv
 	@bin=$$(dirname $(PY)); \
-	$$bin/ruff format operator jobs tests hack bench && \
-	$$bin/ruff check --fix operator jobs tests hack bench
+	$$bin/ruff format operator jobs cli tests hack bench && \
+	$$bin/ruff check --fix operator jobs cli tests hack bench
 
 ## Regenerate the CRD (crds/ and the chart's copy) from operator/instructune_operator/api.py.
 crds: venv

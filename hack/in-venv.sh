@@ -6,7 +6,7 @@
 # needs the network only when the venv does not exist yet (run `make venv` once).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH=$root/operator:$root/jobs${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$root/operator:$root/jobs:$root/cli${PYTHONPATH:+:$PYTHONPATH}
 venv=$("$root/hack/venv.sh")
 cd "$root"
 exec "$venv/bin/$1" "${@:2}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Writes the lock files from pyproject.toml's pins with a pinned uv: every transitive dependency
 # pinned with its hashes, for CPython 3.11 on x86_64 Linux (this machine, CI, and both images).
-#   requirements.lock           the development environment (all extras): hack/venv.sh
+#   requirements.lock           the development environment (all extras, the CLI's too): hack/venv.sh
 #   operator/requirements.lock  the operator image: the base dependencies only
 #   jobs/requirements.lock      the job image: base + train
 # The two image locks are resolved under the development lock as constraints, so every package
@@ -21,7 +21,7 @@ compile() {
     --python-version 3.11 --python-platform x86_64-manylinux_2_28 "$@"
 }
 cd "$root"
-compile --extra train --extra dev --extra bench -o requirements.lock
+compile --extra train --extra dev --extra bench --extra cli -o requirements.lock
 compile -c requirements.lock -o operator/requirements.lock
 compile -c requirements.lock --extra train -o jobs/requirements.lock
 # The index is the machine's own (pip's configuration), never one written into a lock.

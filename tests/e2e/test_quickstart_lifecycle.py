@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,7 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     namespace: str,
     seeded: dict[str, str],
     real_node: dict[str, Any],
+    tmp_path: Path,
 ) -> None:
     stack, ns = crd_installed, namespace
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
@@ -197,10 +201,66 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert _condition(final, "Serving")["status"] == "True"
     assert sorted(_ask(stack, serving)) == ["amount", "date", "party"]
 
+    _the_cli_on_the_finished_tune(stack, ns, logs, tmp_path)
+
     # Deleting the tune removes its serving with its Ray cluster.
     url = service_url(stack.dir, serving["endpoint"])
     stack.kubectl("delete", "itune", "quickstart", "-n", ns, "--timeout=120s")
     wait_for(lambda: _gone(f"{url}/models"), 180, "the Serve application to be removed")
+
+
+def _instructune(stack: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `instructune` command as a tenant runs it: the stack's kubeconfig (the API server's pod
+    proxy takes it to the tune's pods), MinIO's credentials for the run's files; the Ray token comes
+    from the cluster's Secret, not from this environment."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"},
+        "KUBECONFIG": str(stack.kubeconfig),
+        "PYTHONPATH": os.pathsep.join(str(ROOT / part) for part in ("operator", "jobs", "cli")),
+        "AWS_ACCESS_KEY_ID": stack.access_key,
+        "AWS_SECRET_ACCESS_KEY": stack.secret_key,
+        "AWS_ENDPOINT_URL": stack.s3_endpoint,
+        "COLUMNS": "200",
+    }
+    command = [sys.executable, "-m", "instructune_cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _the_cli_on_the_finished_tune(stack: Any, ns: str, ray_logs: str, tmp_path: Path) -> None:
+    """watch, describe, logs, plot and ask on the served quickstart, against the real Ray head,
+    Ray Serve and MinIO (the reconcile tier runs them against a real API server only)."""
+    watched = _instructune(stack, "watch", "quickstart", "-n", ns, "--timeout", "60")
+    assert watched.returncode == 0, watched.stderr
+    assert watched.stdout.startswith(f"Succeeded  step {STEPS}/{STEPS}"), watched.stdout
+
+    described = _instructune(stack, "describe", "quickstart", "-n", ns)
+    assert described.returncode == 0, described.stderr
+    assert "GatePassed" in described.stdout and "heldout.jsonSchema" in described.stdout
+
+    # The Ray job's logs of the current attempt, through the pod proxy with the Secret's token:
+    # what the Jobs API gave this test directly.
+    logs = _instructune(stack, "logs", "quickstart", "-n", ns)
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout == ray_logs
+
+    # The loss of all three attempts (suspension, worker loss) from metrics.jsonl in MinIO, and the
+    # evaluation from eval/report.json.
+    png = tmp_path / "loss.png"
+    plotted = _instructune(stack, "plot", "quickstart", "-n", ns, "--out", str(png))
+    assert plotted.returncode == 0, plotted.stderr
+    assert (
+        " in 3 attempt(s), " in plotted.stdout
+        and "s3://artifacts/quickstart/eval/report.json" in plotted.stdout
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A held-out question to the served model, rendered by the server with the trained template.
+    row = held_out_question()
+    asked = _instructune(
+        stack, "ask", "quickstart", f"{row['instruction']}\n\n{row['input']}", "-n", ns, "--max-tokens", "48"
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert sorted(json.loads(asked.stdout)) == ["amount", "date", "party"]
 
 
 def _ask(stack: Any, serving: dict[str, Any]) -> dict[str, Any]:

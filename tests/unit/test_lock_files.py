@@ -48,7 +48,7 @@ def pyproject_pins(*groups: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("lock", "groups"),
-    [("dev", ("train", "dev", "bench")), ("operator", ()), ("jobs", ("train",))],
+    [("dev", ("train", "dev", "bench", "cli")), ("operator", ()), ("jobs", ("train",))],
 )
 def test_every_pin_of_pyproject_is_locked_at_that_version(lock: str, groups: tuple[str, ...]) -> None:
     locked = pins(LOCKS[lock])

@@ -21,6 +21,7 @@ from instructune_jobs.data.types import (
     SourcedConversation,
     TemplateError,
     TokenizedExample,
+    too_long_reason,
 )
 
 
@@ -160,13 +161,7 @@ def tokenize_conversations(
 
     def accept(conv: SourcedConversation, example: TokenizedExample) -> None:
         if max_seq_length is not None and len(example) > max_seq_length:
-            invalid.append(
-                InvalidRow(
-                    conv.object,
-                    conv.line,
-                    f"row has {len(example)} tokens, longer than max_seq_length {max_seq_length}",
-                )
-            )
+            invalid.append(InvalidRow(conv.object, conv.line, too_long_reason(len(example), max_seq_length)))
         elif example.labels.count(IGNORE_INDEX) == len(example.labels):
             invalid.append(InvalidRow(conv.object, conv.line, "no assistant tokens to learn from"))
         else:

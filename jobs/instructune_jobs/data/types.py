@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +24,21 @@ class InvalidRow:
 
     def __str__(self) -> str:
         return f"{self.object}:{self.line}: {self.reason}"
+
+
+_TOO_LONG = re.compile(r"^row has (\d+) tokens, longer than max_seq_length \d+$")
+
+
+def too_long_reason(tokens: int, max_seq_length: int) -> str:
+    """Why a row longer than max_seq_length is refused (the data step never truncates a row)."""
+    return f"row has {tokens} tokens, longer than max_seq_length {max_seq_length}"
+
+
+def too_long_tokens(reason: str) -> int | None:
+    """The row's length when `reason` is too_long_reason's, else None: what a data report reads
+    back from the rows the tokenizer refused."""
+    match = _TOO_LONG.match(reason)
+    return int(match.group(1)) if match else None
 
 
 class TemplateError(ValueError):
