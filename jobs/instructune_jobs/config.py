@@ -25,6 +25,12 @@ _HF_URI = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(@(?P<revision>[\w.\-/]+
 
 DataFormat = Literal["auto", "alpaca", "dolly", "messages", "prompt-completion"]
 
+# Limits the InstructionTune CRD shares with this contract: the operator's api.py imports them, so a
+# value the API server admits is one the job accepts (tests/unit/test_limits_drift.py holds every
+# other bound of the CRD inside this contract's).
+# Half the rows held out is the most that still leaves training the larger share.
+VALIDATION_FRACTION_MAX = 0.5
+
 
 def _check_data_uri(uri: str) -> str:
     """Data and artifacts live in object storage (or, for tests and the demo, a local path)."""
@@ -86,7 +92,7 @@ class ValidationSplit(_Model):
     """Validation rows come from their own uri, or else a seeded fraction of the training mix."""
 
     uri: DataUri | None = None
-    fraction: float = Field(default=0.05, ge=0.0, lt=0.5)
+    fraction: float = Field(default=0.05, ge=0.0, le=VALIDATION_FRACTION_MAX)
 
 
 class InvalidRowsPolicy(_Model):

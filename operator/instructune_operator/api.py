@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
+# Limits shared with the job's contract: one number, so the API server admits only what the job runs.
+from instructune_jobs.config import VALIDATION_FRACTION_MAX
+
 # The job writes the status too: group, version and plural are the contract's (re-exported here).
 from instructune_jobs.contract import GROUP as GROUP
 from instructune_jobs.contract import PLURAL as PLURAL
@@ -79,7 +82,10 @@ class ValidationSplit(Model):
     )
     uri: str | None = Field(default=None, pattern=S3_URI, description="Validation data in S3.")
     fraction: float | None = Field(
-        default=None, gt=0, le=0.5, description="Fraction of the training rows held out (0 < f <= 0.5)."
+        default=None,
+        gt=0,
+        le=VALIDATION_FRACTION_MAX,
+        description=f"Fraction of the training rows held out (0 < f <= {VALIDATION_FRACTION_MAX}).",
     )
 
 
@@ -159,6 +165,7 @@ class LoraSpec(Model):
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
+        min_length=1,  # the job adapts nothing otherwise and refuses it
         max_length=64,
         description='Module names to adapt; ["all-linear"] adapts every linear layer but the output head.',
     )
@@ -282,7 +289,7 @@ class EvalDataset(Model):
             ]
         }
     )
-    name: str = Field(pattern=DNS_LABEL, max_length=63, description="Name used in metric keys.")
+    name: str = Field(pattern=DNS_LABEL, min_length=1, max_length=63, description="Name used in metric keys.")
     uri: str = Field(pattern=S3_URI, description="S3 object or prefix in any supported dataset format.")
 
 
@@ -420,6 +427,12 @@ class InstructionTuneSpec(Model):
                     "!(has(self.method) && self.method.type == 'qlora') || self.resources.gpusPerWorker > 0",
                     "qlora needs GPUs: set resources.gpusPerWorker > 0",
                     ".resources.gpusPerWorker",
+                ),
+                cel(
+                    "!(has(self.method) && self.method.type == 'qlora')"
+                    " || !(has(self.distributed) && has(self.distributed.zeroStage) && self.distributed.zeroStage == 3)",
+                    "qlora is incompatible with DeepSpeed ZeRO stage 3 (4-bit weights cannot be partitioned): use zeroStage 2",
+                    ".distributed.zeroStage",
                 ),
                 cel(
                     "!(has(self.method) && self.method.type == 'full') || !has(self.method.lora)",
