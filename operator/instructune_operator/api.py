@@ -30,6 +30,19 @@ API_VERSION = f"{GROUP}/{VERSION}"
 S3_URI = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 MODEL_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|hf://[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-/]+)?)$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1035 label: what a Service name must be (it starts with a letter), see naming.py.
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes' resource.Quantity grammar (apimachinery's quantity.go), unsigned: 64G, 1.5Gi, 500m, 1e9.
+QUANTITY = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+# A tune's name is the value of its children's instructune.io/tune label (63 characters at most)
+# and begins the RayCluster's and the Services' names (RFC 1035 labels: a letter first); naming.py
+# shortens a child's name with a hash where name and suffix exceed the child's limit.
+NAME_MAX = 63
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
@@ -259,8 +272,9 @@ class ResourcesSpec(Model):
     cpus_per_worker: int = Field(default=4, ge=1, le=256, description="CPUs per worker.")
     memory_per_worker: str = Field(
         default="16Gi",
-        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$",
-        description="Memory per worker (quantity).",
+        pattern=QUANTITY,
+        max_length=64,
+        description="Memory per worker, a Kubernetes quantity (16Gi, 64G, 1.5Gi).",
     )
     image: str | None = Field(
         default=None, max_length=512, description="Ray image; defaults to the operator's."
@@ -380,7 +394,10 @@ class ServingSpec(Model):
     replicas: int = Field(default=1, ge=1, le=100, description="Serving replicas.")
     gpu_pool: str | None = Field(default=None, pattern=DNS_LABEL, description="GPU pool for serving pods.")
     target: str | None = Field(
-        default=None, pattern=DNS_LABEL, max_length=53, description="Serving name shared by successive tunes."
+        default=None,
+        pattern=DNS_1035_LABEL,
+        max_length=53,
+        description="Serving name shared by successive tunes (it names a Service: a letter first).",
     )
 
 
@@ -415,6 +432,21 @@ def frozen(description: str, default_factory: Any = None) -> Any:
     return Field(
         default_factory=default_factory, description=f"{description} Immutable.", json_schema_extra=extra
     )  # type: ignore[arg-type]
+
+
+NAME_RULES: list[JsonDict] = [
+    cel(
+        f"size(self.metadata.name) <= {NAME_MAX}",
+        f"metadata.name must be at most {NAME_MAX} characters: it is the value of the children's "
+        "instructune.io/tune label",
+    ),
+    cel(
+        f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+        "metadata.name must be an RFC 1035 label (lower-case letters, digits and '-', a letter first): "
+        "it begins the names of the tune's RayCluster and Services",
+    ),
+]
+"""Rules on the whole object (crd.py puts them at the schema's root): CEL sees metadata.name there."""
 
 
 class InstructionTuneSpec(Model):
