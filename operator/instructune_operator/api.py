@@ -340,7 +340,14 @@ class GateRule(Model):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [cel("has(self.min) || has(self.max)", "set min or max")]
+            "x-kubernetes-validations": [
+                cel("has(self.min) || has(self.max)", "set min or max"),
+                cel(
+                    "!has(self.min) || !has(self.max) || self.min <= self.max",
+                    "min is above max: no value can pass the rule",
+                    ".min",
+                ),
+            ]
         }
     )
     metric: str = Field(
@@ -357,8 +364,27 @@ class ProbeSpec(Model):
     uri: str = Field(pattern=S3_URI, description="General instruction data in S3.")
 
 
+# Gate keys that read the general probe's metrics (gate.metric_value's grammar): forgetting.*,
+# base.forgetting.* and delta.forgetting.*.
+_READS_PROBE = " || ".join(
+    f"g.metric.startsWith('{prefix}forgetting.')" for prefix in ("", "base.", "delta.")
+)
+
+
 class EvaluationSpec(Model):
     """Evaluation after training, and the gate that decides deployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"has(self.generalProbe) || !has(self.gate) || !self.gate.exists(g, {_READS_PROBE})",
+                    "gate rules on forgetting.* metrics need generalProbe: without it they are never reported",
+                    ".generalProbe",
+                ),
+            ]
+        }
+    )
 
     datasets: list[EvalDataset] = Field(
         default_factory=list,
