@@ -25,6 +25,12 @@ _HF_URI = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(@(?P<revision>[\w.\-/]+
 
 DataFormat = Literal["auto", "alpaca", "dolly", "messages", "prompt-completion"]
 
+# Limits the InstructionTune CRD shares with this contract: the operator's api.py imports them, so a
+# value the API server admits is one the job accepts (tests/unit/test_limits_drift.py holds every
+# other bound of the CRD inside this contract's).
+# Half the rows held out is the most that still leaves training the larger share.
+VALIDATION_FRACTION_MAX = 0.5
+
 
 def _check_data_uri(uri: str) -> str:
     """Data and artifacts live in object storage (or, for tests and the demo, a local path)."""
@@ -86,7 +92,7 @@ class ValidationSplit(_Model):
     """Validation rows come from their own uri, or else a seeded fraction of the training mix."""
 
     uri: DataUri | None = None
-    fraction: float = Field(default=0.05, ge=0.0, lt=0.5)
+    fraction: float = Field(default=0.05, ge=0.0, le=VALIDATION_FRACTION_MAX)
 
 
 class InvalidRowsPolicy(_Model):
@@ -293,6 +299,55 @@ def _expand_metric_shorthand(metric: Any) -> Any:
     if isinstance(body, dict):
         return {"type": kind, **body}
     return metric
+
+
+# The metric keys the evaluation reports (evaluate.py's module docstring): a gate rule on any other
+# key can never pass. tests/unit/test_gate_metrics.py holds these to the job's own key-making code.
+VALIDATION_METRICS = ("validation.loss", "validation.perplexity")
+LOSS_METRICS = ("loss", "perplexity")
+FORGETTING_METRICS = ("forgetting.probeLoss", "forgetting.lossIncrease", "forgetting.relativeLossIncrease")
+BASE_FORGETTING_METRICS = ("forgetting.probeLoss",)
+_GENERATION_KEYS = {
+    "json_valid": "jsonValid",
+    "json_schema": "jsonSchema",
+    "regex": "regex",
+    "exact_match": "exactMatch",
+}
+
+
+def reported_metric_keys(evaluation: EvaluationConfig) -> tuple[frozenset[str], frozenset[str]]:
+    """(metrics, baseMetrics) keys an evaluation with this config can report: the first is what a
+    gate rule's plain key reads, the second what its `base.` key reads (`delta.` needs both)."""
+    per_dataset: set[str] = set()
+    exact_fields: list[str] | None = None
+    for metric in evaluation.metrics:
+        if metric.type == "loss":
+            per_dataset.update(LOSS_METRICS)
+        else:
+            per_dataset.add(_GENERATION_KEYS[metric.type])
+        if isinstance(metric, ExactMatchMetric):
+            exact_fields = list(metric.fields)  # the last one wins, as in scoring.MetricSpec
+    per_dataset.update(f"fieldMatch.{name}" for name in exact_fields or [])
+    names = [d.name for d in evaluation.datasets]
+    keys = set(VALIDATION_METRICS) | {f"{name}.{key}" for name in names for key in per_dataset}
+    if names:
+        keys |= per_dataset  # the means over datasets
+    base = set(keys) if evaluation.compare_to_base else set()
+    if evaluation.general_probe is not None:
+        keys.update(FORGETTING_METRICS)
+        base.update(BASE_FORGETTING_METRICS)
+    return frozenset(keys), frozenset(base)
+
+
+def gate_metric_reported(key: str, evaluation: EvaluationConfig) -> bool:
+    """Whether a gate rule's metric key (gate.metric_value's grammar) can have a value."""
+    metrics, base = reported_metric_keys(evaluation)
+    if key.startswith("base."):
+        return key.removeprefix("base.") in base
+    if key.startswith("delta."):
+        inner = key.removeprefix("delta.")
+        return inner in metrics and inner in base
+    return key in metrics
 
 
 class OutputConfig(_Model):

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonDict
 
+# Limits shared with the job's contract: one number, so the API server admits only what the job runs.
+from instructune_jobs.config import VALIDATION_FRACTION_MAX
+
 # The job writes the status too: group, version and plural are the contract's (re-exported here).
 from instructune_jobs.contract import GROUP as GROUP
 from instructune_jobs.contract import PLURAL as PLURAL
@@ -27,6 +30,19 @@ API_VERSION = f"{GROUP}/{VERSION}"
 S3_URI = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 MODEL_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|hf://[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-/]+)?)$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# RFC 1035 label: what a Service name must be (it starts with a letter), see naming.py.
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes' resource.Quantity grammar (apimachinery's quantity.go), unsigned: 64G, 1.5Gi, 500m, 1e9.
+QUANTITY = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+# A tune's name is the value of its children's instructune.io/tune label (63 characters at most)
+# and begins the RayCluster's and the Services' names (RFC 1035 labels: a letter first); naming.py
+# shortens a child's name with a hash where name and suffix exceed the child's limit.
+NAME_MAX = 63
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
@@ -79,7 +95,10 @@ class ValidationSplit(Model):
     )
     uri: str | None = Field(default=None, pattern=S3_URI, description="Validation data in S3.")
     fraction: float | None = Field(
-        default=None, gt=0, le=0.5, description="Fraction of the training rows held out (0 < f <= 0.5)."
+        default=None,
+        gt=0,
+        le=VALIDATION_FRACTION_MAX,
+        description=f"Fraction of the training rows held out (0 < f <= {VALIDATION_FRACTION_MAX}).",
     )
 
 
@@ -159,6 +178,7 @@ class LoraSpec(Model):
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
+        min_length=1,  # the job adapts nothing otherwise and refuses it
         max_length=64,
         description='Module names to adapt; ["all-linear"] adapts every linear layer but the output head.',
     )
@@ -252,8 +272,9 @@ class ResourcesSpec(Model):
     cpus_per_worker: int = Field(default=4, ge=1, le=256, description="CPUs per worker.")
     memory_per_worker: str = Field(
         default="16Gi",
-        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$",
-        description="Memory per worker (quantity).",
+        pattern=QUANTITY,
+        max_length=64,
+        description="Memory per worker, a Kubernetes quantity (16Gi, 64G, 1.5Gi).",
     )
     image: str | None = Field(
         default=None, max_length=512, description="Ray image; defaults to the operator's."
@@ -282,7 +303,7 @@ class EvalDataset(Model):
             ]
         }
     )
-    name: str = Field(pattern=DNS_LABEL, max_length=63, description="Name used in metric keys.")
+    name: str = Field(pattern=DNS_LABEL, min_length=1, max_length=63, description="Name used in metric keys.")
     uri: str = Field(pattern=S3_URI, description="S3 object or prefix in any supported dataset format.")
 
 
@@ -319,7 +340,14 @@ class GateRule(Model):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [cel("has(self.min) || has(self.max)", "set min or max")]
+            "x-kubernetes-validations": [
+                cel("has(self.min) || has(self.max)", "set min or max"),
+                cel(
+                    "!has(self.min) || !has(self.max) || self.min <= self.max",
+                    "min is above max: no value can pass the rule",
+                    ".min",
+                ),
+            ]
         }
     )
     metric: str = Field(
@@ -336,8 +364,27 @@ class ProbeSpec(Model):
     uri: str = Field(pattern=S3_URI, description="General instruction data in S3.")
 
 
+# Gate keys that read the general probe's metrics (gate.metric_value's grammar): forgetting.*,
+# base.forgetting.* and delta.forgetting.*.
+_READS_PROBE = " || ".join(
+    f"g.metric.startsWith('{prefix}forgetting.')" for prefix in ("", "base.", "delta.")
+)
+
+
 class EvaluationSpec(Model):
     """Evaluation after training, and the gate that decides deployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"has(self.generalProbe) || !has(self.gate) || !self.gate.exists(g, {_READS_PROBE})",
+                    "gate rules on forgetting.* metrics need generalProbe: without it they are never reported",
+                    ".generalProbe",
+                ),
+            ]
+        }
+    )
 
     datasets: list[EvalDataset] = Field(
         default_factory=list,
@@ -373,7 +420,10 @@ class ServingSpec(Model):
     replicas: int = Field(default=1, ge=1, le=100, description="Serving replicas.")
     gpu_pool: str | None = Field(default=None, pattern=DNS_LABEL, description="GPU pool for serving pods.")
     target: str | None = Field(
-        default=None, pattern=DNS_LABEL, max_length=53, description="Serving name shared by successive tunes."
+        default=None,
+        pattern=DNS_1035_LABEL,
+        max_length=53,
+        description="Serving name shared by successive tunes (it names a Service: a letter first).",
     )
 
 
@@ -410,6 +460,21 @@ def frozen(description: str, default_factory: Any = None) -> Any:
     )  # type: ignore[arg-type]
 
 
+NAME_RULES: list[JsonDict] = [
+    cel(
+        f"size(self.metadata.name) <= {NAME_MAX}",
+        f"metadata.name must be at most {NAME_MAX} characters: it is the value of the children's "
+        "instructune.io/tune label",
+    ),
+    cel(
+        f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+        "metadata.name must be an RFC 1035 label (lower-case letters, digits and '-', a letter first): "
+        "it begins the names of the tune's RayCluster and Services",
+    ),
+]
+"""Rules on the whole object (crd.py puts them at the schema's root): CEL sees metadata.name there."""
+
+
 class InstructionTuneSpec(Model):
     """Desired state of an instruction-tuning run."""
 
@@ -420,6 +485,12 @@ class InstructionTuneSpec(Model):
                     "!(has(self.method) && self.method.type == 'qlora') || self.resources.gpusPerWorker > 0",
                     "qlora needs GPUs: set resources.gpusPerWorker > 0",
                     ".resources.gpusPerWorker",
+                ),
+                cel(
+                    "!(has(self.method) && self.method.type == 'qlora')"
+                    " || !(has(self.distributed) && has(self.distributed.zeroStage) && self.distributed.zeroStage == 3)",
+                    "qlora is incompatible with DeepSpeed ZeRO stage 3 (4-bit weights cannot be partitioned): use zeroStage 2",
+                    ".distributed.zeroStage",
                 ),
                 cel(
                     "!(has(self.method) && self.method.type == 'full') || !has(self.method.lora)",

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from instructune_operator.api import (
     GROUP,
     KIND,
+    NAME_RULES,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -135,6 +136,7 @@ def crd() -> dict[str, Any]:
                             "description": "InstructionTune tunes a base model on instruction-response data on a "
                             "Ray cluster, evaluates it and, when the gate passes, serves it.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": NAME_RULES,
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version of the object."},
                                 "kind": {"type": "string", "description": "Kind of the object."},

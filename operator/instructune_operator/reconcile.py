@@ -22,12 +22,10 @@ from instructune_operator.api import (
     PHASE_DEPLOYING,
     PHASE_SUSPENDED,
     TERMINAL_PHASES,
-    InstructionTuneSpec,
 )
 from instructune_operator.builders import Observed, Tune, desired
 from instructune_operator.builders.desired import INDEPENDENT_KINDS
 from instructune_operator.builders.submissions import RaySubmission
-from instructune_operator.builders.train_config import build_train_config
 from instructune_operator.clients.bundle import Clients
 from instructune_operator.clients.kube import Kube
 from instructune_operator.lifecycle import Decision, Observation, decide, template_hash
@@ -72,10 +70,8 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     status = parse_status(body.get("status") or {})
+    # validate_spec builds the job's config too: what the job would refuse fails validation here.
     spec, errors = validate_spec(dict(body.get("spec") or {}), clients.settings)
-    if spec is not None:
-        errors = _train_config_errors(spec, meta)
-    spec = spec if not errors else None
     obs: dict[str, Any] = {}
     if spec is not None:
         kube = clients.kube
@@ -127,14 +123,6 @@ def observe(body: dict[str, Any], clients: Clients, now: datetime, seen: Seen) -
         now=now,
         **obs,
     )
-
-
-def _train_config_errors(spec: InstructionTuneSpec, meta: dict[str, Any]) -> list[str]:
-    try:
-        build_train_config(spec, meta["namespace"], meta["name"], meta["uid"], 1)
-    except ValueError as err:
-        return [f"spec: {err}"]
-    return []
 
 
 def act(decision: Decision, obs: Observation, clients: Clients, apply_children: bool = True) -> None:

@@ -256,6 +256,9 @@ def test_a_ready_cluster_gets_exactly_one_ray_job_under_the_deterministic_submis
     assert (passes[1].outcome.status_patch, passes[1].outcome.events) == ({}, [])
 
 
+_QUICKSTART_EVALUATION = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())["spec"][
+    "evaluation"
+]
 REFUSED = {
     "unknown pool": (
         {"resources": {"gpuPool": "h100-sxm", "workers": 1, "gpusPerWorker": 0, "cpusPerWorker": 1,
@@ -266,6 +269,15 @@ REFUSED = {
         {"resources": {"gpuPool": "local", "workers": 3, "gpusPerWorker": 0, "cpusPerWorker": 1,
                        "memoryPerWorker": "1Gi"}},
         "spec.resources.workers: 3 exceeds pool 'local''s limit of 2",
+    ),
+    "a gate rule on a metric no evaluation reports": (
+        {"evaluation": {**_QUICKSTART_EVALUATION, "gate": [{"metric": "support.jsonValid", "min": 0.9}]}},
+        "spec.evaluation.gate[0].metric: 'support.jsonValid' is never reported",
+    ),
+    "a regex the job cannot compile": (
+        {"evaluation": {**_QUICKSTART_EVALUATION,
+                        "metrics": [*_QUICKSTART_EVALUATION["metrics"], {"type": "regex", "pattern": "(a"}]}},
+        "spec.evaluation.metrics[4].pattern: Value error, regex does not compile",
     ),
 }  # fmt: skip
 

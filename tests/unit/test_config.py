@@ -138,7 +138,10 @@ def test_bad_model_uri_is_rejected(uri: str) -> None:
         ({"dataset": {"train": []}}, "at least 1"),
         ({"dataset": {"train": [{"uri": "s3://data/x", "weight": 0}]}}, "greater than 0"),
         ({"dataset": {"train": [{"uri": "s3://data/x"}], "field_mapping": {"answer": "x"}}}, "field_mapping"),
-        ({"dataset": {"train": [{"uri": "s3://data/x"}], "validation": {"fraction": 0.7}}}, "less than 0.5"),
+        (
+            {"dataset": {"train": [{"uri": "s3://data/x"}], "validation": {"fraction": 0.7}}},
+            "less than or equal to 0.5",
+        ),
         ({"training": {"precision": "int8"}}, "precision"),
         ({"training": {"bogus": 1}}, "Extra inputs"),
         ({"method": {"lora": {"target_modules": []}}}, "at least one module"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from instructune_jobs.config import TrainConfig
+from instructune_jobs.config import EvaluationConfig, TrainConfig
 from instructune_operator.api import InstructionTuneSpec, MetricSpec
 
 _METRIC_TYPES = {
@@ -32,6 +32,22 @@ def _field_mapping(spec: InstructionTuneSpec) -> dict[str, str]:
     if mapping is None:
         return {}
     return {k: v for k, v in mapping.model_dump().items() if v}
+
+
+def _evaluation(spec: InstructionTuneSpec) -> dict[str, Any]:
+    evaluation = spec.evaluation
+    return {
+        "datasets": [{"name": d.name, "uri": d.uri} for d in evaluation.datasets],
+        "metrics": [_metric(m) for m in evaluation.metrics] or [{"type": "loss"}],
+        "compare_to_base": evaluation.compare_to_base,
+        "general_probe": {"uri": evaluation.general_probe.uri} if evaluation.general_probe else None,
+        "max_new_tokens": evaluation.max_new_tokens,
+    }
+
+
+def build_evaluation_config(spec: InstructionTuneSpec) -> EvaluationConfig:
+    """The job's evaluation config alone: what the gate's metric keys are checked against."""
+    return EvaluationConfig.model_validate(_evaluation(spec))
 
 
 def build_train_config(
@@ -88,15 +104,7 @@ def build_train_config(
             "every_steps": spec.checkpointing.every_steps,
             "keep_last": spec.checkpointing.keep_last,
         },
-        "evaluation": {
-            "datasets": [{"name": d.name, "uri": d.uri} for d in spec.evaluation.datasets],
-            "metrics": [_metric(m) for m in spec.evaluation.metrics] or [{"type": "loss"}],
-            "compare_to_base": spec.evaluation.compare_to_base,
-            "general_probe": {"uri": spec.evaluation.general_probe.uri}
-            if spec.evaluation.general_probe
-            else None,
-            "max_new_tokens": spec.evaluation.max_new_tokens,
-        },
+        "evaluation": _evaluation(spec),
         "output": {"uri": spec.checkpointing.uri, "merge": spec.method.type == "full"},
         "run": {"namespace": namespace, "name": name, "uid": uid, "attempt": attempt},
     }
