@@ -155,9 +155,9 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert [j["submission_id"] for j in train_jobs][-1] == final["jobId"]
     assert len(train_jobs) == len({j["submission_id"] for j in train_jobs}) == 2  # attempts 2 and 3
     address, headers = _ray_head(stack, ns, "quickstart")
-    logs = httpx.get(f"{address}/api/jobs/{final['jobId']}/logs", headers=headers, timeout=10).json()["logs"]
-    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", logs)]
-    assert resumed and resumed[0] >= latest, (latest, logs[-2000:])
+    job_logs = httpx.get(f"{address}/api/jobs/{final['jobId']}/logs", headers=headers, timeout=10).json()["logs"]
+    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", job_logs)]
+    assert resumed and resumed[0] >= latest, (latest, job_logs[-2000:])
 
     # The resumed attempt started from the checkpoint: its first reported step is past it.
     assert final["progress"]["step"] == final["progress"]["totalSteps"] == STEPS
@@ -201,7 +201,7 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert _condition(final, "Serving")["status"] == "True"
     assert sorted(_ask(stack, serving)) == ["amount", "date", "party"]
 
-    _the_cli_on_the_finished_tune(stack, ns, logs, tmp_path)
+    _the_cli_on_the_finished_tune(stack, ns, job_logs, tmp_path)
 
     # Deleting the tune removes its serving with its Ray cluster.
     url = service_url(stack.dir, serving["endpoint"])
