@@ -443,14 +443,21 @@ def tokenizer_corpus(seed: int = 0) -> Iterator[str]:
         yield " ".join(row.values())
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2000) -> Any:
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 2000, split_digits: bool = False) -> Any:
     """A byte-level BPE tokenizer (GPT-2/Llama 3 style: any text encodes, no unknown tokens)
-    trained on `corpus`, wrapped as a transformers fast tokenizer with the ChatML template."""
+    trained on `corpus`, wrapped as a transformers fast tokenizer with the ChatML template.
+    split_digits: one token per digit (as Llama and Qwen do), so "7,313" and "7313" share their
+    digit tokens and a model can copy numbers digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     # trim_offsets=False: offsets must cover leading spaces exactly; the loss mask relies on them.
     backend.post_processor = processors.ByteLevel(trim_offsets=False)

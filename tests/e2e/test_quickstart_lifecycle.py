@@ -155,7 +155,8 @@ def test_quickstart_runs_to_a_served_model_through_kills_and_a_suspension(
     assert [j["submission_id"] for j in train_jobs][-1] == final["jobId"]
     assert len(train_jobs) == len({j["submission_id"] for j in train_jobs}) == 2  # attempts 2 and 3
     address, headers = _ray_head(stack, ns, "quickstart")
-    job_logs = httpx.get(f"{address}/api/jobs/{final['jobId']}/logs", headers=headers, timeout=10).json()["logs"]
+    response = httpx.get(f"{address}/api/jobs/{final['jobId']}/logs", headers=headers, timeout=10)
+    job_logs = response.json()["logs"]
     resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", job_logs)]
     assert resumed and resumed[0] >= latest, (latest, job_logs[-2000:])
 
