@@ -304,6 +304,32 @@ def test_operator_holds_what_the_job_role_grants(default_docs: list[dict[str, An
                         assert grants(rules, group, resource, verb, name), (group, resource, verb)
 
 
+def _service_link_variables(service: dict[str, Any]) -> set[str]:
+    """What the kubelet puts into a pod for a Service of its namespace (service links)."""
+    name = service["metadata"]["name"].upper().replace("-", "_")
+    names = {f"{name}_SERVICE_HOST", f"{name}_SERVICE_PORT", f"{name}_PORT"}
+    for port in service["spec"]["ports"]:
+        protocol = port.get("protocol", "TCP")
+        names |= {
+            f"{name}_PORT_{port['port']}_{protocol}" + suffix for suffix in ("", "_PROTO", "_PORT", "_ADDR")
+        }
+    return names
+
+
+def test_no_service_of_the_chart_can_set_an_operator_setting(helm: Path) -> None:
+    """Installed as `instructune` (as docs/operations.md does), the metrics Service's link variable
+    INSTRUCTUNE_METRICS_PORT=tcp://... is an environment override of the settings (it crash-looped
+    the operator pod): service links are off."""
+    from instructune_operator.settings import ENV_OVERRIDES
+
+    out = run_helm(helm, "template", "instructune", str(CHART), "--namespace", NAMESPACE).stdout
+    docs = [doc for doc in yaml.safe_load_all(out) if doc]
+    linked = set().union(*(_service_link_variables(s) for s in by_kind(docs, "Service")))
+    assert linked & set(ENV_OVERRIDES)  # the collision exists without the switch below
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+
+
 def test_deployment_is_restricted(default_docs: list[dict[str, Any]]) -> None:
     deployment = one(default_docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1
