@@ -19,15 +19,14 @@ import sys
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from generated import ROOT, write_or_check
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from instructune_operator import api
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "docs" / "api.md"
 GUIDE = ROOT / "hack" / "api_docs_guide.md"
 HEADER = (
@@ -249,16 +248,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    stale = not TARGET.exists() or TARGET.read_text() != text
-    if "--check" in argv:
-        if stale:
-            print(f"{TARGET.relative_to(ROOT)} is out of date: run `make api-docs`", file=sys.stderr)
-        return 1 if stale else 0
-    if stale:
-        TARGET.write_text(text)
-        print(f"wrote {TARGET.relative_to(ROOT)}")
-    return 0
+    return write_or_check([TARGET], render(), argv, "api-docs")
 
 
 if __name__ == "__main__":

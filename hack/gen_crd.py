@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import yaml
+from generated import ROOT, write_or_check
 
 from instructune_operator.api import GROUP, PLURAL
 from instructune_operator.crd import crd
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGETS = [
     ROOT / "crds" / f"{PLURAL}.{GROUP}.yaml",
     ROOT / "charts" / "instructune" / "crds" / f"{PLURAL}.{GROUP}.yaml",
@@ -26,17 +25,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    stale = [p for p in TARGETS if not p.exists() or p.read_text() != text]
-    if "--check" in argv:
-        for path in stale:
-            print(f"{path.relative_to(ROOT)} is out of date: run `make crds`", file=sys.stderr)
-        return 1 if stale else 0
-    for path in stale:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path.relative_to(ROOT)}")
-    return 0
+    return write_or_check(TARGETS, render(), argv, "crds")
 
 
 if __name__ == "__main__":

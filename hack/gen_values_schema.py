@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
+
+from generated import ROOT, write_or_check
 
 from instructune_operator.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "charts" / "instructune" / "values.schema.json"
 
 # Kubernetes' own rules (k8s.io/apimachinery validation and the OpenAPI of core/v1).
@@ -243,16 +243,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    stale = not TARGET.exists() or TARGET.read_text() != text
-    if "--check" in argv:
-        if stale:
-            print(f"{TARGET.relative_to(ROOT)} is out of date: run `make values-schema`", file=sys.stderr)
-        return 1 if stale else 0
-    if stale:
-        TARGET.write_text(text)
-        print(f"wrote {TARGET.relative_to(ROOT)}")
-    return 0
+    return write_or_check([TARGET], render(), argv, "values-schema")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from instructune_operator.api import GateRule
-from instructune_operator.gate import evaluate_gate, metric_value
+from instructune_operator.gate import evaluate_gate, metric_value, rule_bounds
 
 
 @dataclass(frozen=True)
@@ -178,14 +178,7 @@ def gate_rows(
             rows.append((str(raw.get("metric", "?")), "-", "?", "unreadable rule"))
             continue
         value = metric_value(rule.metric, metrics, base)
-        bounds = " and ".join(
-            part
-            for part in (
-                f">= {rule.min:g}" if rule.min is not None else "",
-                f"<= {rule.max:g}" if rule.max is not None else "",
-            )
-            if part
-        )
+        bounds = rule_bounds(rule, " and ")
         if value is None:
             verdict = "FAIL (not reported)" if metrics else "not evaluated yet"
         else:

@@ -18,14 +18,8 @@ import datetime as dt
 import random
 from collections.abc import Callable
 
-from instructune_jobs.synthetic import (
-    _MONTHS,
-    _NAME_HEADS,
-    _NAME_SUFFIXES,
-    _NAME_TAILS,
-    _WORDS,
-    _general_row,
-)
+from instructune_jobs.synthetic import _MONTHS, _WORDS, _general_row
+from instructune_jobs.synthetic import _party as _org
 
 _PEOPLE = [
     "Ada Moreno",
@@ -89,10 +83,6 @@ _ASK = {
         "When did it happen? Answer in the form YYYY-MM-DD.",
     ],
 }
-
-
-def _org(rng: random.Random) -> str:
-    return f"{rng.choice(_NAME_HEADS)} {rng.choice(_NAME_TAILS)} {rng.choice(_NAME_SUFFIXES)}"
 
 
 def _amount(rng: random.Random) -> tuple[int, str]:

@@ -31,6 +31,15 @@ def metric_value(key: str, metrics: dict[str, float], base: dict[str, float]) ->
     return metrics.get(key)
 
 
+def rule_bounds(rule: GateRule, joiner: str = " ") -> str:
+    """A rule's bounds as people read them: ">= 0.8", "<= 0.02", ">= 0.1 <= 0.9"."""
+    parts = (
+        f">= {rule.min:g}" if rule.min is not None else "",
+        f"<= {rule.max:g}" if rule.max is not None else "",
+    )
+    return joiner.join(part for part in parts if part)
+
+
 def evaluate_gate(rules: Sequence[GateRule], metrics: dict[str, float], base: dict[str, float]) -> Verdict:
     if not rules:
         return Verdict(True, "no gate rules", "no gate")
@@ -38,14 +47,7 @@ def evaluate_gate(rules: Sequence[GateRule], metrics: dict[str, float], base: di
     passed = True
     for rule in rules:
         value = metric_value(rule.metric, metrics, base)
-        bounds = " ".join(
-            part
-            for part in (
-                f">= {rule.min:g}" if rule.min is not None else "",
-                f"<= {rule.max:g}" if rule.max is not None else "",
-            )
-            if part
-        )
+        bounds = rule_bounds(rule)
         if value is None:
             passed = False
             results.append(f"{rule.metric}=missing (needs {bounds}) FAIL")
